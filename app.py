@@ -1,0 +1,6 @@
+"""HeadLab: which attention heads matter, what they do, and what is left when the rest are pruned."""
+
+import streamlit as st
+
+st.set_page_config(page_title="HeadLab", layout="wide")
+st.navigation([st.Page("pages/model.py", title="Model", default=True)]).run()

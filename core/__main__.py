@@ -1,0 +1,154 @@
+"""Command line: `python -m core evaluate ...` and `python -m core prepare ...`.
+
+Bad input exits with status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from core.data import DataError, load_data, task_splits
+from core.finetune import FinetuneConfig, finetune, save_classifier
+from core.jobs import JobReporter
+from core.models import BUILTIN_MODELS, LoadedModel, ModelError, ModelNotPrepared, load_model
+from core.prepare import prepare
+from core.summary import summarise, summary_record
+
+
+class Bar:
+    """A tqdm progress bar as a `(done, total, message)` callback; also reports to a job row if named."""
+
+    def __init__(self, job: str | None = None):
+        self.bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        self.job = JobReporter(job) if job else None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.set_description(message.split(",")[0], refresh=False)
+        self.bar.update(done - self.bar.n)
+        if self.job:
+            self.job(done, total, message)
+
+    def close(self, error: str | None = None) -> None:
+        self.bar.close()
+        if self.job:
+            self.job.finish(error)
+
+
+def load_or_prepare(spec: str, label_names: list[str] | None = None) -> LoadedModel:
+    """Load a model; a built-in one that is not fine-tuned yet is fine-tuned first (with a bar)."""
+    try:
+        return load_model(spec, label_names=label_names)
+    except ModelNotPrepared:
+        print(f"Preparing built-in model '{spec}' (one-time fine-tune)...", file=sys.stderr)
+        run_with_bar(f"prepare-{spec}", lambda bar: prepare(spec, progress=bar))
+        return load_model(spec)
+
+
+def run_with_bar(job: str | None, work):
+    """Run `work(bar)` with a progress bar, recording success or the error in the job store."""
+    bar = Bar(job)
+    try:
+        result = work(bar)
+    except BaseException as exc:
+        bar.close(error=f"{type(exc).__name__}: {exc}")
+        raise
+    bar.close()
+    return result
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    loaded = load_or_prepare(args.model)
+    data = load_data(args.data, split=args.split, label_names=loaded.label_names,
+                     text_column=args.text_column, label_column=args.label_column)
+    if args.limit:
+        data = data.subset(args.limit, seed=0)
+    for note in loaded.notes + data.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    summary = run_with_bar(args.job, lambda bar: summarise(loaded, data, progress=bar))
+    row = {"model": args.model, "data": args.data if args.data != "default" else f"default:{args.split}"}
+    row.update(summary.as_row())
+    if args.out:
+        record = summary_record(summary, loaded, data)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".partial")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(args.out)
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        width = max(map(len, row))
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in row.items()))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    names = list(BUILTIN_MODELS) if args.name == "all" else [args.name]
+    for name in names:
+        result = run_with_bar(f"prepare-{name}", lambda bar, name=name: prepare(name, progress=bar, force=args.force))
+        print(f"{name}: dev {result.dev_accuracy:.3f}, test {result.test_accuracy:.3f}, "
+              f"fine-tune {result.seconds:.0f} s on {result.threads} threads")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    if args.out.exists():
+        raise ValueError(f"{args.out} already exists; choose another --out folder (nothing was overwritten).")
+    splits = task_splits(args.data, text_column=args.text_column, label_column=args.label_column)
+    names = splits.train.label_names
+    loaded = load_model(args.model, label_names=names)
+    if loaded.label_names != names:
+        raise ValueError(f"The model's labels {loaded.label_names} differ from the data's {names}.")
+    config = FinetuneConfig(epochs=args.epochs)
+    result = run_with_bar(args.job, lambda bar: finetune(loaded.model, loaded.tokenizer, splits, config, bar))
+    save_classifier(loaded.model, loaded.tokenizer, args.out, result)
+    print(f"saved {args.out}: dev {result.dev_accuracy:.3f}, test {result.test_accuracy:.3f}, {result.seconds:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="accuracy, latency and size of a model on a dataset")
+    ev.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
+    ev.add_argument("--data", default="default", help="default (the Rotten Tomatoes task) | CSV/TSV/JSONL file")
+    ev.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="split of the default task")
+    ev.add_argument("--text-column", default=None)
+    ev.add_argument("--label-column", default=None)
+    ev.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--out", type=Path, help="also write a JSON record (figures, sample predictions) here")
+    ev.add_argument("--job", help=argparse.SUPPRESS)  # name of the app's job row to report progress to
+    ev.set_defaults(func=cmd_evaluate)
+    pr = sub.add_parser("prepare", help="fine-tune the built-in models once (cached in HEADLAB_HOME)")
+    pr.add_argument("name", choices=[*BUILTIN_MODELS, "all"])
+    pr.add_argument("--force", action="store_true", help="fine-tune again even if cached")
+    pr.set_defaults(func=cmd_prepare)
+    ft = sub.add_parser("finetune", help="fine-tune a model (e.g. one without a classification head) on data")
+    ft.add_argument("--model", required=True, help="path to a HF model folder")
+    ft.add_argument("--data", default="default", help="default | CSV/TSV/JSONL file (split 80/10/10, seeded)")
+    ft.add_argument("--text-column", default=None)
+    ft.add_argument("--label-column", default=None)
+    ft.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
+    ft.add_argument("--out", type=Path, required=True, help="new folder for the fine-tuned model")
+    ft.add_argument("--job", help=argparse.SUPPRESS)
+    ft.set_defaults(func=cmd_finetune)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

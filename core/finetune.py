@@ -1,0 +1,98 @@
+"""Fine-tune a sequence-classification head (and the encoder) on a labeled task.
+
+Used once per machine to turn the packaged sentence encoders into the built-in classifiers, and
+for user models that arrive without a classification head.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.batching import collate, encode, sorted_batches
+from core.data import TaskSplits
+from core.evaluate import evaluate
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 2  # 2 epochs reach ~0.83 dev on Rotten Tomatoes; a third adds little
+    batch_size: int = 32
+    lr: float = 5e-5  # peak learning rate of AdamW, decayed linearly to 0
+    warmup_frac: float = 0.06  # fraction of steps with linear warm-up
+    weight_decay: float = 0.01
+    max_length: int = 64  # tokens; review snippets average ~25
+    seed: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    dev_accuracy: float
+    test_accuracy: float
+    seconds: float  # wall time of training (evaluation excluded)
+    steps: int
+    threads: int
+    config: dict
+
+
+def finetune(model, tokenizer, splits: TaskSplits, config: FinetuneConfig = FinetuneConfig(),
+             progress: Progress | None = None) -> FinetuneResult:
+    """Train `model` in place on `splits.train`; report dev and test accuracy. Leaves it in eval mode."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    enc = encode(tokenizer, splits.train.texts, config.max_length)
+    labels = torch.tensor(splits.train.labels)
+    steps_per_epoch = -(-len(enc) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    warm = max(1, int(total * config.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
+    )
+    model.train()
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        for idx in sorted_batches(enc, config.batch_size, rng):
+            batch = collate([enc.ids[i] for i in idx], tokenizer.pad_token_id)
+            loss = model(**batch, labels=labels[idx]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            if progress:
+                progress(step, total, f"fine-tuning: epoch {epoch + 1}/{config.epochs}, loss {loss.item():.3f}")
+    seconds = time.perf_counter() - start
+    model.eval()
+    dev = evaluate(model, tokenizer, splits.dev, max_length=config.max_length)
+    test = evaluate(model, tokenizer, splits.test, max_length=config.max_length)
+    return FinetuneResult(dev.accuracy, test.accuracy, seconds, step, torch.get_num_threads(), asdict(config))
+
+
+def save_classifier(model, tokenizer, out_dir: Path, result: FinetuneResult | None = None) -> Path:
+    """Save atomically: write into a sibling temp folder, then rename (a crash leaves no half folder)."""
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if result is not None:
+        (tmp / "headlab_finetune.json").write_text(json.dumps(asdict(result), indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

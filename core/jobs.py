@@ -1,0 +1,113 @@
+"""A tiny embedded store (SQLite, WAL) of background jobs' progress, polled by the app.
+
+Long work never runs inside a Streamlit rerun: the page starts `python -m core ...` as a separate
+process, which reports here; the page reads the row on each poll. A job whose process is gone
+without finishing is reported as interrupted, never left "running" forever.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.paths import headlab_home
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY, status TEXT NOT NULL, done INTEGER, total INTEGER, message TEXT,
+    pid INTEGER, started REAL, heartbeat REAL, error TEXT)"""
+STALE_S = 120.0  # a running job that has not reported for this long is treated as dead
+
+
+@dataclass
+class JobState:
+    """One job's row: `status` is running | done | failed | interrupted."""
+
+    name: str
+    status: str
+    done: int
+    total: int
+    message: str
+    pid: int | None
+    started: float
+    heartbeat: float
+    error: str | None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+def _connect(db: Path | None = None) -> sqlite3.Connection:
+    con = sqlite3.connect(db or headlab_home() / "jobs.sqlite", timeout=10)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(SCHEMA)
+    return con
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a finished child stays a zombie until reaped: not alive for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class JobReporter:
+    """Progress callback `(done, total, message)` that writes the job's row (throttled to ~2/s)."""
+
+    def __init__(self, name: str, db: Path | None = None):
+        self.name, self.db, self._last = name, db, 0.0
+        with _connect(db) as con:
+            now = time.time()
+            con.execute("INSERT OR REPLACE INTO jobs VALUES (?, 'running', 0, 0, 'starting', ?, ?, ?, NULL)",
+                        (name, os.getpid(), now, now))
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        now = time.time()
+        if now - self._last < 0.5 and done < total:
+            return
+        self._last = now
+        with _connect(self.db) as con:
+            con.execute("UPDATE jobs SET done=?, total=?, message=?, heartbeat=? WHERE name=?",
+                        (done, total, message, now, self.name))
+
+    def finish(self, error: str | None = None) -> None:
+        with _connect(self.db) as con:
+            con.execute("UPDATE jobs SET status=?, error=?, heartbeat=? WHERE name=?",
+                        ("failed" if error else "done", error, time.time(), self.name))
+
+
+def job_state(name: str, db: Path | None = None) -> JobState | None:
+    """The job's row, with a dead or silent 'running' job reported as 'interrupted'."""
+    with _connect(db) as con:
+        row = con.execute("SELECT * FROM jobs WHERE name=?", (name,)).fetchone()
+    if row is None:
+        return None
+    state = JobState(*row)
+    if state.status == "running" and (not _alive(state.pid) or time.time() - state.heartbeat > STALE_S):
+        state.status = "interrupted"
+        state.error = state.error or "the job's process ended without finishing"
+    return state
+
+
+def start_job(name: str, args: list[str], db: Path | None = None) -> subprocess.Popen:
+    """Run `python -m <args>` detached from the caller, logging to $HEADLAB_HOME/logs/<name>.log."""
+    state = job_state(name, db)
+    if state and state.status == "running":
+        raise RuntimeError(f"Job '{name}' is already running (pid {state.pid}).")
+    logs = headlab_home() / "logs"
+    logs.mkdir(exist_ok=True)
+    log = open(logs / f"{name}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            cwd=Path(__file__).resolve().parent.parent)

@@ -1,0 +1,93 @@
+"""The one honest timer: warm-up, median of repeats, batch 1 and 32, threads recorded.
+
+Absolute times drift 20-40% between processes on small CPU machines; compare models measured in
+the same process (see `compare`), never against a number from another run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from core.batching import collate, encode
+
+
+@dataclass
+class Latency:
+    """Forward-pass time of one batch: median and spread over `repeats`, in seconds."""
+
+    batch_size: int
+    seq_len: int  # padded tokens per example
+    median_s: float
+    p10_s: float
+    p90_s: float
+    repeats: int
+    threads: int
+    device: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _summarise(times: list[float], batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Latency:
+    arr = np.array(times)
+    return Latency(
+        batch_size=int(batch["input_ids"].shape[0]),
+        seq_len=int(batch["input_ids"].shape[1]),
+        median_s=float(np.median(arr)),
+        p10_s=float(np.percentile(arr, 10)),
+        p90_s=float(np.percentile(arr, 90)),
+        repeats=len(times),
+        threads=torch.get_num_threads(),
+        device=str(next(model.parameters()).device),
+    )
+
+
+def make_batch(tokenizer, texts: list[str], batch_size: int, max_length: int = 128) -> dict[str, torch.Tensor]:
+    """A batch of `batch_size` real texts (cycled if fewer), padded to its longest."""
+    if not texts:
+        raise ValueError("Latency needs at least one text.")
+    picked = [texts[i % len(texts)] for i in range(batch_size)]
+    return collate(encode(tokenizer, picked, max_length).ids, tokenizer.pad_token_id)
+
+
+@torch.inference_mode()
+def time_forward(model, batch: dict[str, torch.Tensor], *, warmup: int = 3, repeats: int = 20,
+                 budget_s: float = 3.0) -> Latency:
+    """Time `model(**batch)`: `warmup` untimed calls, then up to `repeats` timed ones within `budget_s`."""
+    model.eval()
+    for _ in range(warmup):
+        model(**batch)
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats and (len(times) < 5 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - start)
+    return _summarise(times, batch, model)
+
+
+def measure(model, tokenizer, texts: list[str], batch_sizes: tuple[int, ...] = (1, 32),
+            **kwargs) -> dict[int, Latency]:
+    """Latency at each batch size on real texts: {batch_size: Latency}."""
+    return {b: time_forward(model, make_batch(tokenizer, texts, b), **kwargs) for b in batch_sizes}
+
+
+def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], *, rounds: int = 5,
+            repeats_per_round: int = 5) -> dict[str, Latency]:
+    """Interleave models A B A B ... on the same batch so machine drift hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m.eval()
+            m(**batch)
+        for _ in range(rounds):
+            for name, m in models.items():
+                for _ in range(repeats_per_round):
+                    start = time.perf_counter()
+                    m(**batch)
+                    times[name].append(time.perf_counter() - start)
+    return {name: _summarise(t, batch, models[name]) for name, t in times.items()}

@@ -1,0 +1,255 @@
+"""Load a classifier (built-in name or local Hugging Face folder) with its tokenizer and adapter.
+
+Every load is local (`local_files_only=True`), never runs remote code, and reads weights from
+safetensors only. Bad folders raise `ModelError` with one line fit for a UI box or the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from core.paths import models_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "electra", "xlm-roberta")
+BUILTIN_MODELS = {
+    "default": "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (6 layers x 12 heads)",
+    "minilm-l3": "paraphrase-MiniLM-L3-v2 fine-tuned on Rotten Tomatoes (3 layers x 12 heads)",
+}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model")
+
+
+class ModelError(ValueError):
+    """A model folder HeadLab cannot use; the message is one line for a UI error box or the CLI."""
+
+
+class ModelNotPrepared(ModelError):
+    """A built-in model that has not been fine-tuned on this machine yet (`python -m core prepare`)."""
+
+    def __init__(self, name: str):
+        super().__init__(
+            f"The built-in model '{name}' is not prepared yet: run `python -m core prepare {name}` "
+            "(fine-tunes it once, a few minutes on 2 cores) or press 'Prepare' in the app."
+        )
+        self.name = name
+
+
+@dataclass
+class Adapter:
+    """The one place that knows where a BERT-family encoder keeps its parts.
+
+    BERT, RoBERTa, MiniLM and ELECTRA share the module layout of `modeling_bert`: layer l is
+    `base.encoder.layer[l]` with `attention.self.{query,key,value}` (rows = heads x head_dim),
+    `attention.output.dense` (columns = heads x head_dim), `intermediate.dense` and `output.dense`.
+    """
+
+    model: PreTrainedModel
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return self.model.base_model
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.base.encoder.layer
+
+    def self_attention(self, layer: int) -> torch.nn.Module:
+        return self.layers[layer].attention.self
+
+    def attention_output(self, layer: int) -> torch.nn.Linear:
+        """W_O of layer `layer`: its input is the concatenated per-head context (B, T, H*d_h)."""
+        return self.layers[layer].attention.output.dense
+
+    def ffn_in(self, layer: int) -> torch.nn.Linear:
+        return self.layers[layer].intermediate.dense
+
+    def ffn_out(self, layer: int) -> torch.nn.Linear:
+        return self.layers[layer].output.dense
+
+    def num_heads(self, layer: int) -> int:
+        return self.self_attention(layer).num_attention_heads
+
+    def head_dim(self, layer: int) -> int:
+        return self.self_attention(layer).attention_head_size
+
+
+@dataclass
+class Architecture:
+    """What the Model page shows: sizes of the encoder and parameter counts."""
+
+    model_type: str
+    layers: int
+    heads: int
+    hidden: int
+    ffn: int
+    vocab: int
+    parameters: int
+    embedding_parameters: int
+    encoder_parameters: int
+
+
+@dataclass
+class LoadedModel:
+    """A classifier ready to run: `model` is in eval mode, `label_names[i]` names logit i."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    adapter: Adapter
+    source: str
+    path: Path
+    label_names: list[str]
+    has_classifier: bool
+    fingerprint: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_length(self) -> int:
+        """Longest input in tokens the position embeddings allow."""
+        return int(min(self.model.config.max_position_embeddings, 512))
+
+    def architecture(self) -> Architecture:
+        cfg = self.model.config
+        total = sum(p.numel() for p in self.model.parameters())
+        emb = sum(p.numel() for p in self.adapter.base.embeddings.parameters())
+        enc = sum(p.numel() for p in self.adapter.layers.parameters())
+        return Architecture(
+            model_type=cfg.model_type,
+            layers=len(self.adapter.layers),
+            heads=self.adapter.num_heads(0) if len(self.adapter.layers) else 0,
+            hidden=cfg.hidden_size,
+            ffn=cfg.intermediate_size,
+            vocab=cfg.vocab_size,
+            parameters=total,
+            embedding_parameters=emb,
+            encoder_parameters=enc,
+        )
+
+
+def builtin_dir(name: str) -> Path:
+    """Folder where the built-in model `name` is (or will be) saved after fine-tuning."""
+    return models_dir() / name
+
+
+def resolve(spec: str) -> Path:
+    """Turn `default`, `minilm-l3` or a path into a model folder; raise if a built-in is not ready."""
+    if spec in BUILTIN_MODELS:
+        path = builtin_dir(spec)
+        if not (path / "config.json").exists():
+            raise ModelNotPrepared(spec)
+        return path
+    return Path(spec).expanduser()
+
+
+def _weight_file(path: Path) -> Path:
+    single = path / "model.safetensors"
+    if single.exists():
+        return single
+    if (path / "model.safetensors.index.json").exists():
+        return path / "model.safetensors.index.json"
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ModelError(
+            f"{path} holds only pickle weights (.bin/.pt); HeadLab loads safetensors only. "
+            "Re-save the model with save_pretrained(safe_serialization=True)."
+        )
+    raise ModelError(f"{path} has no model.safetensors: not a saved Hugging Face model folder.")
+
+
+def _weight_keys(weights: Path) -> list[str]:
+    """Tensor names in the checkpoint; raises ModelError if the file is corrupt."""
+    if weights.name.endswith(".index.json"):
+        try:
+            return list(json.loads(weights.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{weights} is not a valid safetensors index ({exc}).") from exc
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError variants
+        raise ModelError(f"{weights} is corrupt or unreadable ({type(exc).__name__}: {exc}).") from exc
+
+
+def _fingerprint(path: Path, weights: Path) -> str:
+    """Short stable id of a model folder: hash of config + weight file size and head/tail bytes."""
+    digest = hashlib.sha1((path / "config.json").read_bytes())
+    target = weights if weights.suffix == ".safetensors" else path / "config.json"
+    size = target.stat().st_size
+    with open(target, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
+    digest.update(str(size).encode())
+    return digest.hexdigest()[:12]
+
+
+def inspect_folder(path: Path) -> tuple[object, Path, bool]:
+    """Validate a model folder without loading weights: (config, weight file, has_classifier)."""
+    if not path.exists():
+        raise ModelError(f"{path} does not exist.")
+    if not path.is_dir():
+        raise ModelError(f"{path} is not a folder; point HeadLab at a Hugging Face model folder.")
+    if not (path / "config.json").exists():
+        raise ModelError(f"{path} has no config.json: not a Hugging Face model folder.")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # unknown model_type, bad JSON, ...
+        raise ModelError(f"{path}/config.json cannot be read ({exc}).".replace("\n", " ")) from exc
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"Unsupported architecture '{config.model_type}'; HeadLab supports BERT-family encoders: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}).")
+    weights = _weight_file(path)
+    keys = _weight_keys(weights)
+    has_classifier = any(k.startswith("classifier.") for k in keys)
+    return config, weights, has_classifier
+
+
+def load_model(
+    spec: str,
+    *,
+    attn_implementation: str = "eager",
+    label_names: list[str] | None = None,
+) -> LoadedModel:
+    """Load `default`, `minilm-l3` or a local folder as a sequence classifier in eval mode.
+
+    A folder without a classification head is loaded with a fresh head sized by `label_names`
+    (default two labels) and `has_classifier=False`: it must be fine-tuned before its accuracy
+    means anything. Attention is eager so attention maps are available.
+    """
+    path = resolve(spec)
+    config, weights, has_classifier = inspect_folder(path)
+    notes: list[str] = []
+    kwargs: dict = {}
+    if not has_classifier:
+        names = label_names or ["0", "1"]
+        kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                  "label2id": {n: i for i, n in enumerate(names)}}
+        notes.append("This model has no classification head: fine-tune it before trusting accuracy.")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+            attn_implementation=attn_implementation, **kwargs,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError(f"{path} could not be loaded ({type(exc).__name__}: {exc}).".replace("\n", " ")) from exc
+    model.eval()
+    id2label = model.config.id2label
+    names = [str(id2label[i]) for i in range(model.config.num_labels)]
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, adapter=Adapter(model), source=spec, path=path,
+        label_names=names, has_classifier=has_classifier, fingerprint=_fingerprint(path, weights),
+        notes=notes,
+    )

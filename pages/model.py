@@ -1,0 +1,114 @@
+"""Model page: choose a model and a dataset; see architecture, dev accuracy, latency and predictions."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from core.jobs import job_state
+from core.models import BUILTIN_MODELS, ModelNotPrepared
+from core.summary import summary_path
+from ui.jobs import ensure_job, show_job
+from ui.loaders import get_data, get_model, save_upload
+
+MODEL_CHOICES = {
+    "Embedded default: MiniLM-L6 fine-tuned on Rotten Tomatoes": "default",
+    "MiniLM-L3 (small dense baseline)": "minilm-l3",
+    "Local Hugging Face folder": None,
+}
+DATA_CHOICES = ["Default task: Rotten Tomatoes (dev split)", "Upload CSV / TSV / JSONL", "File path"]
+
+st.title("Model")
+choice = st.radio("Model", list(MODEL_CHOICES), key="model_choice")
+spec = MODEL_CHOICES[choice] or st.text_input("Model folder", key="model_path",
+                                             placeholder="/path/to/a/save_pretrained/folder").strip()
+if not spec:
+    st.info("Enter the path of a local Hugging Face model folder (BERT, RoBERTa, MiniLM or ELECTRA).")
+    st.stop()
+
+try:
+    loaded = get_model(spec)
+except ModelNotPrepared:
+    st.info(f"{BUILTIN_MODELS[spec]} is fine-tuned once on this machine (a few minutes); it runs in the background.")
+    state = ensure_job(f"prepare-{spec}", ["core", "prepare", spec])
+
+    @st.fragment(run_every=1.0)
+    def _wait_prepare() -> None:
+        current = job_state(f"prepare-{spec}")
+        show_job(current, "Fine-tuning")
+        if current and current.status == "done":
+            st.rerun()
+
+    _wait_prepare()
+    st.stop()
+if loaded is None:
+    st.stop()
+st.session_state["model_spec"] = spec
+for note in loaded.notes:
+    st.warning(note)
+
+arch = loaded.architecture()
+cols = st.columns(6)
+for col, (label, value) in zip(cols, [("Type", arch.model_type), ("Layers", arch.layers), ("Heads", arch.heads),
+                                      ("Hidden", arch.hidden), ("FFN", arch.ffn),
+                                      ("Parameters", f"{arch.parameters / 1e6:.1f} M")]):
+    col.metric(label, value)
+
+data_choice = st.radio("Data", DATA_CHOICES, key="data_choice", horizontal=True)
+if data_choice == DATA_CHOICES[0]:
+    data_spec = "default"
+elif data_choice == DATA_CHOICES[1]:
+    upload = st.file_uploader("Labeled data", type=["csv", "tsv", "jsonl", "json", "txt"])
+    data_spec = str(save_upload(upload)) if upload else ""
+else:
+    data_spec = st.text_input("Data file", key="data_path").strip()
+if not data_spec:
+    st.stop()
+with st.expander("Columns (auto-detected when empty)"):
+    text_col = st.text_input("Text column", key="text_column").strip() or None
+    label_col = st.text_input("Label column", key="label_column").strip() or None
+data = get_data(data_spec, "dev", loaded.label_names if loaded.has_classifier else None, text_col, label_col)
+if data is None:
+    st.stop()
+st.session_state["data_spec"] = data_spec
+st.caption(f"{data.name}: {len(data)} examples; labels " +
+           ", ".join(f"{i} = {n} ({data.label_counts()[n]})" for i, n in enumerate(data.label_names)))
+for warning in data.warnings:
+    st.warning(warning)
+
+out = summary_path(loaded.fingerprint, data.fingerprint())
+job = f"summary-{loaded.fingerprint}-{data.fingerprint()}"
+if not out.exists():
+    args = ["core", "evaluate", "--model", spec, "--data", data_spec, "--json", "--out", str(out), "--job", job]
+    args += ["--text-column", text_col] if text_col else []
+    args += ["--label-column", label_col] if label_col else []
+    ensure_job(job, args)
+
+    @st.fragment(run_every=1.0)
+    def _wait_summary() -> None:
+        show_job(job_state(job), "Evaluating")
+        if out.exists():
+            st.rerun()
+
+    _wait_summary()
+    st.stop()
+
+record = json.loads(out.read_text())
+fig = record["figures"]
+cols = st.columns(4)
+cols[0].metric("Dev accuracy", f"{fig['accuracy']:.1%}", help=f"on {fig['examples']} examples")
+cols[1].metric("Macro-F1", f"{fig['macro_f1']:.3f}")
+cols[2].metric("Latency, batch 1", f"{fig['latency_b1_ms']:.1f} ms", help=f"p90 {fig['latency_b1_p90_ms']} ms")
+cols[3].metric("Latency, batch 32", f"{fig['latency_b32_ms']:.0f} ms", help=f"p90 {fig['latency_b32_p90_ms']} ms")
+st.caption(
+    f"Median of repeats after warm-up on {fig['threads']} CPU threads, measured in a separate process. "
+    f"Encoder: {fig['encoder_gflops_per_example']:.3f} GFLOPs per example at {fig['median_tokens']} tokens "
+    f"({fig['flops_attention_share']:.0%} attention, {1 - fig['flops_attention_share']:.0%} FFN)."
+)
+if not loaded.has_classifier:
+    st.warning("The classification head is untrained, so this accuracy is chance level: fine-tune first "
+               f"(`python -m core finetune --model {spec} --data {data_spec} --out DIR`).")
+st.subheader("Sample predictions")
+st.dataframe(pd.DataFrame(record["predictions"]), hide_index=True, width="stretch")

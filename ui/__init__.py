@@ -1,0 +1,1 @@
+"""Streamlit helpers shared by pages: cached loaders, job progress, error boxes. Only pages import this."""

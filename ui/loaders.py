@@ -1,0 +1,63 @@
+"""Cached loaders. Models are shared singletons (`st.cache_resource`): never mutate them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import streamlit as st
+
+from core.data import DataError, TextDataset, load_data
+from core.models import LoadedModel, ModelError, ModelNotPrepared, load_model, resolve
+from core.paths import headlab_home
+
+
+def _folder_key(spec: str) -> str:
+    """Changes when the folder's weights change, so an edited folder is reloaded."""
+    path = resolve(spec)
+    weights = path / "model.safetensors"
+    return f"{path}:{weights.stat().st_mtime_ns if weights.exists() else 0}"
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading model...")
+def _cached_model(spec: str, key: str) -> LoadedModel:
+    return load_model(spec)
+
+
+def get_model(spec: str) -> LoadedModel | None:
+    """The loaded model, or None after showing why it cannot be loaded (not prepared is left to the caller)."""
+    try:
+        return _cached_model(spec, _folder_key(spec))
+    except ModelNotPrepared:
+        raise
+    except ModelError as exc:
+        st.error(str(exc))
+        return None
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading data...")
+def _cached_data(spec: str, split: str, label_names: tuple[str, ...] | None, text_column: str | None,
+                 label_column: str | None) -> TextDataset:
+    return load_data(spec, split=split, label_names=list(label_names) if label_names else None,
+                     text_column=text_column, label_column=label_column)
+
+
+def get_data(spec: str, split: str = "dev", label_names: list[str] | None = None,
+             text_column: str | None = None, label_column: str | None = None) -> TextDataset | None:
+    """The dataset, or None after showing an error box."""
+    try:
+        return _cached_data(spec, split, tuple(label_names) if label_names else None, text_column, label_column)
+    except DataError as exc:
+        st.error(str(exc))
+        return None
+
+
+def save_upload(upload) -> Path:
+    """Keep an uploaded file under $HEADLAB_HOME/uploads (named by content hash) so jobs can read it."""
+    data = upload.getvalue()
+    folder = headlab_home() / "uploads"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{hashlib.sha1(data).hexdigest()[:10]}-{Path(upload.name).name}"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
