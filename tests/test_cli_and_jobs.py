@@ -115,7 +115,8 @@ def test_job_store_reports_progress_and_detects_a_killed_job(tmp_path, monkeypat
     reporter.finish()
     assert job_state("unit").status == "done"
 
-    code = "from core.jobs import JobReporter; import time; r = JobReporter('victim'); r(1, 4, 'working'); time.sleep(60)"
+    code = ("from core.jobs import JobReporter; import time; "
+            "r = JobReporter('victim'); r(1, 4, 'working'); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "HEADLAB_HOME": str(tmp_path)})
     deadline = time.time() + 30
     while (job_state("victim") is None or job_state("victim").done != 1) and time.time() < deadline:
