@@ -24,7 +24,8 @@ class Bar:
     """A tqdm progress bar as a `(done, total, message)` callback; also reports to a job row if named."""
 
     def __init__(self, job: str | None = None):
-        self.bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        # Jobs started by the app report to the store; their log files need no bar.
+        self.bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=job is not None)
         self.job = JobReporter(job) if job else None
 
     def __call__(self, done: int, total: int, message: str) -> None:

