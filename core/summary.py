@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class ModelSummary:
     evaluation: Evaluation
     latency: dict[int, Latency]  # batch size -> latency
     flops: EncoderFlops  # per example at the data's median length in tokens
+    load_average: float  # 1-minute load of the machine while timing: above the core count, times are inflated
 
     def as_row(self) -> dict:
         """Flat dict of the headline figures (times in milliseconds) for tables and --json."""
@@ -39,6 +41,7 @@ class ModelSummary:
             row[f"latency_b{b}_ms"] = round(lat.median_s * 1e3, 2)
             row[f"latency_b{b}_p90_ms"] = round(lat.p90_s * 1e3, 2)
         row["threads"] = next(iter(self.latency.values())).threads if self.latency else None
+        row["load_average"] = round(self.load_average, 2)
         return row
 
 
@@ -55,7 +58,7 @@ def summarise(loaded: LoadedModel, data: TextDataset, progress: Progress | None 
         progress(0, 1, "timing batch 1 and 32")
     latency = measure(loaded.model, loaded.tokenizer, data.texts[:256], max_length=loaded.max_length)
     flops = encoder_flops(loaded.adapter, median_tokens(loaded, data.texts))
-    return ModelSummary(loaded.architecture(), evaluation, latency, flops)
+    return ModelSummary(loaded.architecture(), evaluation, latency, flops, os.getloadavg()[0])
 
 
 def summary_record(summary: ModelSummary, loaded: LoadedModel, data: TextDataset, sample: int = 12) -> dict:

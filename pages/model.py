@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import streamlit as st
@@ -107,6 +108,12 @@ st.caption(
     f"Encoder: {fig['encoder_gflops_per_example']:.3f} GFLOPs per example at {fig['median_tokens']} tokens "
     f"({fig['flops_attention_share']:.0%} attention, {1 - fig['flops_attention_share']:.0%} FFN)."
 )
+if fig["load_average"] > (os.cpu_count() or 1):
+    st.warning(f"The machine was busy while timing (load {fig['load_average']:.1f} on {os.cpu_count()} cores): "
+               "latencies are inflated. Re-measure when it is idle.")
+if st.button("Re-measure", help="Evaluate and time again (e.g. after the machine was busy)"):
+    out.unlink(missing_ok=True)
+    st.rerun()
 if not loaded.has_classifier:
     st.warning("The classification head is untrained, so this accuracy is chance level: fine-tune first "
                f"(`python -m core finetune --model {spec} --data {data_spec} --out DIR`).")

@@ -78,7 +78,8 @@ def test_model_page_renders_accuracy_in_a_real_browser(app_url, page):
     value = metric.locator('[data-testid="stMetricValue"]').inner_text()
     assert 78 <= float(value.rstrip("%")) <= 90
     assert page.get_by_text("Latency, batch 32").is_visible()
-    page.get_by_text("Sample predictions").wait_for()
+    page.locator('[data-testid="stDataFrame"]').wait_for()
+    page.wait_for_timeout(1500)  # the data grid paints its canvas after it attaches
     assert not page.locator('[data-testid="stException"]').count()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "model_page.png"), full_page=True)
