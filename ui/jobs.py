@@ -28,3 +28,15 @@ def show_job(state: JobState | None, label: str) -> None:
         if st.button("Retry", key=f"retry-button-{state.name}"):
             st.session_state[f"retry-{state.name}"] = True
             st.rerun()
+
+
+def wait_for(name: str, label: str, finished) -> None:
+    """Poll job `name` every second, showing its progress; rerun the page once `finished()` is true."""
+
+    @st.fragment(run_every=1.0)
+    def _poll() -> None:
+        show_job(job_state(name), label)
+        if finished():
+            st.rerun()
+
+    _poll()
