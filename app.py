@@ -3,4 +3,7 @@
 import streamlit as st
 
 st.set_page_config(page_title="HeadLab", layout="wide")
-st.navigation([st.Page("pages/model.py", title="Model", default=True)]).run()
+st.navigation([
+    st.Page("pages/model.py", title="Model", default=True),
+    st.Page("pages/heads.py", title="Heads"),
+]).run()

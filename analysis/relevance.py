@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.conservative import conservative, record_activations
+from analysis.conservative import conservative, record_activations, record_head_context
 from core.batching import collate, encode, sorted_batches
 from core.data import TextDataset
 from core.evaluate import Progress
@@ -176,17 +176,16 @@ def _conservative_pass(loaded, batch: dict[str, torch.Tensor], target: Target) -
     """Explain `target` logits of one batch in conservative mode (see module docstring)."""
     model, adapter = loaded.model, loaded.adapter
     heads = _heads(adapter)
-    wo = [adapter.attention_output(layer) for layer in range(len(heads))]
     biases = _bias_modules(adapter)
     mask = batch["attention_mask"].to(torch.float32)
     with _grad_mode(), conservative(model), \
             record_activations([adapter.base.embeddings], inputs=False, leaf=True) as emb, \
-            record_activations(wo, inputs=True) as ctx, record_activations(biases, inputs=False) as outs:
+            record_head_context(model, adapter) as ctx, record_activations(biases, inputs=False) as outs:
         logits = model(**batch).logits  # (B, C)
         tgt = _targets(logits, target)
         explained = logits.gather(1, tgt[:, None])[:, 0]  # (B,)
         grads = torch.autograd.grad(explained.sum(), [*ctx.tensors, *emb.tensors, *outs.tensors], allow_unused=True)
-        g_ctx, g_emb, g_out = grads[: len(wo)], grads[len(wo)], grads[len(wo) + 1:]
+        g_ctx, g_emb, g_out = grads[: len(heads)], grads[len(heads)], grads[len(heads) + 1:]
         per_head = np.full((mask.shape[0], len(heads), max(heads, default=0)), np.nan)
         for layer, h in enumerate(heads):
             per_head[:, layer, :h] = _per_head(ctx.tensors[layer], g_ctx[layer], mask, h).numpy()
@@ -264,17 +263,32 @@ class HeadRelevance:
         )
 
 
-def token_relevance(loaded, text: str, *, target: int | None = None) -> tuple[list[str], np.ndarray]:
+@dataclass
+class TokenRelevance:
+    """Conservative LRP of one sentence taken down to the encoder input (logit units).
+
+    `relevance.sum() + bias == logit` up to float32 rounding (the conservation property).
+    """
+
+    tokens: list[str]  # T word pieces, specials included
+    relevance: np.ndarray  # (T,) float64: sum over dims of emb * dlogit/demb at the embedding output
+    bias: float  # share of the logit carried by the bias terms
+    logit: float  # the explained logit
+    target: int  # the explained class
+
+
+def token_relevance(loaded, text: str, *, target: int | None = None) -> TokenRelevance:
     """Why this prediction: conservative LRP down to the encoder input, per token.
 
-    Returns the T tokens (specials included) and their relevance (T,) float64 in logit units,
-    sum over dims of emb * dlogit/demb at the embedding output. `target` None = predicted class.
-    The tokens' sum plus the biases' share equals the logit.
+    `target` None explains the predicted class. The text is truncated to the model's maximum length.
     """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"The 'text' parameter of token_relevance() must be a non-empty string. Got {text!r}.")
     _check_target(target, 1, loaded.model.config.num_labels, "token_relevance()")
     enc = encode(loaded.tokenizer, [text], _max_length(loaded, None, "token_relevance()"))
     out = _conservative_pass(loaded, collate(enc.ids, loaded.tokenizer.pad_token_id), target)
-    return loaded.tokenizer.convert_ids_to_tokens(enc.ids[0]), out.tokens[0]
+    return TokenRelevance(loaded.tokenizer.convert_ids_to_tokens(enc.ids[0]), out.tokens[0], float(out.bias[0]),
+                          float(out.logits[0]), int(out.targets[0]))
 
 
 # ----------------------------------------------------------------------------- Michel importance
@@ -287,10 +301,9 @@ def _gate_gradients(loaded, batch: dict[str, torch.Tensor], labels: torch.Tensor
     """
     model, adapter = loaded.model, loaded.adapter
     heads = _heads(adapter)
-    wo = [adapter.attention_output(layer) for layer in range(len(heads))]
     mask = batch["attention_mask"].to(torch.float32)
     with _grad_mode(), record_activations([adapter.base.embeddings], inputs=False, leaf=True), \
-            record_activations(wo, inputs=True) as ctx:
+            record_head_context(model, adapter) as ctx:
         loss = F.cross_entropy(model(**batch).logits, labels, reduction="sum")
         grads = torch.autograd.grad(loss, ctx.tensors, allow_unused=True)
         out = np.full((mask.shape[0], len(heads), max(heads, default=0)), np.nan)
@@ -377,7 +390,8 @@ def relevance_table(
     """Head relevance and Michel importance on (a seeded subset of `limit` rows of) `data`.
 
     Columns: layer, head (0-based), relevance (mean share, each example sums to 1), relevance_signed,
-    importance (Michel, per-layer L2-normalised). `limit` None uses every row.
+    importance (Michel, per-layer L2-normalised). `limit` None uses every row. The labels of `data`
+    must be the model's class ids (e.g. `load_data(..., label_names=loaded.label_names)`).
     """
     if len(data) == 0:
         raise ValueError("The 'data' parameter of relevance_table() is empty: nothing to explain.")

@@ -344,8 +344,9 @@ def typical_sentences(items: Sequence, layer: int, head: int, role: str, k: int 
 
     positional(o) / syntactic(r:dir): score = share of source words (pairs) whose argmax is the predicted
     target; rare-word: score = 1 if the most-attended word is the rarest, else 0. Ties are broken by
-    `weight`, the mean attention on the predicted targets (for rare-word: the share of all attention
-    received that goes to the rarest word). Sentences where the role predicts nothing are left out.
+    `hits` (more evidence first), then by `weight`, the mean attention on the predicted targets (for
+    rare-word: the share of all attention received that goes to the rarest word). Sentences where the
+    role predicts nothing are left out.
 
     Args:
         items: SentenceViews (any role) or AttentionRecords (positional only), as given to the scorer.
@@ -364,7 +365,7 @@ def typical_sentences(items: Sequence, layer: int, head: int, role: str, k: int 
         if fit is not None:
             rows.append((idx, *fit))
     table = pd.DataFrame(rows, columns=["sentence", "score", "weight", "hits", "n"])
-    return table.sort_values(["score", "weight"], ascending=False, kind="stable").head(k).reset_index(drop=True)
+    return table.sort_values(["score", "hits", "weight"], ascending=False, kind="stable").head(k).reset_index(drop=True)
 
 
 def top_attended_words(items: Sequence, layer: int, head: int, k: int = 20) -> pd.DataFrame:

@@ -9,6 +9,7 @@
     and prints dev accuracy for each.
 
 Run: .venv/bin/python -m bench.relevance_bench [--model default] [--n 500] [--seeds 5] [--rank-split train]
+     [--part all|a|b]
 """
 
 from __future__ import annotations
@@ -48,33 +49,40 @@ def captum_head_relevance(loaded: LoadedModel, texts: list[str], batch_size: int
                 target = forward(ids, mask).argmax(1).tolist()
             attrs = lgxa.attribute(ids, target=target, additional_forward_args=(mask,), attribute_to_layer_input=True)
             for layer, a in enumerate(attrs):
-                heads = adapter.num_heads(layer)
-                out[idx, layer] = (a * mask[:, :, None]).view(len(idx), a.shape[1], heads, -1).sum((1, 3)).numpy()
+                per_head = (a.detach() * mask[:, :, None]).view(len(idx), a.shape[1], adapter.num_heads(layer), -1)
+                out[idx, layer] = per_head.sum((1, 3)).numpy()  # (B, H)
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, float, float, object]:
-    """Median, min and max seconds of `repeats` calls of fn() after one warm-up call, and the last result."""
-    fn()
-    seconds, result = [], None
+def timed(fns: dict[str, object], repeats: int) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Seconds of `repeats` calls of each fn() after one warm-up call each, interleaved (a, b, a, b, ...) so
+    load from other processes hits every variant alike; also the last result of each."""
+    results = {name: fn() for name, fn in fns.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), min(seconds), max(seconds), result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds, results
+
+
+def _spread(seconds: list[float]) -> str:
+    return f"median {statistics.median(seconds):.2f} s (min {min(seconds):.2f}, max {max(seconds):.2f})"
 
 
 def speed(loaded: LoadedModel, sample: TextDataset, repeats: int) -> None:
     """Print (a): seconds for relevance of the sample, ours and Captum's, plus the conservation error."""
     explainer = HeadRelevance(loaded)
-    med, lo, hi, result = timed(lambda: explainer.attribute(sample.texts), repeats)
-    print(f"(a) relevance of {len(sample)} dev sentences, batch 32: median {med:.2f} s (min {lo:.2f}, max {hi:.2f}, "
-          f"{repeats} runs after a warm-up)")
-    cmed, clo, chi, captum = timed(lambda: captum_head_relevance(loaded, sample.texts), max(1, repeats // 2))
-    print(f"    Captum LayerGradientXActivation on all W_O (head relevance only, + a forward for the predicted "
-          f"class): median {cmed:.2f} s (min {clo:.2f}, max {chi:.2f})")
+    seconds, results = timed({"ours": lambda: explainer.attribute(sample.texts),
+                              "captum": lambda: captum_head_relevance(loaded, sample.texts)}, repeats)
+    result, captum = results["ours"], results["captum"]
+    print(f"(a) relevance of {len(sample)} dev sentences, batch 32, {repeats} runs after a warm-up:")
+    print(f"    HeadRelevance.attribute (heads + input + bias shares, one pass): {_spread(seconds['ours'])}")
+    print(f"    Captum LayerGradientXActivation on all W_O (heads only, + a forward for the predicted class): "
+          f"{_spread(seconds['captum'])}")
     print(f"    max |ours - Captum| head relevance: {np.nanmax(np.abs(result.per_example - captum)):.2e} "
-          f"(logit scale {np.mean(np.abs(result.logits)):.2f})")
+          f"(mean |logit| {np.mean(np.abs(result.logits)):.2f})")
     scale = np.abs(result.logits) + np.abs(result.input_relevance) + np.abs(result.bias_relevance)
     print(f"    conservation: max |logit - input - bias| = {np.max(np.abs(result.convergence_delta)):.2e}, "
           f"max relative {np.max(np.abs(result.convergence_delta) / scale):.2e}; "
@@ -116,8 +124,9 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--n", type=int, default=500, help="sentences for timing and for ranking heads")
     parser.add_argument("--seeds", type=int, default=5, help="random masking orders to average")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up")
     parser.add_argument("--rank-split", default="train", choices=("train", "dev"), help="split that ranks heads")
+    parser.add_argument("--part", default="all", choices=("all", "a", "b"), help="(a) speed, (b) faithfulness")
     args = parser.parse_args()
     loaded = load_model(args.model)
     dev = load_data("default", split="dev", label_names=loaded.label_names)
@@ -125,8 +134,10 @@ def main() -> None:
     arch = loaded.architecture()
     print(f"model {args.model} ({arch.layers} layers x {arch.heads} heads, hidden {arch.hidden}); device cpu; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    speed(loaded, dev.subset(args.n, seed=0), args.repeats)
-    faithfulness(loaded, rank, dev, args.seeds)
+    if args.part in ("all", "a"):
+        speed(loaded, dev.subset(args.n, seed=0), args.repeats)
+    if args.part in ("all", "b"):
+        faithfulness(loaded, rank, dev, args.seeds)
 
 
 if __name__ == "__main__":

@@ -102,10 +102,12 @@ def test_conservation_tiny_models(arch, tiny, tmp_path):
 
 
 def test_token_relevance_matches_input_relevance(tiny):
-    tokens, rel = token_relevance(tiny, TEXTS[2])
+    why = token_relevance(tiny, TEXTS[2])
     result = HeadRelevance(tiny).attribute([TEXTS[2]])
-    assert tokens[0] == "[CLS]" and len(tokens) == len(rel)
-    assert rel.sum() == pytest.approx(result.input_relevance[0], rel=1e-6, abs=1e-9)
+    assert why.tokens[0] == "[CLS]" and len(why.tokens) == len(why.relevance)
+    assert why.relevance.sum() == pytest.approx(result.input_relevance[0], rel=1e-6, abs=1e-9)
+    assert why.bias == pytest.approx(result.bias_relevance[0], rel=1e-6, abs=1e-9)
+    assert why.relevance.sum() + why.bias == pytest.approx(why.logit, rel=1e-4)
 
 
 def test_per_example_normalisation_sums_to_one(tiny):

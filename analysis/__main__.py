@@ -1,0 +1,96 @@
+"""Command line: `python -m analysis relevance|roles|heads --model ... --data ... --limit N --out ...`.
+
+Bad input exits with status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis.heads import build_report
+from analysis.relevance import relevance_table
+from analysis.roles import head_roles
+from core.__main__ import load_or_prepare, run_with_bar
+from core.data import DataError, load_data
+from core.models import ModelError
+
+
+def _inputs(args: argparse.Namespace):
+    loaded = load_or_prepare(args.model)
+    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    if len(data) == 0:
+        raise DataError(f"{args.data} has no rows: nothing to analyse.")
+    for note in loaded.notes + data.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    return loaded, data
+
+
+def _write(frame, out: Path | None) -> None:
+    if out is None:
+        print(frame.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    print(f"wrote {len(frame)} rows to {out}")
+
+
+def cmd_relevance(args: argparse.Namespace) -> int:
+    loaded, data = _inputs(args)
+    frame = run_with_bar(args.job, lambda bar: relevance_table(loaded, data, limit=args.limit, target=args.target,
+                                                               progress=bar))
+    _write(frame, args.out)
+    return 0
+
+
+def cmd_roles(args: argparse.Namespace) -> int:
+    loaded, data = _inputs(args)
+    texts = data.subset(args.limit, seed=0).texts
+    frame = run_with_bar(args.job, lambda bar: head_roles(loaded, texts, limit=args.limit, progress=bar))
+    _write(frame, args.out)
+    return 0
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise ValueError("The 'heads' command needs --out FOLDER (it writes heads.csv and examples.json).")
+    loaded, data = _inputs(args)
+    report = run_with_bar(args.job, lambda bar: build_report(loaded, data, limit=args.limit, target=args.target,
+                                                             progress=bar))
+    report.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_ in [
+        ("relevance", cmd_relevance, "per-head LRP relevance (conservative rules) and Michel importance as CSV"),
+        ("roles", cmd_roles, "per-head Voita roles: positional, syntactic, rare-word, as CSV"),
+        ("heads", cmd_heads, "both, plus typical sentences per head, into a folder (what the Heads page reads)"),
+    ]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
+        p.add_argument("--data", default="default", help="default (dev split of the default task) | CSV/TSV/JSONL")
+        p.add_argument("--limit", type=int, default=500, help="seeded subset of this many sentences")
+        p.add_argument("--out", type=Path, default=None, help="output CSV (folder for 'heads'); stdout if omitted")
+        p.add_argument("--target", type=int, default=None, help="class whose logit is explained (default: predicted)")
+        p.add_argument("--job", help=argparse.SUPPRESS)
+        p.set_defaults(func=func)
+    args = parser.parse_args(argv)
+    if args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    try:
+        return args.func(args)
+    except (ModelError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Heads page: per-head LRP relevance, Michel importance and Voita roles; one head up close; why a prediction."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from analysis.heads import report_dir
+from core.models import ModelNotPrepared
+from ui.charts import (
+    attention_heatmap,
+    attention_lines,
+    head_heatmap,
+    highlighted_tokens,
+    relevance_vs_importance,
+    role_map,
+    top_words_bar,
+)
+from ui.heads import cached_report, explain, sentence_attention
+from ui.jobs import ensure_job, wait_for
+from ui.loaders import get_data, get_model
+
+METRICS = {
+    "relevance": "LRP relevance (mean share of |relevance|, per example summing to 1)",
+    "relevance_signed": "Signed LRP relevance (mean share)",
+    "importance": "Michel importance (|dLoss/dgate|, per-layer normalised)",
+    "confidence": "Confidence (mean max word-level attention)",
+    "positional_frac": "Positional: share of words attending at the most frequent offset",
+    "rare_hit_rate": "Rare-word: share of sentences whose most-attended word is the rarest",
+}
+
+st.title("Heads")
+spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
+try:
+    loaded = get_model(spec)
+except ModelNotPrepared as exc:
+    st.info(f"{exc} Open the Model page to prepare it.")
+    st.stop()
+if loaded is None:
+    st.stop()
+data = get_data(data_spec, "dev", loaded.label_names)
+if data is None:
+    st.stop()
+
+left, right = st.columns(2)
+limit = left.select_slider("Sentences analysed (seeded subset)", [100, 250, 500, 1000], value=500, key="heads_limit")
+classes = ["predicted class", *loaded.label_names]
+explained = right.selectbox("Explained logit", classes, key="heads_target")
+target = None if explained == classes[0] else classes.index(explained) - 1
+st.caption(f"Model `{spec}` on {data.name} ({min(limit, len(data))} of {len(data)} sentences).")
+
+folder = report_dir(loaded.fingerprint, data.fingerprint(), limit, target)
+if not (folder / "heads.csv").exists():
+    job = f"heads-{folder.name}"
+    args = ["analysis", "heads", "--model", spec, "--data", data_spec, "--limit", str(limit), "--out", str(folder),
+            "--job", job] + (["--target", str(target)] if target is not None else [])
+    ensure_job(job, args)
+    wait_for(job, "Computing relevance and roles", lambda: (folder / "heads.csv").exists())
+    st.stop()
+report = cached_report(str(folder))
+table = report.table
+
+metric = st.selectbox("Heatmap", list(METRICS), format_func=METRICS.get, key="heads_metric")
+st.plotly_chart(head_heatmap(table, metric, METRICS[metric]), key="heatmap")
+roles_col, scatter_col = st.columns(2)
+clicked = [roles_col.plotly_chart(role_map(table), key="role_map", on_select="rerun", selection_mode="points"),
+           scatter_col.plotly_chart(relevance_vs_importance(table), key="scatter", on_select="rerun",
+                                    selection_mode="points")]
+for event in clicked:
+    points = event.selection.points if event and event.selection else []
+    if points:
+        point = points[0]
+        layer, head = point.get("customdata") or (point["y"], point["x"])
+        st.session_state.update(head_layer=int(layer), head_index=int(head))
+st.download_button("Download per-head table (CSV)", table.to_csv(index=False), file_name=f"heads-{folder.name}.csv",
+                   mime="text/csv")
+
+st.header("One head")
+c1, c2 = st.columns(2)
+layer = c1.selectbox("Layer", sorted(table["layer"].unique()), key="head_layer")
+head = c2.selectbox("Head", sorted(table["head"].unique()), key="head_index")
+row = table[(table["layer"] == layer) & (table["head"] == head)].iloc[0]
+info = report.examples[f"{layer}:{head}"]
+st.markdown(f"**L{layer}H{head}** — roles: **{row['roles'] or 'none'}**; relevance {row['relevance']:.3f}, "
+            f"importance {row['importance']:.3f}, confidence {row['confidence']:.2f}, most frequent offset "
+            f"{int(row['positional_offset']):+d} ({row['positional_frac']:.0%} of words)")
+typical = pd.DataFrame(info["typical"])
+label = "Sentences where it is most typical of " + (info["role"] if info["has_role"] else f"its {info['role']} habit")
+sentences = typical["text"].tolist() if len(typical) else data.texts[:5]
+sentence = st.selectbox("Sentence to view", sentences, key="head_sentence")
+tokens, attention = sentence_attention(loaded, sentence)
+lines_tab, grid_tab = st.tabs(["Lines", "Matrix"])
+lines_tab.plotly_chart(attention_lines(tokens, attention[layer, head], f"L{layer}H{head} attention"), key="lines")
+grid_tab.plotly_chart(attention_heatmap(tokens, attention[layer, head], f"L{layer}H{head} attention"), key="matrix")
+cols = st.columns(2)
+cols[0].markdown(f"**{label}**")
+cols[0].dataframe(typical[["text", "score", "n"]] if len(typical) else typical, hide_index=True)
+if info["words"]:
+    cols[1].plotly_chart(top_words_bar(info["words"]), key="top_words")
+
+st.header("Why this prediction")
+text = st.text_input("Sentence", value=data.texts[0], key="why_text")
+if text.strip():
+    why = explain(loaded, text, target)
+    st.markdown(f"Predicted **{why.predicted}** ({why.confidence:.0%}); explaining the **{why.explained}** "
+                f"logit {why.logit:+.2f}. Green supports it, red speaks against it.")
+    st.html(highlighted_tokens(why.tokens, why.relevance))
+    if why.truncated:
+        st.warning(f"The sentence was cut to the model's maximum of {loaded.max_length} tokens.")

@@ -1,0 +1,125 @@
+"""Plotly figures and small HTML renderings shared by pages (no model math here)."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+ROLE_COLOURS = {"positional": "#1f77b4", "syntactic": "#2ca02c", "rare-word": "#d62728", "": "#c7c7c7"}
+
+
+def grid(table: pd.DataFrame, column: str) -> np.ndarray:
+    """(layers, heads) array of `column` from a one-row-per-head table."""
+    return table.pivot(index="layer", columns="head", values=column).sort_index().to_numpy(dtype=float)
+
+
+def head_heatmap(table: pd.DataFrame, column: str, title: str) -> go.Figure:
+    """Layer x head heatmap of one per-head score; layers top to bottom, 0-based labels."""
+    fig = px.imshow(grid(table, column), color_continuous_scale="Viridis", aspect="auto",
+                    labels={"x": "head", "y": "layer", "color": column}, title=title, text_auto=".2f")
+    fig.update_layout(height=120 + 48 * table["layer"].nunique(), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def role_kind(roles: str) -> str:
+    """The first role's kind ('positional', 'syntactic', 'rare-word') or '' for a head without a role."""
+    return roles.split("(")[0].split("+")[0] if roles else ""
+
+
+def badge(roles: str) -> str:
+    """Short label for a head's roles: P-1, S:dobj, R (joined with spaces)."""
+    out = []
+    for role in filter(None, roles.split("+")):
+        if role.startswith("positional"):
+            out.append("P" + role[len("positional("):-1])
+        elif role.startswith("syntactic"):
+            out.append("S:" + role[len("syntactic("):-1].split(":")[0])
+        else:
+            out.append("R")
+    return " ".join(out)
+
+
+def role_map(table: pd.DataFrame) -> go.Figure:
+    """Layer x head grid coloured by role kind, with a badge per head."""
+    kinds = list(ROLE_COLOURS)
+    t = table.assign(kind=table["roles"].map(role_kind).map(kinds.index), badge=table["roles"].map(badge))
+    z, text = grid(t, "kind"), t.pivot(index="layer", columns="head", values="badge").sort_index().to_numpy()
+    scale = [[i / (len(kinds) - 1), c] for i, c in enumerate(ROLE_COLOURS.values())]
+    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale=scale, zmin=0,
+                               zmax=len(kinds) - 1, showscale=False, xgap=2, ygap=2,
+                               hovertemplate="layer %{y}, head %{x}: %{text}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="layer", dtick=1)
+    fig.update_xaxes(title="head", dtick=1)
+    fig.update_layout(title="Roles (P = positional with offset, S = syntactic relation, R = rare-word; grey = none)",
+                      height=120 + 48 * table["layer"].nunique(), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def relevance_vs_importance(table: pd.DataFrame) -> go.Figure:
+    """Scatter of LRP relevance against Michel importance, one point per head, coloured by role."""
+    t = table.assign(role=table["roles"].map(role_kind).replace("", "none"),
+                     name=[f"L{int(r.layer)}H{int(r.head)}" for r in table.itertuples()])
+    fig = px.scatter(t, x="relevance", y="importance", color="role", hover_name="name",
+                     custom_data=["layer", "head"], title="Relevance (LRP) vs importance (Michel)",
+                     color_discrete_map={**ROLE_COLOURS, "none": ROLE_COLOURS[""]})
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def top_words_bar(words: list[dict]) -> go.Figure:
+    frame = pd.DataFrame(words)
+    fig = px.bar(frame, x="total", y="word", orientation="h", title="Words this head attends to most",
+                 hover_data=["count", "mean"])
+    fig.update_layout(height=360, yaxis=dict(autorange="reversed"), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def highlighted_tokens(tokens: list[str], relevance: np.ndarray) -> str:
+    """HTML of tokens shaded by relevance: green supports the explained class, red speaks against it."""
+    scale = float(np.abs(relevance).max()) or 1.0
+    spans = []
+    for token, r in zip(tokens, relevance):
+        alpha = min(abs(r) / scale, 1.0)
+        colour = f"rgba(44,160,44,{alpha:.2f})" if r >= 0 else f"rgba(214,39,40,{alpha:.2f})"
+        text = html.escape(token[2:] if token.startswith("##") else token)
+        gap = "" if token.startswith("##") else " "
+        spans.append(f'{gap}<span title="{r:+.3f}" style="background:{colour};padding:2px 1px;'
+                     f'border-radius:3px">{text}</span>')
+    return f'<div style="font-size:1.1rem;line-height:2.1">{"".join(spans)}</div>'
+
+
+def attention_lines(tokens: list[str], att: np.ndarray, title: str, min_weight: float = 0.02) -> go.Figure:
+    """bertviz-style view drawn offline: tokens in two columns, a line from each token (left) to the
+    tokens it attends to (right), opacity by weight. `att` is (T, T), rows = attending token."""
+    t = len(tokens)
+    fig = go.Figure()
+    bins = [(0.02, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.01)]
+    for lo, hi in bins:
+        xs, ys = [], []
+        for i, j in zip(*np.nonzero((att >= max(lo, min_weight)) & (att < hi))):
+            xs += [0, 1, None]
+            ys += [-i, -j, None]
+        if xs:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                     line=dict(color=f"rgba(31,119,180,{min(1.0, hi):.2f})", width=1 + 4 * lo)))
+    for x, anchor in ((0, "right"), (1, "left")):
+        fig.add_trace(go.Scatter(x=[x] * t, y=[-i for i in range(t)], mode="text", text=tokens,
+                                 textposition=f"middle {anchor}", hoverinfo="skip", showlegend=False))
+    fig.update_xaxes(visible=False, range=[-0.6, 1.6])
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, height=80 + 22 * t, margin=dict(l=10, r=10, t=40, b=10),
+                      plot_bgcolor="white")
+    return fig
+
+
+def attention_heatmap(tokens: list[str], att: np.ndarray, title: str) -> go.Figure:
+    """(T, T) attention of one head as a heatmap: row = attending token, column = attended token."""
+    labels = [f"{i}:{tok}" for i, tok in enumerate(tokens)]
+    fig = px.imshow(att, x=labels, y=labels, color_continuous_scale="Blues", zmin=0, zmax=1, aspect="auto",
+                    labels={"x": "attended token", "y": "attending token", "color": "weight"}, title=title)
+    fig.update_layout(height=140 + 18 * len(tokens), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
