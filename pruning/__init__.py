@@ -1,0 +1,1 @@
+"""Structured pruning for BERT-family classifiers: gate states, gating hooks, surgery, export."""

@@ -1,0 +1,456 @@
+"""Gates: the one gate-state type (`GateState`) and the learnable hard-concrete gates that produce it.
+
+A `GateState` holds one value in [0, 1] per prunable unit of an *unpruned* encoder with L layers, H
+heads per layer, FFN width d_ff and hidden size d (CoFi's five granularities, Xia et al. 2022):
+
+    head          (L, H)     each head's context before W_O
+    mha           (L,)       the whole attention sublayer output (W_O output incl. its bias)
+    intermediate  (L, d_ff)  FFN intermediate units (CoFi's z_int), the input of the FFN output dense
+    ffn           (L,)       the whole FFN sublayer output (output dense incl. its bias)
+    hidden        (d,)       hidden dims, shared by the embeddings and every sublayer output
+
+0 closes a unit, 1 keeps it unchanged, values in between scale it (soft gates that
+`pruning.surgery.prune` folds into the weights). `pruning.hooks.gated` applies a state to a model
+without touching its weights; `pruning.surgery.prune` turns the same state into a smaller model.
+The tensors may carry gradients (states sampled from `CoFiGates` during training).
+
+Learnable gates (hard-concrete / L0, Louizos et al. 2018):
+- `HardConcreteGates`: one tensor of gates, train-time sample, two eval-time rules (Voita, CoFi).
+- `CoFiGates`: the five CoFi groups, `sample()` / `deterministic()` -> GateState.
+- `L0HeadGates`: Voita et al. 2019, one gate per head only.
+
+Why not `captum.module.BinaryConcreteStochasticGates`: it gates a given input tensor (one sample
+per batch row) and has only 1-D gates, a fixed N(0, 0.01) init, no log_alpha clamp and only the
+Voita eval rule. Here a gate value is needed *without* an input (hooks apply it inside the
+model), one sample per step shared by the batch, per-group eval with CoFi's deterministic count,
+and N(10, 0.01) init for groups that start open. The maths (stretch, P(z != 0)) is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUPS = ("head", "mha", "intermediate", "ffn", "hidden")
+CRITERIA = ("magnitude", "random")
+GAMMA, ZETA = -0.1, 1.1  # hard-concrete stretch interval
+LOG_ALPHA_RANGE = (math.log(0.01), math.log(100.0))  # CoFi clamps log_alpha here after every step
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class GateShape:
+    """Sizes of an unpruned encoder: `layers` x `heads` heads of `head_dim`, FFN width, hidden size."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    intermediate: int  # d_ff
+    hidden: int  # d
+
+    @classmethod
+    def of(cls, arch) -> GateShape:
+        """Shape of a `LoadedModel`, `Adapter`, transformers model or GateShape (read from weight shapes).
+
+        Raises ValueError for a physically pruned model (layers of unequal width): gate the original.
+        """
+        if isinstance(arch, GateShape):
+            return arch
+        adapter = as_adapter(arch)
+        layers = len(adapter.layers)
+        if getattr(adapter.model, "headlab_pruning", None) is not None:
+            raise ValueError("This model is already physically pruned; gates apply to the original (unpruned) model.")
+        heads = {adapter.num_heads(i) for i in range(layers)}
+        units = {adapter.ffn_in(i).weight.shape[0] for i in range(layers)}
+        hidden = adapter.attention_output(0).weight.shape[0]  # rows of W_O = hidden size d
+        if len(heads) != 1 or len(units) != 1:
+            raise ValueError("Gates need layers of equal width (an unpruned model). "
+                             f"Got heads per layer {sorted(heads)} and FFN widths {sorted(units)}.")
+        return cls(layers=layers, heads=heads.pop(), head_dim=adapter.head_dim(0), intermediate=units.pop(),
+                   hidden=hidden)
+
+
+def as_adapter(arch):
+    """The `core.models.Adapter` of a LoadedModel, an Adapter, or a bare transformers model."""
+    from core.models import Adapter  # local import: keep gates importable without transformers loaded
+
+    if isinstance(arch, Adapter):
+        return arch
+    if hasattr(arch, "adapter"):
+        return arch.adapter
+    if isinstance(arch, nn.Module) and hasattr(arch, "base_model"):
+        return Adapter(arch)
+    raise ValueError(f"Expected a LoadedModel, an Adapter or a transformers model. Got {type(arch).__name__}.")
+
+
+# ----------------------------------------------------------------------------- gate state
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    """A float32 tensor (kept as is, with its autograd graph, when it already is one)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dtype == torch.float32 else value.float()
+    try:
+        return torch.as_tensor(np.asarray(value, dtype=np.float32))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"The '{name}' gates must be numbers in [0, 1]. Got {value!r:.60} instead.") from exc
+
+
+def _keep_count(frac: float, total: int, name: str, where: str) -> int:
+    """round(frac * total), at least 1; frac must lie in (0, 1]."""
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        raise ValueError(f"The '{name}' parameter of {where} must be a fraction in (0, 1]. Got {frac!r} instead.")
+    return max(1, min(total, int(math.floor(frac * total + 0.5))))
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask (same shape as the 1-D `scores`) of its `k` largest entries (ties: lower index first)."""
+    order = torch.argsort(-scores, stable=True)[:k]
+    mask = torch.zeros_like(scores, dtype=torch.float32)
+    mask[order] = 1.0
+    return mask
+
+
+def _scores(kind: str, adapter, criterion: str, seed: int, where: str) -> torch.Tensor:
+    """Importance of every unit of `kind` ("head" (L, H), "intermediate" (L, d_ff), "hidden" (d,))."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"The 'criterion' parameter of {where} must be one of {', '.join(CRITERIA)}. "
+                         f"Got {criterion!r} instead.")
+    shape = GateShape.of(adapter)
+    sizes = {"head": (shape.layers, shape.heads), "intermediate": (shape.layers, shape.intermediate),
+             "hidden": (shape.hidden,)}[kind]
+    if criterion == "random":
+        return torch.rand(sizes, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        if kind == "head":  # ||W_V,h||_F * ||W_O[:, h]||_F: the size of the head's value -> output path
+            rows = []
+            for layer in range(shape.layers):
+                v = adapter.self_attention(layer).value.weight.view(shape.heads, shape.head_dim, -1)  # (H, d_h, d)
+                o = adapter.attention_output(layer).weight.view(-1, shape.heads, shape.head_dim)  # (d, H, d_h)
+                rows.append(v.norm(dim=(1, 2)) * o.norm(dim=(0, 2)))
+            return torch.stack(rows)
+        if kind == "intermediate":  # ||W_in[i, :]|| * ||W_out[:, i]||: how far unit i can move the stream
+            return torch.stack([adapter.ffn_in(layer).weight.norm(dim=1) * adapter.ffn_out(layer).weight.norm(dim=0)
+                                for layer in range(shape.layers)])
+        # hidden: sum over matrices touching dim k of its column/row norm, each matrix divided by its
+        # mean norm so that no single matrix (e.g. the 30k-row word embeddings) dominates.
+        mats = [adapter.base.embeddings.word_embeddings.weight]  # (V, d): column k
+        for layer in range(shape.layers):
+            att = adapter.self_attention(layer)
+            mats += [att.query.weight, att.key.weight, att.value.weight, adapter.ffn_in(layer).weight]  # read dim k
+            mats += [adapter.attention_output(layer).weight.T, adapter.ffn_out(layer).weight.T]  # write dim k
+        total = torch.zeros(shape.hidden)
+        for m in mats:
+            norms = m.float().norm(dim=0)
+            total += norms / norms.mean().clamp_min(1e-12)
+        return total
+
+
+@dataclass(eq=False)
+class GateState:
+    """Gate values in [0, 1] for every prunable unit of an unpruned encoder (see the module docstring).
+
+    Build with `dense`, `from_closed_heads`, `from_dict`/`from_json`, or `CoFiGates.sample()`; derive
+    new states with the `with_*` methods (a state is never changed in place). Equality compares
+    every value exactly.
+    """
+
+    head: torch.Tensor  # (L, H)
+    mha: torch.Tensor  # (L,)
+    intermediate: torch.Tensor  # (L, d_ff)
+    ffn: torch.Tensor  # (L,)
+    hidden: torch.Tensor  # (d,)
+
+    def __post_init__(self) -> None:
+        for name in GROUPS:
+            setattr(self, name, _tensor(getattr(self, name), name))
+        L = self.head.shape[0] if self.head.dim() == 2 else -1
+        expected = {"head": 2, "mha": 1, "intermediate": 2, "ffn": 1, "hidden": 1}
+        for name, ndim in expected.items():
+            t = getattr(self, name)
+            if t.dim() != ndim or (name != "hidden" and t.shape[0] != L) or t.numel() == 0:
+                raise ValueError(f"The '{name}' gates must have {ndim} dimension(s) and {L} layers. "
+                                 f"Got shape {tuple(t.shape)} instead.")
+            with torch.no_grad():
+                if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+                    raise ValueError(f"The '{name}' gates must be finite values in [0, 1]. "
+                                     f"Got min {t.min().item():.3g}, max {t.max().item():.3g}.")
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def dense(cls, arch) -> GateState:
+        """Every gate open (1.0) for the model (or GateShape) `arch`: gating it changes nothing."""
+        s = GateShape.of(arch)
+        return cls(head=torch.ones(s.layers, s.heads), mha=torch.ones(s.layers),
+                   intermediate=torch.ones(s.layers, s.intermediate), ffn=torch.ones(s.layers),
+                   hidden=torch.ones(s.hidden))
+
+    @classmethod
+    def from_closed_heads(cls, arch, heads: Iterable[tuple[int, int]]) -> GateState:
+        """All gates open except the (layer, head) pairs in `heads` (0-based)."""
+        return cls.dense(arch).with_closed_heads(heads)
+
+    def with_closed_heads(self, heads: Iterable[tuple[int, int]]) -> GateState:
+        """A copy with head gates of the (layer, head) pairs (0-based) set to 0."""
+        head = self.head.detach().clone()
+        L, H = head.shape
+        for pair in heads:
+            if len(pair) != 2:
+                raise ValueError(f"Heads are (layer, head) pairs. Got {pair!r} instead.")
+            layer, h = (int(x) for x in pair)
+            if not (0 <= layer < L and 0 <= h < H):
+                raise ValueError(f"Head {layer}:{h} does not exist: layers are 0..{L - 1}, heads 0..{H - 1}.")
+            head[layer, h] = 0.0
+        return self._replace(head=head)
+
+    def with_head_keep(self, adapter, frac: float, criterion: str = "magnitude", seed: int = 0) -> GateState:
+        """Keep round(frac * H) heads in every layer, chosen by `criterion`; close the rest.
+
+        "magnitude" ranks head h by ||W_V,h||_F * ||W_O[:, h]||_F (its value -> output path, no data
+        needed); "random" ranks by a seeded random draw. Already closed heads stay closed.
+        """
+        k = _keep_count(frac, self.head.shape[1], "frac", "with_head_keep()")
+        scores = _scores("head", adapter, criterion, seed, "with_head_keep()")
+        mask = torch.stack([_top(row, k) for row in scores])
+        return self._replace(head=self.head.detach() * mask)
+
+    def with_ffn_keep(self, adapter, frac: float, criterion: str = "magnitude", seed: int = 0) -> GateState:
+        """Keep round(frac * d_ff) FFN units in every layer, chosen by `criterion`; close the rest.
+
+        "magnitude" ranks unit i of layer l by ||W_in[i, :]||_2 * ||W_out[:, i]||_2 (the norms of what
+        the unit reads from and writes to the hidden stream); "random" by a seeded random draw.
+        """
+        k = _keep_count(frac, self.intermediate.shape[1], "frac", "with_ffn_keep()")
+        scores = _scores("intermediate", adapter, criterion, seed, "with_ffn_keep()")
+        mask = torch.stack([_top(row, k) for row in scores])
+        return self._replace(intermediate=self.intermediate.detach() * mask)
+
+    def with_hidden_keep(self, adapter, frac: float, criterion: str = "magnitude", seed: int = 0) -> GateState:
+        """Keep round(frac * d) hidden dims (shared by all layers), chosen by `criterion`; close the rest.
+
+        "magnitude" ranks dim k by the sum, over the word embeddings and every encoder Linear that
+        reads (Q, K, V, FFN in) or writes (W_O, FFN out) the hidden stream, of the L2 norm of that
+        matrix's slice for dim k divided by the matrix's mean slice norm; "random" by a seeded draw.
+        """
+        k = _keep_count(frac, self.hidden.shape[0], "frac", "with_hidden_keep()")
+        scores = _scores("hidden", adapter, criterion, seed, "with_hidden_keep()")
+        return self._replace(hidden=self.hidden.detach() * _top(scores, k))
+
+    def _replace(self, **groups: torch.Tensor) -> GateState:
+        values = {name: getattr(self, name) for name in GROUPS}
+        values.update(groups)
+        return GateState(**values)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(layers, heads, d_ff, hidden)."""
+        return (self.head.shape[0], self.head.shape[1], self.intermediate.shape[1], self.hidden.shape[0])
+
+    def matches(self, shape: GateShape) -> bool:
+        """True if this state has the sizes of `shape`."""
+        return self.shape == (shape.layers, shape.heads, shape.intermediate, shape.hidden)
+
+    def detach(self) -> GateState:
+        """The same values without autograd history."""
+        return GateState(**{name: getattr(self, name).detach() for name in GROUPS})
+
+    def closed_heads(self) -> list[tuple[int, int]]:
+        """(layer, head) pairs whose head gate is 0, in order (heads in a closed MHA are not listed)."""
+        return [(int(lay), int(h)) for lay, h in torch.nonzero(self.head.detach() == 0).tolist()]
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Open (non-zero) and total gates per group: {"head": (open, total), ...}."""
+        return {name: (int((getattr(self, name).detach() != 0).sum()), getattr(self, name).numel())
+                for name in GROUPS}
+
+    def is_binary(self) -> bool:
+        """True if every gate is exactly 0 or 1 (nothing to fold into the weights)."""
+        return all(bool(((t == 0) | (t == 1)).all()) for t in (getattr(self, n).detach() for n in GROUPS))
+
+    def is_dense(self) -> bool:
+        """True if every gate is exactly 1."""
+        return all(bool((getattr(self, n).detach() == 1).all()) for n in GROUPS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GateState):
+            return NotImplemented
+        return all(torch.equal(getattr(self, n).detach(), getattr(other, n).detach()) for n in GROUPS)
+
+    __hash__ = None  # mutable tensors inside
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n} {o}/{t}" for n, (o, t) in self.counts().items())
+        return f"GateState({parts} open{'' if self.is_binary() else ', soft'})"
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, list]:
+        """Plain lists per group (JSON-ready; float32 values survive a round trip exactly)."""
+        return {name: getattr(self, name).detach().cpu().tolist() for name in GROUPS}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GateState:
+        """Inverse of `to_dict`; raises ValueError naming a missing or malformed group."""
+        if not isinstance(data, dict):
+            raise ValueError(f"A gate state must be a JSON object with keys {', '.join(GROUPS)}.")
+        missing = [n for n in GROUPS if n not in data]
+        if missing:
+            raise ValueError(f"The gate state lacks the group(s) {', '.join(missing)}.")
+        return cls(**{n: data[n] for n in GROUPS})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> GateState:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"The gate state is not valid JSON ({exc}).") from exc
+        return cls.from_dict(data)
+
+
+# ----------------------------------------------------------------------------- hard-concrete gates
+
+
+class HardConcreteGates(nn.Module):
+    """A tensor of hard-concrete (stretched binary concrete) gates with learnable `log_alpha`.
+
+    Train: u ~ U(eps, 1 - eps), s = sigmoid((log u - log(1 - u) + log_alpha) / beta),
+    z = clamp(s (zeta - gamma) + gamma, 0, 1). Eval ("voita"): clamp(sigmoid(log_alpha)(zeta - gamma)
+    + gamma, 0, 1). Eval ("cofi"): soft = sigmoid(0.8 log_alpha / beta), then in every group of
+    `group_size` consecutive gates the round(n - E[#open]) smallest are set to 0, so the number kept
+    is deterministic. `forward()` samples when training and is deterministic otherwise.
+
+    Args:
+        shape: shape of the gate tensor, e.g. (L, H).
+        group_size: gates per group for the "cofi" rule (default: the last dimension, i.e. per layer
+            for (L, n) gates; 1 makes every gate its own group, `numel` one group for all).
+        beta: temperature (CoFi 2/3, Voita 0.33).
+        init_mean, init_std: log_alpha ~ N(init_mean, init_std) (10 starts open, 0 undecided).
+        eval_mode: "cofi" or "voita".
+    """
+
+    def __init__(self, shape: tuple[int, ...], *, group_size: int | None = None, beta: float = 2 / 3,
+                 init_mean: float = 10.0, init_std: float = 0.01, eval_mode: str = "cofi", eps: float = 1e-6):
+        super().__init__()
+        if eval_mode not in ("cofi", "voita"):
+            raise ValueError(f"The 'eval_mode' parameter must be 'cofi' or 'voita'. Got {eval_mode!r} instead.")
+        if not 0 < beta < 1:
+            raise ValueError(f"The 'beta' parameter must lie in (0, 1). Got {beta!r} instead.")
+        shape = tuple(int(s) for s in shape)
+        self.group_size = int(group_size or shape[-1])
+        if math.prod(shape) % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide the {math.prod(shape)} gates.")
+        self.beta, self.eval_mode, self.eps = float(beta), eval_mode, float(eps)
+        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std))
+
+    def sample(self) -> torch.Tensor:
+        """One differentiable train-time sample z (shape of log_alpha), values in [0, 1]."""
+        u = torch.empty_like(self.log_alpha).uniform_(self.eps, 1 - self.eps)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def deterministic(self, mode: str | None = None) -> torch.Tensor:
+        """Eval-time gates (no noise, no gradient) by `mode` ("cofi" / "voita", default `eval_mode`)."""
+        mode = mode or self.eval_mode
+        la = self.log_alpha.detach()
+        if mode == "voita":
+            return (torch.sigmoid(la) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+        if mode != "cofi":
+            raise ValueError(f"The 'mode' parameter must be 'cofi' or 'voita'. Got {mode!r} instead.")
+        soft = torch.sigmoid(0.8 * la / self.beta).reshape(-1, self.group_size)  # (groups, n)
+        expected_open = self.prob_open().detach().reshape(-1, self.group_size).sum(dim=1)  # (groups,)
+        for g, open_ in enumerate(expected_open.tolist()):
+            zeros = int(math.floor(self.group_size - open_ + 0.5))
+            if zeros > 0:
+                soft[g, torch.topk(soft[g], k=zeros, largest=False).indices] = 0.0
+        return soft.reshape(la.shape)
+
+    def forward(self) -> torch.Tensor:
+        return self.sample() if self.training else self.deterministic()
+
+    def prob_open(self) -> torch.Tensor:
+        """P(z != 0) = sigmoid(log_alpha - beta log(-gamma / zeta)), differentiable, shape of log_alpha."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-GAMMA / ZETA))
+
+    @torch.no_grad()
+    def clamp_(self, low: float = LOG_ALPHA_RANGE[0], high: float = LOG_ALPHA_RANGE[1]) -> None:
+        """Clamp log_alpha in place to [low, high] (CoFi: after every optimizer step)."""
+        self.log_alpha.clamp_(low, high)
+
+
+class CoFiGates(nn.Module):
+    """The five CoFi gate groups of an encoder, each a `HardConcreteGates`.
+
+    Init (CoFi): log_alpha ~ N(10, 0.01) for head / mha / ffn / hidden (open), N(0, 0.01) for
+    intermediate. Groups not in `groups` are not learned and stay fixed at 1.
+    The CoFi eval rule keeps a deterministic count per layer for head and intermediate gates, per
+    gate for mha and ffn, and over all dims for hidden.
+    """
+
+    def __init__(self, arch, *, groups: Iterable[str] = GROUPS, beta: float = 2 / 3, eval_mode: str = "cofi"):
+        super().__init__()
+        self.shape = GateShape.of(arch)
+        self.groups = tuple(groups)
+        unknown = set(self.groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"The 'groups' parameter must name groups among {', '.join(GROUPS)}. "
+                             f"Got {sorted(unknown)}.")
+        s = self.shape
+        spec = {"head": ((s.layers, s.heads), None, 10.0), "mha": ((s.layers,), 1, 10.0),
+                "intermediate": ((s.layers, s.intermediate), None, 0.0), "ffn": ((s.layers,), 1, 10.0),
+                "hidden": ((s.hidden,), None, 10.0)}
+        self.gates = nn.ModuleDict({
+            name: HardConcreteGates(size, group_size=group, beta=beta, init_mean=mean, eval_mode=eval_mode)
+            for name, (size, group, mean) in spec.items() if name in self.groups
+        })
+
+    def _state(self, make) -> GateState:
+        dense = GateState.dense(self.shape)
+        return GateState(**{n: make(self.gates[n]) if n in self.gates else getattr(dense, n) for n in GROUPS})
+
+    def sample(self) -> GateState:
+        """A differentiable train-time sample of every learned group."""
+        return self._state(lambda g: g.sample())
+
+    def deterministic(self, mode: str | None = None) -> GateState:
+        """Eval-time gates (detached); soft values in (0, 1] are meant to be folded by surgery."""
+        return self._state(lambda g: g.deterministic(mode))
+
+    def forward(self) -> GateState:
+        return self.sample() if self.training else self.deterministic()
+
+    def prob_open(self) -> GateState:
+        """P(z != 0) of every gate as a (differentiable) GateState; fixed groups are 1."""
+        return self._state(lambda g: g.prob_open())
+
+    def clamp_(self) -> None:
+        """Clamp every group's log_alpha to [ln 0.01, ln 100]."""
+        for g in self.gates.values():
+            g.clamp_()
+
+
+class L0HeadGates(CoFiGates):
+    """Voita et al. (2019): one hard-concrete gate per head (beta 0.33, Voita eval rule), others fixed at 1.
+
+    Loss: L_task + lambda * `penalty()`, penalty = sum over heads of P(z_h != 0).
+    """
+
+    def __init__(self, arch, *, beta: float = 0.33, eval_mode: str = "voita"):
+        super().__init__(arch, groups=("head",), beta=beta, eval_mode=eval_mode)
+
+    def penalty(self) -> torch.Tensor:
+        """Expected number of open heads, sum P(z != 0) (differentiable scalar)."""
+        return self.gates["head"].prob_open().sum()

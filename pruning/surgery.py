@@ -1,0 +1,344 @@
+"""Physical pruning: turn a `GateState` into a smaller model that computes what the gated model computes.
+
+`prune(loaded, state)` works on a deep copy (the cached model is never touched):
+
+1. fold soft gate values into the weights (head gates into W_O's columns, mha and hidden gates into
+   W_O's rows and bias, intermediate gates into the FFN output's columns, ffn and hidden gates into
+   its rows and bias, hidden gates into the embedding tables and every LayerNorm's weight and bias);
+2. slice every module (`apply_plan`): Q/K/V rows and W_O columns of closed heads, FFN units,
+   hidden dims everywhere the stream is read or written (embeddings, Q/K/V/FFN-in columns,
+   W_O/FFN-out rows, every LayerNorm, the pooler's input or a RoBERTa-style head's first dense).
+
+Sublayers with nothing left. A layer whose heads are all closed, or whose mha gate is 0, runs no
+attention: its attention sublayer becomes `LN(x + c)` with c = mha * hidden * b_O (the W_O bias
+still passes when only the heads are closed; c = 0 when mha = 0), exactly what the gated model
+computes (the gate zeroes the dense output *including* its bias, the residual goes through the
+LayerNorm). The same holds for an FFN with no unit left or ffn = 0: `LN(x + ffn * hidden * b_out)`.
+Such sublayers are `SkippedAttention` / `SkippedOutput` modules that keep BERT's attribute names
+(zero-width `query`/`key`/`value`/`dense` Linears), so `core.models.Adapter` and
+`core.size.encoder_flops` still read them (0 FLOPs) and state-dict keys keep their usual names.
+
+The pruned model keeps the original `config` (its sizes are stale; read weight shapes instead) and
+carries a `PruningInfo` as `model.headlab_pruning` (the plan and the gate state, for export).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pruning.gates import GateShape, GateState, as_adapter
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PruningPlan:
+    """What survives, in the original model's 0-based numbering (all lists sorted)."""
+
+    heads: list[list[int]]  # kept heads per layer; [] = attention sublayer skipped
+    units: list[list[int]]  # kept FFN units per layer; [] = FFN sublayer skipped
+    hidden: list[int]  # kept hidden dims
+
+    @property
+    def skipped_attention(self) -> list[int]:
+        """Layers whose attention sublayer is only LN(x + c)."""
+        return [layer for layer, kept in enumerate(self.heads) if not kept]
+
+    @property
+    def skipped_ffn(self) -> list[int]:
+        """Layers whose FFN sublayer is only LN(x + c)."""
+        return [layer for layer, kept in enumerate(self.units) if not kept]
+
+    @classmethod
+    def from_state(cls, state: GateState) -> PruningPlan:
+        """Units with a non-zero gate survive; a zero mha / ffn gate removes the whole sublayer."""
+        s = state.detach()
+        heads = [torch.nonzero(s.head[lay] > 0).flatten().tolist() if s.mha[lay] > 0 else []
+                 for lay in range(s.head.shape[0])]
+        units = [torch.nonzero(s.intermediate[lay] > 0).flatten().tolist() if s.ffn[lay] > 0 else []
+                 for lay in range(s.head.shape[0])]
+        hidden = torch.nonzero(s.hidden > 0).flatten().tolist()
+        if not hidden:
+            raise ValueError("The gate state closes every hidden dim; keep at least one.")
+        return cls(heads=heads, units=units, hidden=hidden)
+
+    def to_dict(self) -> dict:
+        return {"kept_heads": self.heads, "kept_units": self.units, "kept_hidden": self.hidden,
+                "skipped_attention": self.skipped_attention, "skipped_ffn": self.skipped_ffn}
+
+    @classmethod
+    def from_dict(cls, data: dict, shape: GateShape) -> PruningPlan:
+        """Read `to_dict` output, checking every index against the original `shape` (ValueError)."""
+        try:
+            heads, units, hidden = data["kept_heads"], data["kept_units"], data["kept_hidden"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"pruning plan lacks {exc}") from exc
+
+        def check(values, limit: int, what: str) -> list[int]:
+            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                       for v in values):
+                raise ValueError(f"{what} must be a list of integers")
+            if values != sorted(set(values)) or (values and not 0 <= values[0] <= values[-1] < limit):
+                raise ValueError(f"{what} must be sorted, unique indices in 0..{limit - 1}")
+            return values
+
+        for name, rows in (("kept_heads", heads), ("kept_units", units)):
+            if not isinstance(rows, list) or len(rows) != shape.layers:
+                raise ValueError(f"{name} must list {shape.layers} layers")
+        plan = cls(heads=[check(r, shape.heads, f"kept_heads[{i}]") for i, r in enumerate(heads)],
+                   units=[check(r, shape.intermediate, f"kept_units[{i}]") for i, r in enumerate(units)],
+                   hidden=check(hidden, shape.hidden, "kept_hidden"))
+        if not plan.hidden:
+            raise ValueError("kept_hidden is empty")
+        return plan
+
+    def describe(self, shape: GateShape) -> str:
+        """One line, e.g. "kept 60/72 heads, 4608/9216 FFN units, 384/384 hidden dims; skipped attention in 1 layer"."""
+        text = (f"kept {sum(map(len, self.heads))}/{shape.layers * shape.heads} heads, "
+                f"{sum(map(len, self.units))}/{shape.layers * shape.intermediate} FFN units, "
+                f"{len(self.hidden)}/{shape.hidden} hidden dims")
+        skipped = [f"{what} in layer(s) {', '.join(map(str, layers))}"
+                   for what, layers in (("attention", self.skipped_attention), ("FFN", self.skipped_ffn)) if layers]
+        return text + (f"; skipped {' and '.join(skipped)}" if skipped else "")
+
+
+@dataclass
+class PruningInfo:
+    """Attached to a pruned model as `model.headlab_pruning`: enough to save and rebuild it."""
+
+    plan: PruningPlan
+    state: GateState  # the gates that were folded in
+    original: GateShape  # sizes of the unpruned model
+
+
+def pruning_info(model: nn.Module) -> PruningInfo | None:
+    """The `PruningInfo` of a physically pruned model, None for an unpruned one."""
+    return getattr(model, "headlab_pruning", None)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _linear(in_features: int, out_features: int, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A Linear holding copies of `weight` (out, in) and `bias` (out,), built without random init."""
+    with warnings.catch_warnings():  # zero-width layers: "Initializing zero-element tensors is a no-op"
+        warnings.simplefilter("ignore", UserWarning)
+        layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None,
+                                         device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear keeping output `rows` and input `cols` (index tensors; None keeps all).
+
+    Like `transformers.pytorch_utils.prune_linear_layer`, but both dims in one copy, no random
+    re-init and empty indices allowed (zero-width layers of skipped sublayers).
+    """
+    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    if rows is not None:
+        w = w.index_select(0, rows)
+        b = None if b is None else b.index_select(0, rows)
+    if cols is not None:
+        w = w.index_select(1, cols)
+    return _linear(w.shape[1], w.shape[0], w, b)
+
+
+def slice_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
+    """A LayerNorm over the kept dims only (weight and bias sliced, same eps)."""
+    new = nn.LayerNorm(keep.numel(), eps=norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(norm.weight.detach()[keep])
+        new.bias.copy_(norm.bias.detach()[keep])
+    return new
+
+
+class SkippedOutput(nn.Module):
+    """A sublayer output with nothing left to compute: LN(input_tensor + dense.bias).
+
+    `dense` is a zero-width Linear (weight (d, 0)) whose bias is the constant the gated sublayer
+    still adds (gate-scaled W_O / FFN-out bias; zero when the sublayer gate was 0).
+    """
+
+    def __init__(self, bias: torch.Tensor, norm: nn.LayerNorm):
+        super().__init__()
+        self.dense = _linear(0, bias.shape[0], torch.empty(bias.shape[0], 0, dtype=bias.dtype), bias)
+        self.LayerNorm = norm
+
+    def forward(self, hidden_states: torch.Tensor | None, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(input_tensor + self.dense.bias)
+
+
+class EmptySelfAttention(nn.Module):
+    """A self-attention with no head: never run, present so the adapter reads 0 heads and 0 FLOPs."""
+
+    def __init__(self, hidden: int, head_dim: int):
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size, self.all_head_size = 0, head_dim, 0
+        for name in ("query", "key", "value"):
+            setattr(self, name, _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0)))
+
+
+class SkippedAttention(nn.Module):
+    """An attention sublayer with no head left: returns (LN(x + c), None) like `BertAttention`."""
+
+    def __init__(self, bias: torch.Tensor, norm: nn.LayerNorm, head_dim: int):
+        super().__init__()
+        self.self = EmptySelfAttention(bias.shape[0], head_dim)
+        self.output = SkippedOutput(bias, norm)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return self.output(None, hidden_states), None
+
+
+class SkippedIntermediate(nn.Module):
+    """An FFN input with no unit left: passes its input on (the following `SkippedOutput` ignores it)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.dense = _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def _stream_reader(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the Linear that reads the encoder's output stream for classification."""
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is not None and isinstance(getattr(pooler, "dense", None), nn.Linear):
+        return pooler, "dense"
+    head = getattr(model, "classifier", None)
+    if head is not None and isinstance(getattr(head, "dense", None), nn.Linear):  # RoBERTa / ELECTRA heads
+        return head, "dense"
+    if isinstance(head, nn.Linear):
+        return model, "classifier"
+    raise ValueError(f"Cannot find the layer reading the hidden stream of {type(model).__name__}; "
+                     "hidden-dim pruning supports BERT / RoBERTa / ELECTRA classifiers.")
+
+
+@torch.no_grad()
+def fold_gates(arch, state: GateState) -> None:
+    """Multiply the weights of `arch` (an unpruned model, changed in place!) by the gate values.
+
+    Afterwards the ungated model computes what the gated one did, up to the units whose gate is
+    0 (their weights are zeroed; `apply_plan` removes them).
+    """
+    a = as_adapter(arch)
+    s = state.detach()
+    z = s.hidden  # (d,)
+    dh = GateShape.of(a).head_dim
+    emb = a.base.embeddings
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        table.weight.mul_(z)  # (rows, d): the embedding sum is scaled before its LayerNorm
+    emb.LayerNorm.weight.mul_(z)
+    emb.LayerNorm.bias.mul_(z)
+    for layer, block in enumerate(a.layers):
+        w_o = a.attention_output(layer)  # (d, H*d_h)
+        row = z * s.mha[layer]
+        w_o.weight.mul_(row[:, None] * s.head[layer].repeat_interleave(dh)[None, :])
+        w_o.bias.mul_(row)
+        w_out = a.ffn_out(layer)  # (d, d_ff)
+        row = z * s.ffn[layer]
+        w_out.weight.mul_(row[:, None] * s.intermediate[layer][None, :])
+        w_out.bias.mul_(row)
+        for norm in (block.attention.output.LayerNorm, block.output.LayerNorm):
+            norm.weight.mul_(z)
+            norm.bias.mul_(z)
+
+
+@torch.no_grad()
+def apply_plan(arch, plan: PruningPlan) -> None:
+    """Slice the modules of `arch` (an unpruned model, changed in place!) to the units `plan` keeps.
+
+    Weights are copied as they are (fold the gates first). Also used to rebuild the architecture of
+    a saved pruned model before loading its weights.
+    """
+    a = as_adapter(arch)
+    shape = GateShape.of(a)
+    dh = shape.head_dim
+    keep = torch.as_tensor(plan.hidden, dtype=torch.long)  # (d',)
+    all_hidden = len(plan.hidden) == shape.hidden
+    cols = None if all_hidden else keep
+    if not all_hidden:
+        if hasattr(a.base, "embeddings_project"):
+            raise ValueError("Hidden-dim pruning is not supported for models with an embedding projection (ELECTRA).")
+        emb = a.base.embeddings
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            old = getattr(emb, name)
+            new = torch.nn.utils.skip_init(nn.Embedding, old.num_embeddings, keep.numel(), padding_idx=old.padding_idx,
+                                           device=old.weight.device, dtype=old.weight.dtype)
+            new.weight.copy_(old.weight.index_select(1, keep))
+            setattr(emb, name, new)
+        emb.LayerNorm = slice_norm(emb.LayerNorm, keep)
+        parent, attr = _stream_reader(a.model)
+        setattr(parent, attr, slice_linear(getattr(parent, attr), cols=keep))
+    for layer, block in enumerate(a.layers):
+        att = block.attention
+        if not plan.heads[layer]:
+            bias = att.output.dense.bias.detach().index_select(0, keep)
+            block.attention = SkippedAttention(bias, slice_norm(att.output.LayerNorm, keep), dh)
+        else:
+            heads = torch.as_tensor(plan.heads[layer], dtype=torch.long)
+            rows = (heads[:, None] * dh + torch.arange(dh)[None, :]).flatten()  # (H' * d_h,)
+            sa = att.self
+            for name in ("query", "key", "value"):
+                setattr(sa, name, slice_linear(getattr(sa, name), rows=rows, cols=cols))
+            sa.num_attention_heads = len(plan.heads[layer])
+            sa.all_head_size = sa.num_attention_heads * dh
+            att.output.dense = slice_linear(att.output.dense, rows=cols, cols=rows)
+            if cols is not None:
+                att.output.LayerNorm = slice_norm(att.output.LayerNorm, keep)
+        if not plan.units[layer]:
+            bias = block.output.dense.bias.detach().index_select(0, keep)
+            block.intermediate = SkippedIntermediate(keep.numel())
+            block.output = SkippedOutput(bias, slice_norm(block.output.LayerNorm, keep))
+        else:
+            units = torch.as_tensor(plan.units[layer], dtype=torch.long)
+            block.intermediate.dense = slice_linear(block.intermediate.dense, rows=units, cols=cols)
+            block.output.dense = slice_linear(block.output.dense, rows=cols, cols=units)
+            if cols is not None:
+                block.output.LayerNorm = slice_norm(block.output.LayerNorm, keep)
+
+
+def prune(loaded, state: GateState):
+    """A physically pruned copy of `loaded` (a `core.models.LoadedModel`) that computes what
+    `pruning.hooks.gated(loaded, state)` computes (to float rounding, ~1e-6).
+
+    Soft gate values are folded into the weights; units with gate 0 are removed (see the module
+    docstring for sublayers left empty). `loaded` is not changed. Returns a new `LoadedModel`
+    sharing the tokenizer, with `model.headlab_pruning` set and a one-line note of what was kept.
+    """
+    from core.models import Adapter, LoadedModel
+
+    shape = GateShape.of(loaded)  # ValueError for an already pruned model
+    if not isinstance(state, GateState):
+        raise ValueError(f"The 'state' parameter of prune() must be a GateState. Got {type(state).__name__} instead.")
+    if not state.matches(shape):
+        raise ValueError(f"The 'state' parameter of prune() has sizes (layers, heads, d_ff, hidden) {state.shape}; "
+                         f"the model has ({shape.layers}, {shape.heads}, {shape.intermediate}, {shape.hidden}).")
+    state = state.detach()
+    plan = PruningPlan.from_state(state)
+    model = copy.deepcopy(loaded.model)
+    model.eval()
+    adapter = Adapter(model)
+    fold_gates(adapter, state)
+    apply_plan(adapter, plan)
+    model.headlab_pruning = PruningInfo(plan=plan, state=state, original=shape)
+    digest = hashlib.sha1(f"{loaded.fingerprint}:{state.to_json()}".encode()).hexdigest()[:12]
+    return LoadedModel(
+        model=model, tokenizer=loaded.tokenizer, adapter=adapter, source=f"{loaded.source} (pruned)",
+        path=loaded.path, label_names=list(loaded.label_names), has_classifier=loaded.has_classifier,
+        fingerprint=digest, notes=[*loaded.notes, f"Pruned: {plan.describe(shape)}."],
+    )
