@@ -1,0 +1,181 @@
+"""Command line: `python -m pruning apply ...` prunes a model by hand and saves the smaller one.
+
+    python -m pruning apply --model default --prune-heads 0:1,0:5,3:2 --ffn-keep 0.5 --out pruned/
+
+Prints parameters, encoder FLOPs per example (attention / FFN), accuracy and latency at batch 1 and
+32 for the dense and the pruned model; both are timed interleaved in this process. Heads are
+0-based LAYER:HEAD pairs. Bad input exits with status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from core.data import DataError, load_data
+from core.evaluate import evaluate
+from core.latency import compare, make_batch
+from core.models import ModelError
+from core.size import encoder_flops
+from core.summary import median_tokens
+from pruning.gates import CRITERIA, GateState
+from pruning.size import exact_sparsity
+
+_PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """"0:1,3:2" -> [(0, 1), (3, 2)]; empty text -> []. ValueError names the bad item."""
+    if not text or not text.strip():
+        return []
+    pairs = []
+    for item in text.split(","):
+        match = _PAIR.match(item)
+        if not match:
+            raise ValueError(f"--prune-heads takes comma-separated LAYER:HEAD pairs (0-based), e.g. 0:1,3:2. "
+                             f"Got {item.strip()!r} in {text!r}.")
+        pairs.append((int(match[1]), int(match[2])))
+    return pairs
+
+
+def _fraction(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a fraction in (0, 1]. Got {text!r}.") from None
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a fraction in (0, 1]. Got {text}.")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit status 2 (like every other bad input)."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+_LABELS = {"encoder_parameters": "encoder parameters", "encoder_mflops_per_example": "encoder MFLOPs/example",
+           "attention_mflops": "  attention MFLOPs", "ffn_mflops": "  FFN MFLOPs",
+           "latency_b1_ms": "latency batch 1 (ms)", "latency_b32_ms": "latency batch 32 (ms)"}
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> str:
+    head = ("", "dense", "pruned", "pruned/dense")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head, *rows]]
+    return "\n".join(lines)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from core.__main__ import load_or_prepare, run_with_bar
+    from pruning.export import save_pruned
+    from pruning.surgery import prune
+
+    heads = parse_heads(args.prune_heads)
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; choose another --out folder or add --overwrite.")
+    loaded = load_or_prepare(args.model)
+    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    if args.limit:
+        data = data.subset(args.limit, seed=0)
+    for note in loaded.notes + data.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+
+    state = GateState.from_closed_heads(loaded, heads)
+    if args.ffn_keep is not None:
+        state = state.with_ffn_keep(loaded.adapter, args.ffn_keep, criterion=args.criterion)
+    if args.hidden_keep is not None:
+        state = state.with_hidden_keep(loaded.adapter, args.hidden_keep, criterion=args.criterion)
+    pruned = prune(loaded, state)
+    models = {"dense": loaded, "pruned": pruned}
+
+    def measure_all(bar):
+        quality = {k: evaluate(m.model, m.tokenizer, data, max_length=m.max_length, progress=bar)
+                   for k, m in models.items()}
+        bar(0, 1, "timing batch 1 and 32")
+        texts = data.texts[:256]
+        timing = {b: compare({k: m.model for k, m in models.items()},
+                             make_batch(loaded.tokenizer, texts, b, loaded.max_length)) for b in (1, 32)}
+        return quality, timing
+
+    quality, timing = run_with_bar(None, measure_all)
+    seq_len = median_tokens(loaded, data.texts)
+    flops = {k: encoder_flops(m.adapter, seq_len) for k, m in models.items()}
+    params = {k: sum(p.numel() for p in m.model.parameters()) for k, m in models.items()}
+    encoder = {k: sum(p.numel() for p in m.adapter.layers.parameters()) for k, m in models.items()}
+    out = save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
+
+    figures = {
+        "parameters": params, "encoder_parameters": encoder,
+        "encoder_mflops_per_example": {k: f.total / 1e6 for k, f in flops.items()},
+        "attention_mflops": {k: f.attention / 1e6 for k, f in flops.items()},
+        "ffn_mflops": {k: f.ffn / 1e6 for k, f in flops.items()},
+        "accuracy": {k: q.accuracy for k, q in quality.items()},
+        **{f"latency_b{b}_ms": {k: lat.median_s * 1e3 for k, lat in t.items()} for b, t in timing.items()},
+    }
+    if args.json:
+        print(json.dumps({"out": str(out), "pruned": pruned.notes[-1], "median_tokens": seq_len,
+                          "sparsity": exact_sparsity(state), "threads": timing[1]["dense"].threads,
+                          "figures": figures}, indent=2))
+        return 0
+    rows = []
+    for name, values in figures.items():
+        d, p = values["dense"], values["pruned"]
+        if name == "accuracy":
+            rows.append((f"accuracy ({data.name}, n={len(data)})", f"{d:.4f}", f"{p:.4f}", f"{p - d:+.4f}"))
+            continue
+        fmt = "{:,.0f}" if "parameters" in name else "{:,.2f}"
+        label = _LABELS.get(name, name)
+        ratio = f"{p / d:.3f}" if d else "-"
+        if name.startswith("latency"):
+            ratio += f" ({d / p:.2f}x faster)"
+        rows.append((label, fmt.format(d), fmt.format(p), ratio))
+    print(_table(rows))
+    print(f"\n{pruned.notes[-1]} CoFi sparsity {exact_sparsity(state):.3f}; FLOPs at the median length "
+          f"of {seq_len} tokens; latency median of {timing[1]['dense'].repeats} interleaved runs, "
+          f"{timing[1]['dense'].threads} threads.")
+    print(f"saved {out}{' (with model.onnx)' if args.onnx else ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m pruning", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ap = sub.add_parser("apply", help="prune heads / FFN units / hidden dims by hand and save the smaller model")
+    ap.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
+    ap.add_argument("--prune-heads", default="", metavar="L:H,...", help="heads to remove, 0-based, e.g. 0:1,3:2")
+    ap.add_argument("--ffn-keep", type=_fraction("--ffn-keep"), default=None, metavar="FRAC",
+                    help="fraction of FFN units to keep in every layer, in (0, 1]")
+    ap.add_argument("--hidden-keep", type=_fraction("--hidden-keep"), default=None, metavar="FRAC",
+                    help="fraction of hidden dims to keep, in (0, 1]")
+    ap.add_argument("--criterion", choices=CRITERIA, default="magnitude",
+                    help="how FFN units / hidden dims are chosen (weight magnitude or seeded random)")
+    ap.add_argument("--data", default="default", help="default (dev split of the Rotten Tomatoes task) | CSV/TSV/JSONL")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples")
+    ap.add_argument("--out", type=Path, required=True, help="new folder for the pruned model")
+    ap.add_argument("--onnx", action="store_true", help="also export model.onnx (checked against torch)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.set_defaults(func=cmd_apply)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelError, DataError, ValueError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
