@@ -1,0 +1,146 @@
+"""Pruning speed benchmark: measured speedup of physically pruned models vs their FLOP reduction.
+
+On the default model, builds pruned copies at ~50% and ~90% CoFi encoder sparsity (heads + FFN
+units, plus hidden dims at 90%) and one that removes half the heads only, then for each prints:
+
+- torch, batch 32 and batch 1: dense / pruned median latency (measured interleaved with the dense
+  model in this process, `core.latency.compare`), the FLOP-proportional speedup (dense / pruned
+  encoder FLOPs at the batch's padded length) and measured / FLOP-proportional;
+- ONNX Runtime, batch 1: the same for the two ONNX exports (interleaved too);
+- dev accuracy on a fixed subset (no retraining after pruning, so quality drops: this is a speed
+  bench, not a quality one).
+
+Heads and FFN units are chosen per layer by weight magnitude (`GateState.with_*_keep`); the FFN
+fraction is solved so the CoFi sparsity hits the target. Encoder FLOPs exclude embeddings and
+classifier, which the timer includes, so measured / FLOP-proportional < 1 is expected.
+
+Run: .venv/bin/python -m bench.pruning_bench [--model default] [--rounds 7] [--n-eval 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.data import load_data
+from core.evaluate import evaluate
+from core.latency import compare, make_batch
+from core.models import load_model
+from core.size import encoder_flops
+from pruning.export import export_onnx, onnx_session
+from pruning.gates import GateShape, GateState
+from pruning.size import exact_sparsity, prunable_size
+from pruning.surgery import prune
+
+
+def ffn_fraction_for(shape: GateShape, target: float, heads_frac: float, hidden_frac: float) -> float:
+    """FFN keep fraction that gives CoFi sparsity `target` with the other fractions fixed (clipped to (0, 1])."""
+    m = prunable_size(shape.layers, shape.hidden, shape.intermediate)
+    d = hidden_frac * shape.hidden
+    attention = 4 * shape.head_dim * d * shape.layers * shape.heads * heads_frac
+    ffn_full = 2 * d * shape.layers * shape.intermediate
+    return float(np.clip(((1 - target) * m - attention) / ffn_full, 1 / shape.intermediate, 1.0))
+
+
+def configurations(loaded) -> dict[str, GateState]:
+    """name -> gate state: half the heads only, ~50% sparsity, ~90% sparsity."""
+    shape = GateShape.of(loaded)
+    dense = GateState.dense(loaded)
+    a = loaded.adapter
+    half_heads = dense.with_head_keep(a, 0.5)
+    out = {"heads only, 1/2 of heads": half_heads}
+    for target, heads_frac, hidden_frac in ((0.5, 0.5, 1.0), (0.9, 2 / 12, 0.75)):
+        state = dense.with_head_keep(a, heads_frac)
+        if hidden_frac < 1:
+            state = state.with_hidden_keep(a, hidden_frac)
+        state = state.with_ffn_keep(a, ffn_fraction_for(shape, target, heads_frac, hidden_frac))
+        out[f"~{target:.0%} sparsity"] = state
+    return out
+
+
+def ort_compare(sessions: dict[str, object], batch: dict[str, torch.Tensor], rounds: int,
+                repeats: int = 5) -> dict[str, float]:
+    """Median seconds per `session.run` for each session, interleaved like `core.latency.compare`."""
+    feed = {k: v.numpy() for k, v in batch.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for s in sessions.values():
+        s.run(["logits"], feed)
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                s.run(["logits"], feed)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of 5 timed calls per model")
+    parser.add_argument("--n-eval", type=int, default=300, help="dev examples for accuracy (0 skips)")
+    args = parser.parse_args()
+
+    loaded = load_model(args.model)
+    dev = load_data("default", split="dev", label_names=loaded.label_names)
+    texts = dev.texts
+    lengths = [len(x) for x in loaded.tokenizer(texts[:2000])["input_ids"]]
+    median_text = texts[int(np.argsort(lengths)[len(lengths) // 2])]
+    batches = {32: make_batch(loaded.tokenizer, texts[:32], 32, loaded.max_length),
+               1: make_batch(loaded.tokenizer, [median_text], 1, loaded.max_length)}
+    print(f"model {args.model} ({loaded.architecture().parameters / 1e6:.1f}M parameters), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"batch 32: first 32 dev texts padded to {batches[32]['input_ids'].shape[1]} tokens; batch 1: a "
+          f"median-length text of {batches[1]['input_ids'].shape[1]} tokens; {args.rounds} rounds x 5 calls each")
+
+    eval_data = dev.subset(args.n_eval, seed=0) if args.n_eval else None
+    dense_acc = evaluate(loaded.model, loaded.tokenizer, eval_data).accuracy if eval_data else float("nan")
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="pruning-bench-"))
+    dense_onnx = onnx_session(export_onnx(loaded, tmp / "dense.onnx"))
+    for name, state in configurations(loaded).items():
+        pruned = prune(loaded, state)
+        row = {"name": name, "sparsity": exact_sparsity(state), "counts": state.counts(),
+               "acc": evaluate(pruned.model, pruned.tokenizer, eval_data).accuracy if eval_data else float("nan")}
+        for b, batch in batches.items():
+            t = batch["input_ids"].shape[1]
+            lat = compare({"dense": loaded.model, "pruned": pruned.model}, batch, rounds=args.rounds)
+            flop = encoder_flops(loaded.adapter, t).total / encoder_flops(pruned.adapter, t).total
+            row[b] = (lat["dense"].median_s, lat["pruned"].median_s, flop)
+        session = onnx_session(export_onnx(pruned, tmp / "pruned.onnx"))
+        ort = ort_compare({"dense": dense_onnx, "pruned": session}, batches[1], args.rounds)
+        row["ort"] = (ort["dense"], ort["pruned"], row[1][2])
+        rows.append(row)
+
+    print(f"\ndense dev accuracy ({args.n_eval} examples): {dense_acc:.3f}\n")
+    head = (f"{'configuration':<26} {'sparsity':>8} {'heads':>6} {'FFN units':>9} {'hidden':>6} {'acc':>6} | "
+            f"{'engine':<8} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'measured':>8} {'FLOP-prop':>9} "
+            f"{'ratio':>6}")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        c = row["counts"]
+        left = (f"{row['name']:<26} {row['sparsity']:>8.3f} {c['head'][0]:>6} {c['intermediate'][0]:>9} "
+                f"{c['hidden'][0]:>6} {row['acc']:>6.3f}")
+        for i, (engine, b, key) in enumerate((("torch", 32, 32), ("torch", 1, 1), ("onnxrt", 1, "ort"))):
+            dense_s, pruned_s, flop = row[key]
+            measured = dense_s / pruned_s
+            print(f"{left if i == 0 else ' ' * len(left)} | {engine:<8} {b:>5} {dense_s * 1e3:>9.2f} "
+                  f"{pruned_s * 1e3:>9.2f} {measured:>7.2f}x {flop:>8.2f}x {measured / flop:>6.2f}")
+    print("\nmeasured = dense / pruned median latency; FLOP-prop = dense / pruned encoder FLOPs at that padded "
+          "length; ratio = measured / FLOP-prop (1.0 = all of the FLOP saving shows up as speed).")
+    print(f"ONNX Runtime dense vs torch dense at batch 1: {rows[0]['ort'][0] * 1e3:.2f} ms vs "
+          f"{rows[0][1][0] * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
