@@ -196,8 +196,9 @@ def export_onnx(loaded, path: str | Path, *, opset: int = 17) -> Path:
     """Export `loaded.model` to ONNX at `path`: inputs input_ids, attention_mask (batch, sequence) int64,
     output logits (batch, classes) float32; batch and sequence axes are dynamic.
 
-    Uses the TorchScript exporter (`dynamo=False`): on these encoders it is ~15x faster to export
-    than the torch.export one, silent, and its logits match the torch.export one (checked on torch 2.13).
+    Uses the TorchScript exporter (`dynamo=False`): the torch.export one (`dynamo=True`) also works
+    and gives the same logits on torch 2.13, but took 5 s instead of 0.3 s on the tiny test model and
+    prints progress to stdout, which would garble the CLI's table.
     """
     path = Path(path)
     batch = loaded.tokenizer(_SAMPLE[:2], padding=True, return_tensors="pt")

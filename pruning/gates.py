@@ -210,7 +210,7 @@ class GateState:
             if not (0 <= layer < L and 0 <= h < H):
                 raise ValueError(f"Head {layer}:{h} does not exist: layers are 0..{L - 1}, heads 0..{H - 1}.")
             head[layer, h] = 0.0
-        return self._replace(head=head)
+        return self.replace(head=head)
 
     def with_head_keep(self, adapter, frac: float, criterion: str = "magnitude", seed: int = 0) -> GateState:
         """Keep round(frac * H) heads in every layer, chosen by `criterion`; close the rest.
@@ -221,7 +221,7 @@ class GateState:
         k = _keep_count(frac, self.head.shape[1], "frac", "with_head_keep()")
         scores = _scores("head", adapter, criterion, seed, "with_head_keep()")
         mask = torch.stack([_top(row, k) for row in scores])
-        return self._replace(head=self.head.detach() * mask)
+        return self.replace(head=self.head.detach() * mask)
 
     def with_ffn_keep(self, adapter, frac: float, criterion: str = "magnitude", seed: int = 0) -> GateState:
         """Keep round(frac * d_ff) FFN units in every layer, chosen by `criterion`; close the rest.
@@ -232,7 +232,7 @@ class GateState:
         k = _keep_count(frac, self.intermediate.shape[1], "frac", "with_ffn_keep()")
         scores = _scores("intermediate", adapter, criterion, seed, "with_ffn_keep()")
         mask = torch.stack([_top(row, k) for row in scores])
-        return self._replace(intermediate=self.intermediate.detach() * mask)
+        return self.replace(intermediate=self.intermediate.detach() * mask)
 
     def with_hidden_keep(self, adapter, frac: float, criterion: str = "magnitude", seed: int = 0) -> GateState:
         """Keep round(frac * d) hidden dims (shared by all layers), chosen by `criterion`; close the rest.
@@ -243,9 +243,13 @@ class GateState:
         """
         k = _keep_count(frac, self.hidden.shape[0], "frac", "with_hidden_keep()")
         scores = _scores("hidden", adapter, criterion, seed, "with_hidden_keep()")
-        return self._replace(hidden=self.hidden.detach() * _top(scores, k))
+        return self.replace(hidden=self.hidden.detach() * _top(scores, k))
 
-    def _replace(self, **groups: torch.Tensor) -> GateState:
+    def replace(self, **groups) -> GateState:
+        """A copy with some groups replaced, e.g. `state.replace(mha=torch.tensor([1., 0.]))` (validated)."""
+        unknown = set(groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"Gate groups are {', '.join(GROUPS)}. Got {sorted(unknown)}.")
         values = {name: getattr(self, name) for name in GROUPS}
         values.update(groups)
         return GateState(**values)

@@ -331,6 +331,10 @@ def prune(loaded, state: GateState):
     state = state.detach()
     plan = PruningPlan.from_state(state)
     model = copy.deepcopy(loaded.model)
+    for module in model.modules():  # hooks on the original (e.g. a `gated` block elsewhere) must not follow
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
+                      module._forward_pre_hooks_with_kwargs, module._forward_hooks_always_called):
+            hooks.clear()
     model.eval()
     adapter = Adapter(model)
     fold_gates(adapter, state)

@@ -32,7 +32,7 @@ def pruned(tiny_dir):
     loaded = load_model(str(tiny_dir))
     state = (GateState.from_closed_heads(loaded, [(1, h) for h in range(4)] + [(0, 2)])
              .with_hidden_keep(loaded.adapter, 0.75).with_ffn_keep(loaded.adapter, 0.5))
-    state = state._replace(ffn=torch.tensor([1.0, 0.0]), head=state.head * 0.8)
+    state = state.replace(ffn=torch.tensor([1.0, 0.0]), head=state.head * 0.8)
     return prune(loaded, state)
 
 

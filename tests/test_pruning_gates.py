@@ -44,7 +44,7 @@ def test_closed_heads_round_trip_and_equality():
 def test_soft_values_survive_json_exactly():
     torch.manual_seed(0)
     dense = GateState.dense(SHAPE)
-    soft = dense._replace(head=torch.rand(2, 4), hidden=torch.rand(32))
+    soft = dense.replace(head=torch.rand(2, 4), hidden=torch.rand(32))
     back = GateState.from_json(soft.to_json())
     assert back == soft and not back.is_binary()
 

@@ -114,7 +114,7 @@ def test_closed_heads(tiny, heads):
 
 def test_all_heads_closed_keeps_the_bias_but_zero_mha_does_not(tiny):
     all_heads = GateState.from_closed_heads(tiny, [(1, h) for h in range(4)])
-    no_mha = GateState.dense(tiny)._replace(mha=torch.tensor([1.0, 0.0]))
+    no_mha = GateState.dense(tiny).replace(mha=torch.tensor([1.0, 0.0]))
     batch = batch_of(tiny)
     assert (gated_logits(tiny, all_heads, batch) - gated_logits(tiny, no_mha, batch)).abs().max() > 1e-3
     check_equal(tiny, all_heads, batch)
@@ -128,7 +128,7 @@ def test_all_heads_closed_keeps_the_bias_but_zero_mha_does_not(tiny):
     {"ffn": torch.tensor([0.0, 0.0]), "mha": torch.tensor([0.0, 0.0])},  # nothing but LayerNorms left
 ])
 def test_closed_sublayers(tiny, groups):
-    check_equal(tiny, GateState.dense(tiny)._replace(**groups))
+    check_equal(tiny, GateState.dense(tiny).replace(**groups))
 
 
 def test_ffn_units_and_hidden_dims(tiny):
@@ -195,7 +195,7 @@ def test_refuses_wrong_shape_and_repruning(tiny, tiny_dir):
     with pytest.raises(ValueError, match="already physically pruned"):
         prune(pruned, GateState.dense(tiny))
     with pytest.raises(ValueError, match="every hidden dim"):
-        prune(tiny, GateState.dense(tiny)._replace(hidden=torch.zeros(32)))
+        prune(tiny, GateState.dense(tiny).replace(hidden=torch.zeros(32)))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def default_model():
 def test_real_default_model(default_model):
     loaded = default_model
     state = random_state(loaded, 7)  # last layer: no attention; layer 0: no FFN; ~half units; 3/4 hidden
-    state = state._replace(head=state.head * torch.cat([torch.full((1, 12), 0.5), torch.ones(5, 12)]))  # soft
+    state = state.replace(head=state.head * torch.cat([torch.full((1, 12), 0.5), torch.ones(5, 12)]))  # soft
     texts = ["an absorbing, beautifully acted drama", "a tedious mess from start to finish", "fine",
              "the plot is thin but the jokes land more often than not, and the cast clearly had fun"]
     diff = check_equal(loaded, state, batch_of(loaded, texts))
@@ -217,3 +217,12 @@ def test_real_default_model(default_model):
     assert count(pruned.model) < count(loaded.model)
     assert encoder_flops(pruned.adapter, 32).total < 0.6 * encoder_flops(loaded.adapter, 32).total
     print(f"default model: gated vs pruned max |diff| = {diff:.2e}")
+
+
+def test_prune_inside_a_gated_block_does_not_copy_the_hooks(tiny):
+    batch = batch_of(tiny)
+    state = GateState.from_closed_heads(tiny, [(0, 1)])
+    with gated(tiny, GateState.from_closed_heads(tiny, [(1, 2)])):
+        pruned = prune(tiny, state)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.model.modules())
+    assert (logits(pruned, batch) - gated_logits(tiny, state, batch)).abs().max() <= TOL
