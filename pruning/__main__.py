@@ -130,7 +130,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     for name, values in figures.items():
         d, p = values["dense"], values["pruned"]
         if name == "accuracy":
-            rows.append((f"accuracy ({data.name}, n={len(data)})", f"{d:.4f}", f"{p:.4f}", f"{p - d:+.4f}"))
+            rows.append((f"accuracy (n={len(data)})", f"{d:.4f}", f"{p:.4f}", f"{p - d:+.4f}"))
             continue
         fmt = "{:,.0f}" if "parameters" in name else "{:,.2f}"
         label = _LABELS.get(name, name)
@@ -139,7 +139,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             ratio += f" ({d / p:.2f}x faster)"
         rows.append((label, fmt.format(d), fmt.format(p), ratio))
     print(_table(rows))
-    print(f"\n{pruned.notes[-1]} CoFi sparsity {exact_sparsity(state):.3f}; FLOPs at the median length "
+    print(f"\n{pruned.notes[-1]} CoFi sparsity {exact_sparsity(state):.3f}. Accuracy on {data.name}, "
+          "no retraining after pruning; FLOPs at the median length "
           f"of {seq_len} tokens; latency median of {timing[1]['dense'].repeats} interleaved runs, "
           f"{timing[1]['dense'].threads} threads.")
     print(f"saved {out}{' (with model.onnx)' if args.onnx else ''}")
