@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from core.data import DataError, load_data, task_splits
 from core.finetune import FinetuneConfig, finetune, save_classifier
-from core.jobs import JobReporter
+from core.jobs import BACKGROUND_ENV, JobReporter
 from core.models import BUILTIN_MODELS, LoadedModel, ModelError, ModelNotPrepared, load_model
 from core.prepare import prepare
 from core.summary import summarise, summary_record
@@ -25,7 +26,8 @@ class Bar:
 
     def __init__(self, job: str | None = None):
         # Jobs started by the app report to the store; their log files need no bar.
-        self.bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=job is not None)
+        self.bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+                        disable=bool(os.environ.get(BACKGROUND_ENV)))
         self.job = JobReporter(job) if job else None
 
     def __call__(self, done: int, total: int, message: str) -> None:

@@ -105,6 +105,9 @@ def job_state(name: str, db: Path | None = None) -> JobState | None:
     return state
 
 
+BACKGROUND_ENV = "HEADLAB_BACKGROUND_JOB"  # set for jobs the app starts: their log files need no progress bar
+
+
 def start_job(name: str, args: list[str], db: Path | None = None) -> subprocess.Popen:
     """Run `python -m <args>` detached from the caller, logging to $HEADLAB_HOME/logs/<name>.log."""
     state = job_state(name, db)
@@ -115,7 +118,7 @@ def start_job(name: str, args: list[str], db: Path | None = None) -> subprocess.
     with open(logs / f"{name}.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=Path(__file__).resolve().parent.parent)
+                                cwd=Path(__file__).resolve().parent.parent, env={**os.environ, BACKGROUND_ENV: "1"})
     # Record the job before returning so the next poll sees it running (and does not start it again).
     _register(name, proc.pid, db)
     return proc

@@ -15,11 +15,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from core.paths import models_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# A fresh head's "MISSING classifier.weight" report and per-load bars would drown the CLI's own output;
+# HeadLab states what matters itself (LoadedModel.notes).
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "electra", "xlm-roberta")
 BUILTIN_MODELS = {

@@ -72,10 +72,14 @@ for event in clicked:
         point = points[0]
         layer, head = point.get("customdata") or (point["y"], point["x"])
         st.session_state.update(head_layer=int(layer), head_index=int(head))
+st.caption("Grey heads have no role by Voita's criteria. Click a head in either chart to look at it below.")
 st.download_button("Download per-head table (CSV)", table.to_csv(index=False), file_name=f"heads-{folder.name}.csv",
                    mime="text/csv")
 
 st.header("One head")
+if "head_layer" not in st.session_state:  # start on the most relevant head
+    top = table.loc[table["relevance"].idxmax()]
+    st.session_state.update(head_layer=int(top["layer"]), head_index=int(top["head"]))
 c1, c2 = st.columns(2)
 layer = c1.selectbox("Layer", sorted(table["layer"].unique()), key="head_layer")
 head = c2.selectbox("Head", sorted(table["head"].unique()), key="head_index")
@@ -85,7 +89,8 @@ st.markdown(f"**L{layer}H{head}** — roles: **{row['roles'] or 'none'}**; relev
             f"importance {row['importance']:.3f}, confidence {row['confidence']:.2f}, most frequent offset "
             f"{int(row['positional_offset']):+d} ({row['positional_frac']:.0%} of words)")
 typical = pd.DataFrame(info["typical"])
-label = "Sentences where it is most typical of " + (info["role"] if info["has_role"] else f"its {info['role']} habit")
+label = (f"Sentences where it is most typical of {info['role']}" if info["has_role"] else
+         f"No role; sentences where it most consistently attends at offset {int(row['positional_offset']):+d}")
 sentences = typical["text"].tolist() if len(typical) else data.texts[:5]
 sentence = st.selectbox("Sentence to view", sentences, key="head_sentence")
 tokens, attention = sentence_attention(loaded, sentence)

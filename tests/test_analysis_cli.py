@@ -116,6 +116,7 @@ def test_explanation_sums_to_the_logit_up_to_bias(tiny_dir):
 def test_relevance_cli_on_the_real_default(tmp_path):
     from tests.conftest import link_prepared
 
+    (tmp_path / "home").mkdir()
     home = link_prepared(tmp_path / "home")
     out = tmp_path / "rel.csv"
     proc = run_analysis("relevance", "--model", "default", "--data", "default", "--limit", "40", "--out", str(out),

@@ -106,3 +106,26 @@ def test_headless_encoder_is_offered_a_finetune_that_then_loads(fresh_home, tmp_
     next(b for b in at.button if b.label == "Use the fine-tuned model").click().run()
     assert at.text_input(key="model_path").value.startswith(str(fresh_home / "models"))
     assert not any("no trained classification head" in w.value for w in at.warning)
+
+
+def test_heads_page_computes_report_in_background_then_shows_heads(fresh_home):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.session_state["heads_limit"] = 100
+    at.switch_page("pages/heads.py").run()
+    assert not at.exception, at.exception
+    run_until(at, lambda a: len(a.get("plotly_chart")) >= 4, timeout=300)
+    import pandas as pd
+
+    report = pd.read_csv(next(fresh_home.glob("cache/heads/*-100-None/heads.csv")))
+    assert len(report) == 72
+    assert "100 of 1275" in at.caption[0].value
+    top = report.loc[report["relevance"].idxmax()]  # the page opens on the most relevant head
+    assert (at.selectbox(key="head_layer").value, at.selectbox(key="head_index").value) == (top["layer"], top["head"])
+    at.selectbox(key="head_layer").set_value(1).run()
+    at.selectbox(key="head_index").set_value(8).run()
+    assert not at.exception, at.exception
+    assert at.markdown[0].value.startswith("**L1H8**")
+    at.text_input(key="why_text").input("a gorgeous, witty and moving film").run()
+    assert any("Predicted **fresh**" in m.value for m in at.markdown), [m.value for m in at.markdown]
+    at.selectbox(key="heads_metric").set_value("importance").run()
+    assert not at.exception, at.exception

@@ -82,3 +82,19 @@ def test_model_page_renders_accuracy_in_a_real_browser(app_url, page):
     assert not page.locator('[data-testid="stException"]').count()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "model_page.png"), full_page=True)
+
+
+def test_heads_page_computes_and_shows_heads_in_a_real_browser(app_url, page):
+    page.goto(app_url)
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Heads").click()
+    page.get_by_text("Computing relevance and roles").or_(page.get_by_text("Why this prediction")).first.wait_for(
+        timeout=60_000)
+    page.get_by_text("Why this prediction").wait_for(timeout=300_000)
+    page.locator(".js-plotly-plot").nth(3).wait_for()
+    assert page.locator(".js-plotly-plot").count() >= 4  # heatmap, role map, scatter, attention view
+    page.get_by_text("Green supports it").wait_for(timeout=60_000)  # the explanation of the first dev sentence
+    assert not page.locator('[data-testid="stException"]').count()
+    page.set_viewport_size({"width": 1400, "height": 3600})  # Streamlit scrolls inside its own container
+    page.wait_for_timeout(2000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "heads_page.png"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from core.models import builtin_dir, load_model
 from core.size import encoder_flops
@@ -226,3 +227,17 @@ def test_prune_inside_a_gated_block_does_not_copy_the_hooks(tiny):
         pruned = prune(tiny, state)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in pruned.model.modules())
     assert (logits(pruned, batch) - gated_logits(tiny, state, batch)).abs().max() <= TOL
+
+
+def test_pruned_model_still_reports_attentions_per_layer(tiny):
+    batch = batch_of(tiny)
+    with torch.no_grad():  # the original has run with output_attentions: transformers hooked it already
+        assert len(tiny.model(**batch, output_attentions=True).attentions) == 2
+    pruned = prune(tiny, GateState.from_closed_heads(tiny, [(0, 1)] + [(1, h) for h in range(4)]))
+    with torch.no_grad():
+        out = pruned.model(**batch, output_attentions=True, output_hidden_states=True)
+    T = batch["input_ids"].shape[1]
+    assert [tuple(a.shape) for a in out.attentions] == [(3, 3, T, T), (3, 0, T, T)]
+    assert len(out.hidden_states) == 3
+    assert pruned.adapter.num_heads(1) == 0 and isinstance(pruned.adapter.self_attention(1), nn.Module)
+    assert encoder_flops(pruned.adapter, T).attention < encoder_flops(tiny.adapter, T).attention

@@ -21,6 +21,8 @@ def head_heatmap(table: pd.DataFrame, column: str, title: str) -> go.Figure:
     """Layer x head heatmap of one per-head score; layers top to bottom, 0-based labels."""
     fig = px.imshow(grid(table, column), color_continuous_scale="Viridis", aspect="auto",
                     labels={"x": "head", "y": "layer", "color": column}, title=title, text_auto=".2f")
+    fig.update_xaxes(dtick=1)
+    fig.update_yaxes(dtick=1)
     fig.update_layout(height=120 + 48 * table["layer"].nunique(), margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
@@ -54,7 +56,7 @@ def role_map(table: pd.DataFrame) -> go.Figure:
                                hovertemplate="layer %{y}, head %{x}: %{text}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title="layer", dtick=1)
     fig.update_xaxes(title="head", dtick=1)
-    fig.update_layout(title="Roles (P = positional with offset, S = syntactic relation, R = rare-word; grey = none)",
+    fig.update_layout(title="Roles: P±k positional, S:rel syntactic, R rare-word",
                       height=120 + 48 * table["layer"].nunique(), margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
@@ -106,9 +108,9 @@ def attention_lines(tokens: list[str], att: np.ndarray, title: str, min_weight: 
         if xs:
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
                                      line=dict(color=f"rgba(31,119,180,{min(1.0, hi):.2f})", width=1 + 4 * lo)))
-    for x, anchor in ((0, "right"), (1, "left")):
-        fig.add_trace(go.Scatter(x=[x] * t, y=[-i for i in range(t)], mode="text", text=tokens,
-                                 textposition=f"middle {anchor}", hoverinfo="skip", showlegend=False))
+    for x, anchor in ((-0.03, "right"), (1.03, "left")):  # labels outside the lines
+        for i, token in enumerate(tokens):
+            fig.add_annotation(x=x, y=-i, text=html.escape(token), xanchor=anchor, showarrow=False)
     fig.update_xaxes(visible=False, range=[-0.6, 1.6])
     fig.update_yaxes(visible=False)
     fig.update_layout(title=title, height=80 + 22 * t, margin=dict(l=10, r=10, t=40, b=10),
