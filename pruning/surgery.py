@@ -10,13 +10,14 @@
    W_O/FFN-out rows, every LayerNorm, the pooler's input or a RoBERTa-style head's first dense).
 
 Sublayers with nothing left. A layer whose heads are all closed, or whose mha gate is 0, runs no
-attention: its attention sublayer becomes `LN(x + c)` with c = mha * hidden * b_O (the W_O bias
-still passes when only the heads are closed; c = 0 when mha = 0), exactly what the gated model
-computes (the gate zeroes the dense output *including* its bias, the residual goes through the
-LayerNorm). The same holds for an FFN with no unit left or ffn = 0: `LN(x + ffn * hidden * b_out)`.
-Such sublayers are `SkippedAttention` / `SkippedOutput` modules that keep BERT's attribute names
-(zero-width `query`/`key`/`value`/`dense` Linears), so `core.models.Adapter` and
-`core.size.encoder_flops` still read them (0 FLOPs) and state-dict keys keep their usual names.
+attention: its self-attention gets 0 heads (`remove_all_heads`) and hands W_O an empty (B, T, 0)
+context, so W_O (now d x 0) outputs just its bias and the unchanged `BertSelfOutput` computes
+`LN(x + c)` with c = mha * hidden * b_O (the W_O bias still passes when only the heads are closed;
+c = 0 when mha = 0). That is exactly what the gated model computes (the gate zeroes the dense
+output *including* its bias; the residual goes through the LayerNorm). An FFN with no unit left or
+ffn = 0 needs no special module: d_ff' = 0 gives `LN(x + ffn * hidden * b_out)` the same way.
+Module names, state-dict keys and hooks on `attention.output.dense` / `output.dense` (analysis,
+gating) keep working; `core.size.encoder_flops` reads 0 FLOPs for the empty parts.
 
 The pruned model keeps the original `config` (its sizes are stale; read weight shapes instead) and
 carries a `PruningInfo` as `model.headlab_pruning` (the plan and the gate state, for export).
@@ -162,53 +163,39 @@ def slice_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
     return new
 
 
-class SkippedOutput(nn.Module):
-    """A sublayer output with nothing left to compute: LN(input_tensor + dense.bias).
+class _NoHeads:
+    """Forward of a self-attention whose heads were all removed (mixed into the model's own class).
 
-    `dense` is a zero-width Linear (weight (d, 0)) whose bias is the constant the gated sublayer
-    still adds (gate-scaled W_O / FFN-out bias; zero when the sublayer gate was 0).
+    A real self-attention cannot run with 0 heads (its reshape to (B, T, -1, d_h) is ambiguous for an
+    empty tensor). This one runs its zero-width Q/K/V projections (no cost; hooks on them fire as
+    usual) and returns the empty context (B, T, 0) and empty probabilities (B, 0, T, T), so
+    `output_attentions` still yields one entry per layer (a layer with 0 heads).
     """
 
-    def __init__(self, bias: torch.Tensor, norm: nn.LayerNorm):
-        super().__init__()
-        self.dense = _linear(0, bias.shape[0], torch.empty(bias.shape[0], 0, dtype=bias.dtype), bias)
-        self.LayerNorm = norm
-
-    def forward(self, hidden_states: torch.Tensor | None, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(input_tensor + self.dense.bias)
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        self.query(hidden_states)
+        self.key(hidden_states)
+        batch, tokens = hidden_states.shape[:2]
+        return self.value(hidden_states), hidden_states.new_zeros(batch, 0, tokens, tokens)
 
 
-class EmptySelfAttention(nn.Module):
-    """A self-attention with no head: never run, present so the adapter reads 0 heads and 0 FLOPs."""
-
-    def __init__(self, hidden: int, head_dim: int):
-        super().__init__()
-        self.num_attention_heads, self.attention_head_size, self.all_head_size = 0, head_dim, 0
-        for name in ("query", "key", "value"):
-            setattr(self, name, _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0)))
+_NO_HEAD_CLASSES: dict[type, type] = {}
 
 
-class SkippedAttention(nn.Module):
-    """An attention sublayer with no head left: returns (LN(x + c), None) like `BertAttention`."""
+def remove_all_heads(self_attention: nn.Module, hidden: int) -> None:
+    """Turn a self-attention module into one with 0 heads, in place.
 
-    def __init__(self, bias: torch.Tensor, norm: nn.LayerNorm, head_dim: int):
-        super().__init__()
-        self.self = EmptySelfAttention(bias.shape[0], head_dim)
-        self.output = SkippedOutput(bias, norm)
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        return self.output(None, hidden_states), None
-
-
-class SkippedIntermediate(nn.Module):
-    """An FFN input with no unit left: passes its input on (the following `SkippedOutput` ignores it)."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.dense = _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
+    Its class becomes a subclass of its own (`NoHeadsBertSelfAttention`, ...) so that isinstance
+    checks (transformers' output recording, the adapter) still hold; Q/K/V become 0 x `hidden`.
+    """
+    cls = type(self_attention)
+    if not issubclass(cls, _NoHeads):
+        if cls not in _NO_HEAD_CLASSES:
+            _NO_HEAD_CLASSES[cls] = type(f"NoHeads{cls.__name__}", (_NoHeads, cls), {"__module__": __name__})
+        self_attention.__class__ = _NO_HEAD_CLASSES[cls]
+    for name in ("query", "key", "value"):
+        setattr(self_attention, name, _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0)))
+    self_attention.num_attention_heads, self_attention.all_head_size = 0, 0
 
 
 # ----------------------------------------------------------------------------- surgery
@@ -285,31 +272,23 @@ def apply_plan(arch, plan: PruningPlan) -> None:
         parent, attr = _stream_reader(a.model)
         setattr(parent, attr, slice_linear(getattr(parent, attr), cols=keep))
     for layer, block in enumerate(a.layers):
-        att = block.attention
-        if not plan.heads[layer]:
-            bias = att.output.dense.bias.detach().index_select(0, keep)
-            block.attention = SkippedAttention(bias, slice_norm(att.output.LayerNorm, keep), dh)
+        att, sa = block.attention, block.attention.self
+        heads = torch.as_tensor(plan.heads[layer], dtype=torch.long)
+        rows = (heads[:, None] * dh + torch.arange(dh)[None, :]).flatten()  # (H' * d_h,), maybe empty
+        if heads.numel() == 0:
+            remove_all_heads(sa, keep.numel())
         else:
-            heads = torch.as_tensor(plan.heads[layer], dtype=torch.long)
-            rows = (heads[:, None] * dh + torch.arange(dh)[None, :]).flatten()  # (H' * d_h,)
-            sa = att.self
             for name in ("query", "key", "value"):
                 setattr(sa, name, slice_linear(getattr(sa, name), rows=rows, cols=cols))
-            sa.num_attention_heads = len(plan.heads[layer])
+            sa.num_attention_heads = heads.numel()
             sa.all_head_size = sa.num_attention_heads * dh
-            att.output.dense = slice_linear(att.output.dense, rows=cols, cols=rows)
-            if cols is not None:
-                att.output.LayerNorm = slice_norm(att.output.LayerNorm, keep)
-        if not plan.units[layer]:
-            bias = block.output.dense.bias.detach().index_select(0, keep)
-            block.intermediate = SkippedIntermediate(keep.numel())
-            block.output = SkippedOutput(bias, slice_norm(block.output.LayerNorm, keep))
-        else:
-            units = torch.as_tensor(plan.units[layer], dtype=torch.long)
-            block.intermediate.dense = slice_linear(block.intermediate.dense, rows=units, cols=cols)
-            block.output.dense = slice_linear(block.output.dense, rows=cols, cols=units)
-            if cols is not None:
-                block.output.LayerNorm = slice_norm(block.output.LayerNorm, keep)
+        att.output.dense = slice_linear(att.output.dense, rows=cols, cols=rows)
+        units = torch.as_tensor(plan.units[layer], dtype=torch.long)  # maybe empty: the FFN adds only its bias
+        block.intermediate.dense = slice_linear(block.intermediate.dense, rows=units, cols=cols)
+        block.output.dense = slice_linear(block.output.dense, rows=cols, cols=units)
+        if cols is not None:
+            att.output.LayerNorm = slice_norm(att.output.LayerNorm, keep)
+            block.output.LayerNorm = slice_norm(block.output.LayerNorm, keep)
 
 
 def prune(loaded, state: GateState):
@@ -335,6 +314,10 @@ def prune(loaded, state: GateState):
         for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
                       module._forward_pre_hooks_with_kwargs, module._forward_hooks_always_called):
             hooks.clear()
+        if getattr(module, "_output_capturing_hooks_installed", False):
+            # transformers installs its output_attentions / hidden_states hooks once per model, on first
+            # use; they were just cleared, so let it install them again on the copy.
+            module._output_capturing_hooks_installed = False
     model.eval()
     adapter = Adapter(model)
     fold_gates(adapter, state)
