@@ -42,8 +42,11 @@ def roles_speed(model: str, n: int, repeats: int) -> None:
 
 
 def page_rerender(model: str, repeats: int) -> None:
+    import logging
+
     from streamlit.testing.v1 import AppTest
 
+    logging.getLogger("streamlit").setLevel(logging.ERROR)  # "missing ScriptRunContext" noise of bare imports
     loaded = load_model(model)
     data = load_data("default", split="dev")
     folder = report_dir(loaded.fingerprint, data.fingerprint(), 500, None)
