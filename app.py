@@ -6,4 +6,5 @@ st.set_page_config(page_title="HeadLab", layout="wide")
 st.navigation([
     st.Page("pages/model.py", title="Model", default=True),
     st.Page("pages/heads.py", title="Heads"),
+    st.Page("pages/gates.py", title="Gates"),
 ]).run()

@@ -125,3 +125,34 @@ def attention_heatmap(tokens: list[str], att: np.ndarray, title: str) -> go.Figu
                     labels={"x": "attended token", "y": "attending token", "color": "weight"}, title=title)
     fig.update_layout(height=140 + 18 * len(tokens), margin=dict(l=10, r=10, t=40, b=10))
     return fig
+
+
+def gate_grid(shape: tuple[int, int], values: np.ndarray | None, closed: set[tuple[int, int]], title: str) -> go.Figure:
+    """Layer x head switches of a (layers, heads) `shape`: cells coloured by `values` or plain when None;
+    closed heads grey with a cross. Click targets carry (layer, head) as customdata."""
+    layers, heads = shape
+    shown = np.array(values if values is not None else np.ones(shape), dtype=float)
+    label = (lambda v: f"{v:.2f}") if values is not None else (lambda v: "on")
+    text = [["✕" if (lay, h) in closed else label(shown[lay, h]) for h in range(heads)] for lay in range(layers)]
+    masked = shown.copy()
+    for lay, h in closed:
+        masked[lay, h] = np.nan
+    custom = np.dstack(np.meshgrid(range(layers), range(heads), indexing="ij"))
+    fig = go.Figure(go.Heatmap(z=masked, text=text, texttemplate="%{text}", customdata=custom, colorscale="Viridis",
+                               xgap=2, ygap=2, hoverongaps=True, showscale=values is not None,
+                               hovertemplate="layer %{y}, head %{x}: %{text}<extra>click to toggle</extra>"))
+    fig.update_layout(title=title, plot_bgcolor="#bbbbbb", height=120 + 48 * layers,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_yaxes(autorange="reversed", title="layer", dtick=1)
+    fig.update_xaxes(title="head", dtick=1)
+    return fig
+
+
+def history_chart(history: pd.DataFrame) -> go.Figure:
+    """Accuracy against batch-32 latency for each change of the session, in order."""
+    fig = px.line(history, x="latency_b32_ms", y="accuracy", text="step", markers=True, hover_name="what",
+                  title="This session's changes: accuracy vs latency (batch 32)")
+    fig.update_traces(textposition="top center")
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="latency, batch 32 (ms)",
+                      yaxis_title="subset accuracy")
+    return fig

@@ -1,0 +1,131 @@
+"""Gates page: switch heads, sublayers, FFN units and hidden dims off and watch accuracy and latency."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis.heads import report_dir
+from core.models import ModelNotPrepared
+from pruning.live import ManualGates, heads_without_role, least_relevant_heads
+from ui import gates as g
+from ui.charts import gate_grid, history_chart
+from ui.jobs import ensure_job, show_job
+from ui.loaders import get_data, get_model
+
+COLOURS = {"relevance": "LRP relevance", "importance": "Michel importance", "confidence": "confidence"}
+
+st.title("Gates")
+spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
+try:
+    loaded = get_model(spec)
+except ModelNotPrepared as exc:
+    st.info(f"{exc} Open the Model page to prepare it.")
+    st.stop()
+if loaded is None:
+    st.stop()
+data = get_data(data_spec, "dev", loaded.label_names)
+if data is None:
+    st.stop()
+if st.session_state.get("gates_model") != loaded.fingerprint:  # another model: its own gates
+    st.session_state.update(gates=ManualGates(), gates_undo=[], gates_history=[], gates_model=loaded.fingerprint)
+subset = data.subset(g.SUBSET, seed=0)
+arch = loaded.architecture()
+layers, heads = arch.layers, arch.heads
+gates = g.current()
+
+# ----------------------------------------------------------------------------- live figures
+result = g.measure(loaded, gates, subset)
+dense, pruned = result.dense, result.pruned
+cols = st.columns(6)
+cols[0].metric(f"Accuracy ({len(subset)} dev sentences)", f"{pruned.accuracy:.1%}",
+               f"{(pruned.accuracy - dense.accuracy) * 100:+.1f} pts", help=f"dense {dense.accuracy:.1%}")
+cols[1].metric("Latency, batch 1", f"{pruned.latency_b1_ms:.1f} ms", f"{result.speedup(1):.2f}× faster",
+               delta_color="normal" if result.speedup(1) >= 1 else "inverse",
+               help=f"dense {dense.latency_b1_ms:.1f} ms, timed interleaved in this process")
+cols[2].metric("Latency, batch 32", f"{pruned.latency_b32_ms:.0f} ms", f"{result.speedup(32):.2f}× faster",
+               delta_color="normal" if result.speedup(32) >= 1 else "inverse",
+               help=f"dense {dense.latency_b32_ms:.0f} ms; FLOPs alone predict {result.flop_speedup:.2f}×")
+cols[3].metric("Parameters", f"{pruned.parameters / 1e6:.2f} M", f"{pruned.parameters / dense.parameters:.0%} of dense",
+               delta_color="off", help=f"encoder {pruned.encoder_parameters / 1e6:.2f} M of "
+                                      f"{dense.encoder_parameters / 1e6:.2f} M; embeddings are not pruned")
+cols[4].metric("Encoder GFLOPs / example", f"{pruned.flops / 1e9:.3f}", f"{pruned.flops / dense.flops:.0%} of dense",
+               delta_color="off", help=f"at {result.seq_len} tokens (the subset's median)")
+cols[5].metric("Sparsity (CoFi)", f"{result.sparsity:.1%}", help="share of prunable encoder weights removed")
+share = pruned.flops_attention / max(pruned.flops, 1)
+st.caption(f"{result.note} FLOPs split: attention {share:.0%}, FFN {1 - share:.0%} (dense: "
+           f"{dense.flops_attention / dense.flops:.0%} / {dense.flops_ffn / dense.flops:.0%}) — with short inputs most "
+           f"compute is in the FFN, so closing heads alone cannot buy much speed. Measured in {result.seconds:.1f} s.")
+
+history = st.session_state.setdefault("gates_history", [])
+if not history or history[-1]["gates"] != gates:
+    history.append({"step": len(history), "what": st.session_state.get("gates_what", "dense"), "gates": gates,
+                    "accuracy": pruned.accuracy, "latency_b32_ms": pruned.latency_b32_ms, "sparsity": result.sparsity})
+
+# ----------------------------------------------------------------------------- switches
+report = g.find_report(loaded, data)
+left, right = st.columns([3, 2])
+with left:
+    colour = st.radio("Colour heads by", list(COLOURS), format_func=COLOURS.get, horizontal=True, key="gates_colour",
+                      disabled=report is None)
+    values = None
+    if report is not None:
+        values = report.table.pivot(index="layer", columns="head", values=colour).sort_index().to_numpy(float)
+    else:
+        folder = report_dir(loaded.fingerprint, data.fingerprint(), 500, None)
+        job = f"heads-{folder.name}"
+        state = ensure_job(job, ["analysis", "heads", "--model", spec, "--data", data_spec, "--limit", "500",
+                                 "--out", str(folder), "--job", job])
+        show_job(state, "Heads analysis for colours and presets")
+    grid_key = f"gate_grid_{st.session_state.get('gate_grid_n', 0)}"
+    event = st.plotly_chart(gate_grid((layers, heads), values, set(gates.closed_heads),
+                                      "Heads: click to close / open"), key=grid_key, on_select="rerun",
+                            selection_mode="points")
+    points = event.selection.points if event and event.selection else []
+    if points:
+        layer, head = points[0]["customdata"]
+        g.toggle_head(int(layer), int(head))
+        st.session_state["gate_grid_n"] = st.session_state.get("gate_grid_n", 0) + 1  # a fresh, unselected chart
+        st.rerun()
+    sublayers = pd.DataFrame({"attention": [i not in gates.attention_off for i in range(layers)],
+                              "FFN": [i not in gates.ffn_off for i in range(layers)]},
+                             index=[f"layer {i}" for i in range(layers)])
+    edited = st.data_editor(sublayers, key=f"sublayers_{len(st.session_state.get('gates_undo', []))}",
+                            column_config={c: st.column_config.CheckboxColumn(c) for c in sublayers})
+    off = {c: frozenset(np.flatnonzero(~edited[c].to_numpy(bool)).tolist()) for c in sublayers}
+    if (off["attention"], off["FFN"]) != (gates.attention_off, gates.ffn_off):
+        g.apply(replace(gates, attention_off=off["attention"], ffn_off=off["FFN"]), "sublayer switch")
+        st.rerun()
+
+with right:
+    ffn_keep = st.slider("FFN units kept (every layer)", 0.05, 1.0, gates.ffn_keep, 0.05, format="%.2f")
+    hidden_keep = st.slider("Hidden dims kept (shared)", 0.25, 1.0, gates.hidden_keep, 0.05, format="%.2f")
+    criterion = st.selectbox("Units chosen by", ["magnitude", "random"], index=["magnitude", "random"].index(
+        gates.criterion), help="magnitude: norms of the weights a unit reads and writes; random: seeded draw")
+    if (ffn_keep, hidden_keep, criterion) != (gates.ffn_keep, gates.hidden_keep, gates.criterion):
+        g.apply(replace(gates, ffn_keep=ffn_keep, hidden_keep=hidden_keep, criterion=criterion), "slider")
+        st.rerun()
+    st.subheader("Presets")
+    k = st.number_input("k", 1, layers * heads - 1, min(24, layers * heads - 1), key="preset_k",
+                        disabled=report is None)
+    if st.button(f"Close the {k} least relevant heads", disabled=report is None, width="stretch"):
+        g.apply(replace(gates, closed_heads=least_relevant_heads(report.table, int(k))), f"close {k} least relevant")
+        st.rerun()
+    if st.button("Keep only role-bearing heads", disabled=report is None, width="stretch"):
+        g.apply(replace(gates, closed_heads=heads_without_role(report.table)), "keep role-bearing heads")
+        st.rerun()
+    if report is None:
+        st.caption("Presets need the Heads analysis (running above).")
+    undo_col, reset_col = st.columns(2)
+    if undo_col.button("Undo", disabled=not st.session_state.get("gates_undo"), width="stretch"):
+        g.undo()
+        st.rerun()
+    if reset_col.button("Reset", disabled=gates == ManualGates(), width="stretch"):
+        g.reset()
+        st.rerun()
+
+if len(history) > 1:
+    st.plotly_chart(history_chart(pd.DataFrame(history).drop(columns="gates")), key="history")

@@ -1,0 +1,147 @@
+"""What a gate state does to a model, measured against the dense model in the same process.
+
+`compare_state` is what the Gates page calls after every toggle: it physically prunes a copy of the
+model (the dense model is never changed), evaluates it on a small seeded subset, times dense and
+pruned interleaved at batch 1 and 32 (so machine drift hits both alike) and counts parameters,
+encoder FLOPs and CoFi sparsity. Budget: ~1-2 s on 2 cores for the default model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from core.data import TextDataset
+from core.evaluate import evaluate
+from core.latency import compare, make_batch
+from core.models import LoadedModel
+from core.size import encoder_flops
+from core.summary import median_tokens
+from pruning.gates import GateState
+from pruning.size import exact_sparsity
+from pruning.surgery import prune
+
+
+@dataclass
+class Figures:
+    """One model's figures on one subset. Latencies are medians in milliseconds, FLOPs per example."""
+
+    accuracy: float
+    examples: int
+    parameters: int  # all parameters, embeddings and classifier included
+    encoder_parameters: int  # the encoder layers only (what pruning can remove)
+    flops_attention: int
+    flops_ffn: int
+    latency_b1_ms: float | None = None
+    latency_b32_ms: float | None = None
+
+    @property
+    def flops(self) -> int:
+        return self.flops_attention + self.flops_ffn
+
+
+@dataclass
+class Comparison:
+    """Dense vs pruned for one gate state; `sparsity` is CoFi's exact encoder sparsity (fraction)."""
+
+    dense: Figures
+    pruned: Figures
+    sparsity: float
+    seq_len: int  # tokens per example the FLOPs are counted at (the subset's median)
+    seconds: float  # wall time of the whole comparison
+    note: str  # what was kept, one line
+
+    def speedup(self, batch: int) -> float:
+        """Measured dense / pruned latency at batch 1 or 32."""
+        key = f"latency_b{batch}_ms"
+        return getattr(self.dense, key) / getattr(self.pruned, key)
+
+    @property
+    def flop_speedup(self) -> float:
+        """The speedup FLOPs alone would predict (dense / pruned encoder FLOPs)."""
+        return self.dense.flops / max(self.pruned.flops, 1)
+
+    def as_dict(self) -> dict:
+        return {"dense": asdict(self.dense), "pruned": asdict(self.pruned), "sparsity": self.sparsity,
+                "seq_len": self.seq_len, "seconds": self.seconds, "note": self.note}
+
+
+def figures(loaded: LoadedModel, data: TextDataset, seq_len: int) -> Figures:
+    """Accuracy on all of `data` plus sizes of `loaded` (no timing)."""
+    result = evaluate(loaded.model, loaded.tokenizer, data, max_length=loaded.max_length)
+    flops = encoder_flops(loaded.adapter, seq_len)
+    arch = loaded.architecture()
+    return Figures(accuracy=result.accuracy, examples=result.n, parameters=arch.parameters,
+                   encoder_parameters=arch.encoder_parameters, flops_attention=flops.attention, flops_ffn=flops.ffn)
+
+
+def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, dense: Figures | None = None,
+                  rounds: int = 3, repeats_per_round: int = 3) -> Comparison:
+    """Prune a copy of `loaded` by `state` and measure it against `loaded` on `data` (keep it small).
+
+    `dense` may pass the dense model's figures from an earlier call (accuracy and sizes do not
+    change); its latencies are measured again here, interleaved with the pruned model's.
+    """
+    start = time.perf_counter()
+    seq_len = median_tokens(loaded, data.texts)
+    pruned_model = prune(loaded, state)
+    base = dense if dense is not None else figures(loaded, data, seq_len)
+    base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None})
+    pruned = figures(pruned_model, data, seq_len)
+    for batch_size in (1, 32):
+        batch = make_batch(loaded.tokenizer, data.texts, batch_size, loaded.max_length)
+        timed = compare({"dense": loaded.model, "pruned": pruned_model.model}, batch, rounds=rounds,
+                        repeats_per_round=repeats_per_round)
+        setattr(base, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
+        setattr(pruned, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
+    return Comparison(dense=base, pruned=pruned, sparsity=exact_sparsity(state), seq_len=seq_len,
+                      seconds=time.perf_counter() - start, note=pruned_model.notes[-1])
+
+
+@dataclass(frozen=True)
+class ManualGates:
+    """Gates set by hand (the Gates page's switches and sliders); `state()` turns them into a GateState.
+
+    Indices are 0-based. FFN units and hidden dims are chosen by `criterion` (see
+    `GateState.with_ffn_keep` / `with_hidden_keep`); keep fractions are in (0, 1].
+    """
+
+    closed_heads: frozenset[tuple[int, int]] = frozenset()
+    attention_off: frozenset[int] = frozenset()  # layers whose whole attention sublayer is closed
+    ffn_off: frozenset[int] = frozenset()  # layers whose whole FFN sublayer is closed
+    ffn_keep: float = 1.0
+    hidden_keep: float = 1.0
+    criterion: str = "magnitude"
+
+    def state(self, loaded: LoadedModel) -> GateState:
+        state = GateState.from_closed_heads(loaded, self.closed_heads)
+        mha, ffn = state.mha.clone(), state.ffn.clone()
+        mha[list(self.attention_off)] = 0.0
+        ffn[list(self.ffn_off)] = 0.0
+        state = state.replace(mha=mha, ffn=ffn)
+        if self.ffn_keep < 1:
+            state = state.with_ffn_keep(loaded.adapter, self.ffn_keep, self.criterion)
+        if self.hidden_keep < 1:
+            state = state.with_hidden_keep(loaded.adapter, self.hidden_keep, self.criterion)
+        return state
+
+    def describe(self) -> str:
+        """One short line: what is closed."""
+        parts = [f"{len(self.closed_heads)} heads closed"] if self.closed_heads else []
+        parts += [f"attention off in L{','.join(map(str, sorted(self.attention_off)))}"] if self.attention_off else []
+        parts += [f"FFN off in L{','.join(map(str, sorted(self.ffn_off)))}"] if self.ffn_off else []
+        parts += [f"FFN keep {self.ffn_keep:.0%}"] if self.ffn_keep < 1 else []
+        parts += [f"hidden keep {self.hidden_keep:.0%}"] if self.hidden_keep < 1 else []
+        return ", ".join(parts) or "dense"
+
+
+def least_relevant_heads(table, k: int, column: str = "relevance") -> frozenset[tuple[int, int]]:
+    """The `k` heads with the smallest `column` in a one-row-per-head table (Heads report)."""
+    rows = table.nsmallest(k, column)
+    return frozenset((int(r.layer), int(r.head)) for r in rows.itertuples())
+
+
+def heads_without_role(table) -> frozenset[tuple[int, int]]:
+    """Heads whose `roles` is empty in a Heads report (closing them keeps only role-bearing heads)."""
+    rows = table[table["roles"].fillna("") == ""]
+    return frozenset((int(r.layer), int(r.head)) for r in rows.itertuples())

@@ -1,0 +1,79 @@
+"""Session state and cached measurements of the Gates page.
+
+Each browser tab has its own session: its gate choices, undo stack and history live in
+`st.session_state`; the dense model is a shared read-only singleton (`ui.loaders`), and every
+measurement prunes a private copy of it (`pruning.live.compare_state`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.heads import HeadsReport
+from core.data import TextDataset
+from core.models import LoadedModel
+from core.paths import headlab_home
+from pruning.live import Comparison, Figures, ManualGates, compare_state, figures
+
+SUBSET = 200  # dev sentences measured after every change (seeded)
+_MODEL = {LoadedModel: lambda m: m.fingerprint}
+_DATA = {TextDataset: lambda d: d.fingerprint()}
+
+
+def current() -> ManualGates:
+    return st.session_state.setdefault("gates", ManualGates())
+
+
+def apply(change: ManualGates, what: str) -> None:
+    """Make `change` the current gates, remembering the previous ones for undo."""
+    if change != current():
+        st.session_state.setdefault("gates_undo", []).append(current())
+        st.session_state["gates"] = change
+        st.session_state["gates_what"] = what
+
+
+def undo() -> None:
+    stack = st.session_state.get("gates_undo", [])
+    if stack:
+        st.session_state["gates"] = stack.pop()
+        st.session_state["gates_what"] = "undo"
+
+
+def reset() -> None:
+    apply(ManualGates(), "reset")
+
+
+def toggle_head(layer: int, head: int) -> None:
+    gates = current()
+    closed = gates.closed_heads ^ {(layer, head)}
+    apply(replace(gates, closed_heads=frozenset(closed)), f"{'close' if (layer, head) in closed else 'open'} "
+                                                          f"L{layer}H{head}")
+
+
+def find_report(loaded: LoadedModel, data: TextDataset) -> HeadsReport | None:
+    """The largest Heads report on disk for this model and data (any subset size, predicted class)."""
+    folder = headlab_home() / "cache" / "heads"
+    found = sorted(folder.glob(f"{loaded.fingerprint}-{data.fingerprint()}-*-None/heads.csv"),
+                   key=lambda p: int(p.parent.name.split("-")[-2]))
+    return _load_report(str(found[-1].parent)) if found else None
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _load_report(folder: str) -> HeadsReport:
+    return HeadsReport.load(Path(folder))
+
+
+@st.cache_data(max_entries=4, show_spinner="Measuring the dense model...", hash_funcs={**_MODEL, **_DATA})
+def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
+    from core.summary import median_tokens
+
+    return figures(loaded, subset, median_tokens(loaded, subset.texts))
+
+
+@st.cache_data(max_entries=64, show_spinner="Pruning a copy and measuring it...", hash_funcs={**_MODEL, **_DATA})
+def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Comparison:
+    """Dense vs pruned on `subset` (cached per gate choice: undo and repeats are instant)."""
+    return compare_state(loaded, gates.state(loaded), subset, dense=dense_figures(loaded, subset))
