@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from core.data import TextDataset
 from core.evaluate import evaluate
 from core.latency import compare, make_batch
@@ -76,11 +78,13 @@ def figures(loaded: LoadedModel, data: TextDataset, seq_len: int) -> Figures:
 
 
 def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, dense: Figures | None = None,
-                  rounds: int = 3, repeats_per_round: int = 3) -> Comparison:
+                  rounds: dict[int, tuple[int, int]] | None = None) -> Comparison:
     """Prune a copy of `loaded` by `state` and measure it against `loaded` on `data` (keep it small).
 
     `dense` may pass the dense model's figures from an earlier call (accuracy and sizes do not
     change); its latencies are measured again here, interleaved with the pruned model's.
+    `rounds[batch_size] = (rounds, repeats_per_round)` of `core.latency.compare`; the default is
+    sized for ~2 s in all on 2 cores (a quick look; the Gates page refines in the background).
     """
     start = time.perf_counter()
     seq_len = median_tokens(loaded, data.texts)
@@ -88,14 +92,24 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
     base = dense if dense is not None else figures(loaded, data, seq_len)
     base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None})
     pruned = figures(pruned_model, data, seq_len)
-    for batch_size in (1, 32):
-        batch = make_batch(loaded.tokenizer, data.texts, batch_size, loaded.max_length)
-        timed = compare({"dense": loaded.model, "pruned": pruned_model.model}, batch, rounds=rounds,
-                        repeats_per_round=repeats_per_round)
+    for batch_size, (n_rounds, repeats) in (rounds or {1: (3, 3), 32: (2, 1)}).items():
+        batch = make_batch(loaded.tokenizer, typical_texts(loaded, data.texts, batch_size), batch_size,
+                           loaded.max_length)
+        timed = compare({"dense": loaded.model, "pruned": pruned_model.model}, batch, rounds=n_rounds,
+                        repeats_per_round=repeats)
         setattr(base, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
         setattr(pruned, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
     return Comparison(dense=base, pruned=pruned, sparsity=exact_sparsity(state), seq_len=seq_len,
                       seconds=time.perf_counter() - start, note=pruned_model.notes[-1])
+
+
+def typical_texts(loaded: LoadedModel, texts: list[str], n: int) -> list[str]:
+    """The `n` texts whose token counts are closest to the median: a batch of them pads to about the
+    median length, so its latency is that of a typical batch (not of the one long outlier)."""
+    lengths = np.array([len(ids) for ids in loaded.tokenizer(texts, truncation=True,
+                                                             max_length=loaded.max_length)["input_ids"]])
+    order = np.argsort(np.abs(lengths - np.median(lengths)), kind="stable")
+    return [texts[i] for i in order[:n]]
 
 
 @dataclass(frozen=True)

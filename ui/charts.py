@@ -46,18 +46,10 @@ def badge(roles: str) -> str:
 
 
 def role_map(table: pd.DataFrame) -> go.Figure:
-    """Layer x head grid coloured by role kind, with a badge per head."""
-    kinds = list(ROLE_COLOURS)
-    t = table.assign(kind=table["roles"].map(role_kind).map(kinds.index), badge=table["roles"].map(badge))
-    z, text = grid(t, "kind"), t.pivot(index="layer", columns="head", values="badge").sort_index().to_numpy()
-    scale = [[i / (len(kinds) - 1), c] for i, c in enumerate(ROLE_COLOURS.values())]
-    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale=scale, zmin=0,
-                               zmax=len(kinds) - 1, showscale=False, xgap=2, ygap=2,
-                               hovertemplate="layer %{y}, head %{x}: %{text}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed", title="layer", dtick=1)
-    fig.update_xaxes(title="head", dtick=1)
-    fig.update_layout(title="Roles: P±k positional, S:rel syntactic, R rare-word",
-                      height=120 + 48 * table["layer"].nunique(), margin=dict(l=10, r=10, t=40, b=10))
+    """Layer x head grid coloured by role kind, with a badge per head (cells are clickable)."""
+    t = table.assign(kind=table["roles"].map(role_kind), text=table["roles"].map(badge))
+    fig = _cell_grid(t["layer"].nunique(), t["head"].nunique(), "Roles: P±k positional, S:rel syntactic, R rare-word")
+    fig.add_trace(_cells(t, color=t["kind"].map(ROLE_COLOURS)))
     return fig
 
 
@@ -127,24 +119,39 @@ def attention_heatmap(tokens: list[str], att: np.ndarray, title: str) -> go.Figu
     return fig
 
 
+def _cell_grid(layers: int, heads: int, title: str) -> go.Figure:
+    """An empty layer x head grid for square scatter markers (markers, unlike heatmap cells, can be
+    clicked to select them in Streamlit); layer 0 on top."""
+    fig = go.Figure()
+    fig.update_yaxes(autorange="reversed", title="layer", dtick=1, showgrid=False, zeroline=False)
+    fig.update_xaxes(title="head", dtick=1, showgrid=False, zeroline=False, range=[-0.6, heads - 0.4])
+    fig.update_layout(title=title, height=120 + 48 * layers, margin=dict(l=10, r=10, t=40, b=10),
+                      plot_bgcolor="white", showlegend=False)
+    return fig
+
+
+def _cells(frame: pd.DataFrame, **marker) -> go.Scatter:
+    """Square markers at (head, layer) with text inside; `frame` has layer, head, text columns."""
+    return go.Scatter(x=frame["head"], y=frame["layer"], mode="markers+text", text=frame["text"],
+                      customdata=frame[["layer", "head"]].to_numpy(), textfont=dict(size=10),
+                      marker=dict(symbol="square", size=34, **marker),
+                      hovertemplate="layer %{y}, head %{x}: %{text}<extra></extra>")
+
+
 def gate_grid(shape: tuple[int, int], values: np.ndarray | None, closed: set[tuple[int, int]], title: str) -> go.Figure:
-    """Layer x head switches of a (layers, heads) `shape`: cells coloured by `values` or plain when None;
-    closed heads grey with a cross. Click targets carry (layer, head) as customdata."""
+    """Layer x head switches of a (layers, heads) `shape`: open heads coloured by `values` (or plain when
+    None), closed heads grey with a cross. Each cell carries (layer, head) as customdata."""
     layers, heads = shape
-    shown = np.array(values if values is not None else np.ones(shape), dtype=float)
-    label = (lambda v: f"{v:.2f}") if values is not None else (lambda v: "on")
-    text = [["✕" if (lay, h) in closed else label(shown[lay, h]) for h in range(heads)] for lay in range(layers)]
-    masked = shown.copy()
-    for lay, h in closed:
-        masked[lay, h] = np.nan
-    custom = np.dstack(np.meshgrid(range(layers), range(heads), indexing="ij"))
-    fig = go.Figure(go.Heatmap(z=masked, text=text, texttemplate="%{text}", customdata=custom, colorscale="Viridis",
-                               xgap=2, ygap=2, hoverongaps=True, showscale=values is not None,
-                               hovertemplate="layer %{y}, head %{x}: %{text}<extra>click to toggle</extra>"))
-    fig.update_layout(title=title, plot_bgcolor="#bbbbbb", height=120 + 48 * layers,
-                      margin=dict(l=10, r=10, t=40, b=10))
-    fig.update_yaxes(autorange="reversed", title="layer", dtick=1)
-    fig.update_xaxes(title="head", dtick=1)
+    cells = pd.DataFrame([(lay, h) for lay in range(layers) for h in range(heads)], columns=["layer", "head"])
+    cells["closed"] = [(lay, h) in closed for lay, h in zip(cells["layer"], cells["head"])]
+    cells["value"] = values.reshape(-1) if values is not None else 1.0
+    cells["text"] = np.where(cells["closed"], "✕", cells["value"].map("{:.2f}".format) if values is not None else "on")
+    fig = _cell_grid(layers, heads, title)
+    open_ = cells[~cells["closed"]]
+    colour = dict(color=open_["value"], colorscale="Viridis", showscale=True,
+                  colorbar=dict(thickness=12)) if values is not None else dict(color="#4c78a8")
+    fig.add_trace(_cells(open_, **colour))
+    fig.add_trace(_cells(cells[cells["closed"]], color="#d0d0d0"))
     return fig
 
 

@@ -18,7 +18,7 @@ from core.models import LoadedModel
 from core.paths import headlab_home
 from pruning.live import Comparison, Figures, ManualGates, compare_state, figures
 
-SUBSET = 200  # dev sentences measured after every change (seeded)
+SUBSET = 100  # dev sentences measured after every change (seeded); the full dev set follows in the background
 _MODEL = {LoadedModel: lambda m: m.fingerprint}
 _DATA = {TextDataset: lambda d: d.fingerprint()}
 
