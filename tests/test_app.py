@@ -129,3 +129,30 @@ def test_heads_page_computes_report_in_background_then_shows_heads(fresh_home):
     assert any("Predicted **fresh**" in m.value for m in at.markdown), [m.value for m in at.markdown]
     at.selectbox(key="heads_metric").set_value("importance").run()
     assert not at.exception, at.exception
+
+
+def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
+    from analysis.heads import build_report, report_dir
+    from core.data import load_data
+    from core.models import load_model
+
+    loaded, data = load_model("default"), load_data("default", split="dev")
+    build_report(loaded, data, limit=100).save(report_dir(loaded.fingerprint, data.fingerprint(), 100, None))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page("pages/gates.py").run()
+    assert not at.exception, at.exception
+    dense = metrics(at)
+    assert dense["Parameters"] == "22.71 M" and float(dense["Sparsity (CoFi)"].rstrip("%")) < 1  # biases, norms
+    next(b for b in at.button if b.label.startswith("Close the 24 least relevant")).click().run()
+    assert not at.exception, at.exception
+    closed = metrics(at)
+    assert closed["Parameters"] != dense["Parameters"] and closed["Encoder GFLOPs / example"] < dense[
+        "Encoder GFLOPs / example"]
+    assert "kept 48/72 heads" in at.caption[0].value
+    at.slider[0].set_value(0.5).run()  # FFN units kept
+    assert "4608/9216 FFN units" in at.caption[0].value
+    assert float(metrics(at)["Sparsity (CoFi)"].rstrip("%")) > 40
+    next(b for b in at.button if b.label == "Undo").click().run()
+    next(b for b in at.button if b.label == "Undo").click().run()
+    assert metrics(at)["Parameters"] == dense["Parameters"] and "kept 72/72 heads" in at.caption[0].value
+    assert len(at.get("plotly_chart")) == 2  # the head grid and this session's history

@@ -98,3 +98,27 @@ def test_heads_page_computes_and_shows_heads_in_a_real_browser(app_url, page):
     page.wait_for_timeout(2000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "heads_page.png"))
+
+
+def test_gates_page_toggles_a_head_and_figures_change_in_a_real_browser(app_url, page):
+    page.set_viewport_size({"width": 1400, "height": 1800})
+    page.goto(app_url)
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Gates").click()
+    page.get_by_text("kept 72/72 heads").wait_for(timeout=300_000)
+
+    def shown(label: str) -> str:
+        metric = page.locator('[data-testid="stMetric"]').filter(has_text=label)
+        return metric.locator('[data-testid="stMetricValue"]').inner_text()
+
+    before = {label: shown(label) for label in ("Parameters", "Latency, batch 1", "Latency, batch 32")}
+    grid = page.locator(".js-plotly-plot").first
+    grid.locator(".scatterlayer .trace").first.locator(".point").nth(1).click(force=True)  # layer 0, head 1
+    page.get_by_text("kept 71/72 heads").wait_for(timeout=120_000)
+    after = {label: shown(label) for label in before}
+    assert float(after["Parameters"].split()[0]) < float(before["Parameters"].split()[0])
+    latencies = ("Latency, batch 1", "Latency, batch 32")
+    assert [after[k] for k in latencies] != [before[k] for k in latencies]  # timed again for the new model
+    assert page.get_by_text("This session's changes").count()
+    assert not page.locator('[data-testid="stException"]').count()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "gates_page.png"))
