@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -9,11 +10,12 @@ import pandas as pd
 import streamlit as st
 
 from analysis.heads import report_dir
+from core.jobs import job_state
 from core.models import ModelNotPrepared
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
 from ui import gates as g
 from ui.charts import gate_grid, history_chart
-from ui.jobs import ensure_job, show_job
+from ui.jobs import ensure_job, wait_for
 from ui.loaders import get_data, get_model
 
 COLOURS = {"relevance": "LRP relevance", "importance": "Michel importance", "confidence": "confidence"}
@@ -60,6 +62,10 @@ st.caption(f"{result.note} FLOPs split: attention {share:.0%}, FFN {1 - share:.0
            f"{dense.flops_attention / dense.flops:.0%} / {dense.flops_ffn / dense.flops:.0%}) — with short inputs most "
            f"compute is in the FFN, so closing heads alone cannot buy much speed. Measured in {result.seconds:.1f} s.")
 
+if os.getloadavg()[0] > (os.cpu_count() or 1):
+    st.warning(f"The machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): latencies are "
+               "inflated and their ratios noisy.")
+
 history = st.session_state.setdefault("gates_history", [])
 if not history or history[-1]["gates"] != gates:
     history.append({"step": len(history), "what": st.session_state.get("gates_what", "dense"), "gates": gates,
@@ -77,9 +83,12 @@ with left:
     else:
         folder = report_dir(loaded.fingerprint, data.fingerprint(), 500, None)
         job = f"heads-{folder.name}"
-        state = ensure_job(job, ["analysis", "heads", "--model", spec, "--data", data_spec, "--limit", "500",
-                                 "--out", str(folder), "--job", job])
-        show_job(state, "Heads analysis for colours and presets")
+        if job_state(job) is not None or st.button("Compute head relevance and roles (about a minute)",
+                                                   help="Colours the grid and enables the presets. Timings taken "
+                                                        "while it runs are inflated."):
+            ensure_job(job, ["analysis", "heads", "--model", spec, "--data", data_spec, "--limit", "500",
+                             "--out", str(folder), "--job", job])
+            wait_for(job, "Heads analysis", lambda: (folder / "heads.csv").exists())
     grid_key = f"gate_grid_{st.session_state.get('gate_grid_n', 0)}"
     event = st.plotly_chart(gate_grid((layers, heads), values, set(gates.closed_heads),
                                       "Heads: click to close / open"), key=grid_key, on_select="rerun",
@@ -118,7 +127,7 @@ with right:
         g.apply(replace(gates, closed_heads=heads_without_role(report.table)), "keep role-bearing heads")
         st.rerun()
     if report is None:
-        st.caption("Presets need the Heads analysis (running above).")
+        st.caption("Presets need the Heads analysis (button on the left).")
     undo_col, reset_col = st.columns(2)
     if undo_col.button("Undo", disabled=not st.session_state.get("gates_undo"), width="stretch"):
         g.undo()
