@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from core.data import DataError, load_data
 from core.evaluate import evaluate
 from core.latency import compare, make_batch
@@ -80,6 +82,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from pruning.surgery import prune
 
     heads = parse_heads(args.prune_heads)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 1 (0 = torch's default). Got {args.threads}.")
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} already exists; choose another --out folder or add --overwrite.")
     loaded = load_or_prepare(args.model)
@@ -165,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="new folder for the pruned model")
     ap.add_argument("--onnx", action="store_true", help="also export model.onnx (checked against torch)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: torch's default)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.set_defaults(func=cmd_apply)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     try:
+        if getattr(args, "threads", 0) > 0:
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except (ModelError, DataError, ValueError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -176,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another process (tests, the app)
 
 
 if __name__ == "__main__":
