@@ -94,9 +94,9 @@ class Architecture:
 
     model_type: str
     layers: int
-    heads: int
+    heads: int  # most heads in any layer (pruned layers may have fewer)
     hidden: int
-    ffn: int
+    ffn: int  # widest FFN of any layer
     vocab: int
     parameters: int
     embedding_parameters: int
@@ -127,12 +127,14 @@ class LoadedModel:
         total = sum(p.numel() for p in self.model.parameters())
         emb = sum(p.numel() for p in self.adapter.base.embeddings.parameters())
         enc = sum(p.numel() for p in self.adapter.layers.parameters())
+        layers = range(len(self.adapter.layers))
+        # Read from weight shapes, not the config: a pruned model keeps its original config.
         return Architecture(
             model_type=cfg.model_type,
-            layers=len(self.adapter.layers),
-            heads=self.adapter.num_heads(0) if len(self.adapter.layers) else 0,
-            hidden=cfg.hidden_size,
-            ffn=cfg.intermediate_size,
+            layers=len(layers),
+            heads=max((self.adapter.num_heads(i) for i in layers), default=0),
+            hidden=self.adapter.base.embeddings.word_embeddings.weight.shape[1],
+            ffn=max((self.adapter.ffn_in(i).weight.shape[0] for i in layers), default=0),
             vocab=cfg.vocab_size,
             parameters=total,
             embedding_parameters=emb,
@@ -234,6 +236,10 @@ def load_model(
     means anything. Attention is eager so attention maps are available.
     """
     path = resolve(spec)
+    if (path / "pruning.json").is_file():  # a HeadLab export: its modules are re-sliced before loading
+        from pruning.export import load_pruned  # lazy: core does not depend on pruning otherwise
+
+        return load_pruned(path, attn_implementation=attn_implementation, source=spec)
     config, weights, has_classifier = inspect_folder(path)
     notes: list[str] = []
     kwargs: dict = {}

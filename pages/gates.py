@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ import streamlit as st
 from analysis.heads import report_dir
 from core.jobs import job_state
 from core.models import ModelNotPrepared
+from pruning.export import check_name
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
 from ui import gates as g
 from ui.charts import gate_grid, history_chart
@@ -136,5 +138,55 @@ with right:
         g.reset()
         st.rerun()
 
+# ----------------------------------------------------------------------------- full dev set, in the background
+digest, state_file = g.gates_file(loaded, gates)
+full = g.refined_path(digest, data)
+if full.exists():
+    record = json.loads(full.read_text())
+    d, p = record["dense"], record["pruned"]
+    st.success(f"Full {record['data']} ({record['examples']} examples): accuracy {p['accuracy']:.1%} "
+               f"(dense {d['accuracy']:.1%}, {(p['accuracy'] - d['accuracy']) * 100:+.1f} pts); latency batch 1 "
+               f"{p['latency_b1_ms']:.1f} ms vs {d['latency_b1_ms']:.1f} ms, batch 32 {p['latency_b32_ms']:.0f} ms vs "
+               f"{d['latency_b32_ms']:.0f} ms (more repeats, timed in a separate process).")
+else:
+    running = st.session_state.get("gates_refining")
+    if running and getattr(job_state(running), "status", "") == "running":  # one at a time: the latest waits
+        st.caption("The full dev set evaluation of an earlier change is running; this one follows.")
+        wait_for(running, "Full dev set (earlier change)", lambda: job_state(running).status != "running")
+    else:
+        job = f"gates-eval-{digest}-{data.fingerprint()}"
+        ensure_job(job, ["pruning", "evaluate", "--model", spec, "--data", data_spec, "--gates", str(state_file),
+                         "--out", str(full), "--job", job])
+        st.session_state["gates_refining"] = job
+        wait_for(job, "Full dev set", full.exists)
+
 if len(history) > 1:
     st.plotly_chart(history_chart(pd.DataFrame(history).drop(columns="gates")), key="history")
+
+# ----------------------------------------------------------------------------- export
+st.header("Export")
+name = st.text_input("Name", value=f"{spec if spec in ('default', 'minilm-l3') else 'model'}-{digest[:6]}",
+                     key="export_name", help="A folder of this name is written under " + str(g.exports_dir()))
+try:
+    name = check_name(name)
+except ValueError as exc:
+    st.error(str(exc))
+    st.stop()
+out = g.exports_dir() / name
+job = f"export-{name}-{digest}"
+if out.exists() and job_state(job) is None:
+    st.warning(f"{out} already exists: choose another name (nothing is overwritten).")
+elif job_state(job) is None:
+    if st.button(f"Export the pruned model as {name} (folder + ONNX)", disabled=gates == ManualGates(),
+                 help="Physically smaller safetensors folder that HeadLab loads back, plus model.onnx for "
+                      "onnxruntime, checked against torch"):
+        ensure_job(job, ["pruning", "apply", "--model", spec, "--data", data_spec, "--gates", str(state_file),
+                         "--out", str(out), "--onnx", "--limit", "300", "--job", job])
+        st.rerun()
+elif not out.exists() or getattr(job_state(job), "status", "") != "done":
+    wait_for(job, "Exporting", lambda: out.exists() and job_state(job).status == "done")
+else:
+    sizes = {f.name: f.stat().st_size for f in out.iterdir()}
+    st.success(f"Saved {out}: model.safetensors {sizes.get('model.safetensors', 0) / 1e6:.1f} MB, "
+               f"model.onnx {sizes.get('model.onnx', 0) / 1e6:.1f} MB. Load it on the Model page as a local "
+               f"folder, or run model.onnx with onnxruntime (inputs input_ids, attention_mask; output logits).")

@@ -76,6 +76,53 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def read_gates(path: Path, loaded) -> GateState:
+    """A GateState saved as JSON (`GateState.to_json`, e.g. by the Gates page) that fits `loaded`."""
+    try:
+        state = GateState.from_json(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"Cannot read the gates file {path} ({exc.strerror}).") from exc
+    if state.shape != GateState.dense(loaded).shape:
+        raise ValueError(f"The gates in {path} have sizes {state.shape}; the model has "
+                         f"{GateState.dense(loaded).shape} (layers, heads, FFN units, hidden dims).")
+    return state
+
+
+def _state(args: argparse.Namespace, loaded, heads: list[tuple[int, int]]) -> GateState:
+    """The gate state from --gates FILE, or from --prune-heads / --ffn-keep / --hidden-keep."""
+    if args.gates is not None:
+        if heads or args.ffn_keep is not None or args.hidden_keep is not None:
+            raise ValueError("--gates FILE cannot be combined with --prune-heads, --ffn-keep or --hidden-keep.")
+        return read_gates(args.gates, loaded)
+    state = GateState.from_closed_heads(loaded, heads)
+    if args.ffn_keep is not None:
+        state = state.with_ffn_keep(loaded.adapter, args.ffn_keep, criterion=args.criterion)
+    if args.hidden_keep is not None:
+        state = state.with_hidden_keep(loaded.adapter, args.hidden_keep, criterion=args.criterion)
+    return state
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Dense vs gated-and-pruned on a whole split, timed with more repeats: the Gates page's refinement."""
+    from core.__main__ import load_or_prepare, run_with_bar
+    from pruning.live import compare_state
+
+    loaded = load_or_prepare(args.model)
+    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    state = read_gates(args.gates, loaded)
+    result = run_with_bar(args.job, lambda bar: compare_state(loaded, state, data, progress=bar,
+                                                              rounds={1: (5, 5), 32: (5, 2)}))
+    record = json.dumps({"examples": len(data), "data": data.name, **result.as_dict()}, indent=1)
+    if args.out is None:
+        print(record)
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".partial")
+    tmp.write_text(record)
+    tmp.replace(args.out)
+    return 0
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from core.__main__ import load_or_prepare, run_with_bar
     from pruning.export import save_pruned
@@ -93,11 +140,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     for note in loaded.notes + data.warnings:
         print(f"warning: {note}", file=sys.stderr)
 
-    state = GateState.from_closed_heads(loaded, heads)
-    if args.ffn_keep is not None:
-        state = state.with_ffn_keep(loaded.adapter, args.ffn_keep, criterion=args.criterion)
-    if args.hidden_keep is not None:
-        state = state.with_hidden_keep(loaded.adapter, args.hidden_keep, criterion=args.criterion)
+    state = _state(args, loaded, heads)
     pruned = prune(loaded, state)
     models = {"dense": loaded, "pruned": pruned}
 
@@ -108,14 +151,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         texts = data.texts[:256]
         timing = {b: compare({k: m.model for k, m in models.items()},
                              make_batch(loaded.tokenizer, texts, b, loaded.max_length)) for b in (1, 32)}
-        return quality, timing
+        bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
+        return quality, timing, save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
 
-    quality, timing = run_with_bar(None, measure_all)
+    quality, timing, out = run_with_bar(args.job, measure_all)
     seq_len = median_tokens(loaded, data.texts)
     flops = {k: encoder_flops(m.adapter, seq_len) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.model.parameters()) for k, m in models.items()}
     encoder = {k: sum(p.numel() for p in m.adapter.layers.parameters()) for k, m in models.items()}
-    out = save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
 
     figures = {
         "parameters": params, "encoder_parameters": encoder,
@@ -158,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = sub.add_parser("apply", help="prune heads / FFN units / hidden dims by hand and save the smaller model")
     ap.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
     ap.add_argument("--prune-heads", default="", metavar="L:H,...", help="heads to remove, 0-based, e.g. 0:1,3:2")
+    ap.add_argument("--gates", type=Path, default=None, metavar="FILE",
+                    help="a gate state as JSON (e.g. saved by the Gates page) instead of the three options here")
     ap.add_argument("--ffn-keep", type=_fraction("--ffn-keep"), default=None, metavar="FRAC",
                     help="fraction of FFN units to keep in every layer, in (0, 1]")
     ap.add_argument("--hidden-keep", type=_fraction("--hidden-keep"), default=None, metavar="FRAC",
@@ -171,7 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: torch's default)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.set_defaults(func=cmd_apply)
+    ev = sub.add_parser("evaluate", help="dense vs pruned by a gates file on a whole dataset (JSON)")
+    ev.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
+    ev.add_argument("--gates", type=Path, required=True, metavar="FILE", help="a gate state as JSON")
+    ev.add_argument("--data", default="default", help="default (dev split of the Rotten Tomatoes task) | CSV/TSV/JSONL")
+    ev.add_argument("--out", type=Path, default=None, help="write the JSON here (stdout if omitted)")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    ev.add_argument("--job", help=argparse.SUPPRESS)
+    ev.set_defaults(func=cmd_evaluate)
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     try:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from core.data import TextDataset
-from core.evaluate import evaluate
+from core.evaluate import Progress, evaluate
 from core.latency import compare, make_batch
 from core.models import LoadedModel
 from core.size import encoder_flops
@@ -68,9 +68,9 @@ class Comparison:
                 "seq_len": self.seq_len, "seconds": self.seconds, "note": self.note}
 
 
-def figures(loaded: LoadedModel, data: TextDataset, seq_len: int) -> Figures:
+def figures(loaded: LoadedModel, data: TextDataset, seq_len: int, progress: Progress | None = None) -> Figures:
     """Accuracy on all of `data` plus sizes of `loaded` (no timing)."""
-    result = evaluate(loaded.model, loaded.tokenizer, data, max_length=loaded.max_length)
+    result = evaluate(loaded.model, loaded.tokenizer, data, max_length=loaded.max_length, progress=progress)
     flops = encoder_flops(loaded.adapter, seq_len)
     arch = loaded.architecture()
     return Figures(accuracy=result.accuracy, examples=result.n, parameters=arch.parameters,
@@ -78,7 +78,7 @@ def figures(loaded: LoadedModel, data: TextDataset, seq_len: int) -> Figures:
 
 
 def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, dense: Figures | None = None,
-                  rounds: dict[int, tuple[int, int]] | None = None) -> Comparison:
+                  rounds: dict[int, tuple[int, int]] | None = None, progress: Progress | None = None) -> Comparison:
     """Prune a copy of `loaded` by `state` and measure it against `loaded` on `data` (keep it small).
 
     `dense` may pass the dense model's figures from an earlier call (accuracy and sizes do not
@@ -89,9 +89,11 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
     start = time.perf_counter()
     seq_len = median_tokens(loaded, data.texts)
     pruned_model = prune(loaded, state)
-    base = dense if dense is not None else figures(loaded, data, seq_len)
+    base = dense if dense is not None else figures(loaded, data, seq_len, progress)
     base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None})
-    pruned = figures(pruned_model, data, seq_len)
+    pruned = figures(pruned_model, data, seq_len, progress)
+    if progress:
+        progress(0, 1, "timing batch 1 and 32")
     for batch_size, (n_rounds, repeats) in (rounds or {1: (3, 3), 32: (2, 1)}).items():
         batch = make_batch(loaded.tokenizer, typical_texts(loaded, data.texts, batch_size), batch_size,
                            loaded.max_length)

@@ -156,3 +156,16 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
     next(b for b in at.button if b.label == "Undo").click().run()
     assert metrics(at)["Parameters"] == dense["Parameters"] and "kept 72/72 heads" in at.caption[0].value
     assert len(at.get("plotly_chart")) == 2  # the head grid and this session's history
+
+    next(b for b in at.button if b.label.startswith("Close the 24 least relevant")).click().run()
+    run_until(at, lambda a: any(s.value.startswith("Full rotten_tomatoes/dev (1275") for s in a.success))
+    at.text_input(key="export_name").input("half/heads").run()
+    assert any("without path separators" in e.value for e in at.error)
+    at.text_input(key="export_name").input("l6-48heads").run()
+    next(b for b in at.button if b.label.startswith("Export the pruned model as l6-48heads")).click().run()
+    run_until(at, lambda a: any(s.value.startswith("Saved ") for s in a.success))
+    exported = load_model(str(fresh_home / "exports" / "l6-48heads"))
+    assert exported.architecture().heads < 12 and "kept 48/72 heads" in exported.notes[-1]
+    assert (fresh_home / "exports" / "l6-48heads" / "model.onnx").stat().st_size > 1e6
+    at.slider[0].set_value(0.5).run()  # another state under the same name: refused, nothing overwritten
+    assert any("already exists" in w.value for w in at.warning), [w.value for w in at.warning]

@@ -77,3 +77,26 @@ def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
 def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Comparison:
     """Dense vs pruned on `subset` (cached per gate choice: undo and repeats are instant)."""
     return compare_state(loaded, gates.state(loaded), subset, dense=dense_figures(loaded, subset))
+
+
+def gates_file(loaded: LoadedModel, gates: ManualGates) -> tuple[str, Path]:
+    """(digest, path) of the current gate state saved as JSON for background jobs (written once)."""
+    import hashlib
+
+    text = gates.state(loaded).to_json()
+    digest = hashlib.sha1(f"{loaded.fingerprint}:{text}".encode()).hexdigest()[:12]
+    path = headlab_home() / "cache" / "gates" / f"{digest}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".partial").write_text(text)
+        path.with_suffix(".partial").replace(path)
+    return digest, path
+
+
+def refined_path(digest: str, data: TextDataset) -> Path:
+    """Where the full-dataset evaluation of a gate state (by `gates_file` digest) is written."""
+    return headlab_home() / "cache" / "gates" / f"{digest}-{data.fingerprint()}-full.json"
+
+
+def exports_dir() -> Path:
+    return headlab_home() / "exports"
