@@ -58,3 +58,62 @@ def test_comparison_matches_the_gated_model(tiny, reviews_csv):
     for side in (result.dense, result.pruned):
         assert side.latency_b1_ms > 0 and side.latency_b32_ms > 0
     assert np.isfinite(result.speedup(1)) and "kept 5/8 heads, 64/128 FFN units" in result.note
+
+
+def test_closing_everything_still_runs(tiny, reviews_csv):
+    """No head, no attention, no FFN left anywhere: the residual path still classifies."""
+    data = load_data(str(reviews_csv), label_names=tiny.label_names)
+    everything = ManualGates(closed_heads=frozenset((lay, h) for lay in range(2) for h in range(4)),
+                             attention_off=frozenset({0, 1}), ffn_off=frozenset({0, 1}))
+    result = compare_state(tiny, everything.state(tiny), data)
+    assert result.pruned.flops == 0 and 0 <= result.pruned.accuracy <= 1
+    assert result.pruned.encoder_parameters < result.dense.encoder_parameters / 10  # LayerNorms and biases remain
+    assert result.sparsity == pytest.approx(1.0, abs=0.01)
+
+
+def test_gates_file_cli_on_the_second_real_model(tmp_path):
+    """`pruning apply --gates` and `pruning evaluate` on minilm-l3 (3 x 12 heads), as the Gates page runs them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import link_prepared
+
+    (tmp_path / "home").mkdir()
+    home = link_prepared(tmp_path / "home")
+    loaded = load_model("minilm-l3")
+    gates = ManualGates(closed_heads=frozenset({(0, 0), (1, 5), (2, 11)}), attention_off=frozenset({1}), ffn_keep=0.5)
+    path = tmp_path / "gates.json"
+    path.write_text(gates.state(loaded).to_json())
+    env = {**os.environ, "HEADLAB_HOME": str(home)}
+    root = Path(__file__).resolve().parent.parent
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pruning", *args], capture_output=True, text=True, env=env,
+                              cwd=root, timeout=600)
+
+    dev = load_data("default", split="dev").subset(40, seed=1)
+    pd.DataFrame({"text": dev.texts, "label": [dev.label_names[i] for i in dev.labels]}).to_csv(
+        tmp_path / "dev40.csv", index=False)
+    proc = cli("evaluate", "--model", "minilm-l3", "--gates", str(path), "--data", str(tmp_path / "dev40.csv"),
+               "--out", str(tmp_path / "eval.json"))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["examples"] == 40 and record["pruned"]["flops_ffn"] * 2 == record["dense"]["flops_ffn"]
+    assert "kept 22/36 heads" in record["note"] and "skipped attention in layer(s) 1" in record["note"]
+    proc = cli("apply", "--model", "minilm-l3", "--gates", str(path), "--data", str(tmp_path / "dev40.csv"),
+               "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    again = load_model(str(tmp_path / "out"))
+    text = "a sharp, funny and unexpectedly moving film"
+    with gated(loaded, gates.state(loaded)), torch.inference_mode():
+        expected = loaded.model(**loaded.tokenizer(text, return_tensors="pt")).logits
+    with torch.inference_mode():
+        got = again.model(**again.tokenizer(text, return_tensors="pt")).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(ManualGates().state(load_model("default")).to_json())  # 6 layers: does not fit L3
+    proc = cli("evaluate", "--model", "minilm-l3", "--gates", str(wrong))
+    assert proc.returncode == 2 and "have sizes" in proc.stderr and "Traceback" not in proc.stderr
