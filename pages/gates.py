@@ -20,7 +20,8 @@ from ui.charts import gate_grid, history_chart
 from ui.jobs import ensure_job, wait_for
 from ui.loaders import get_data, get_model
 
-COLOURS = {"relevance": "LRP relevance", "importance": "Michel importance", "confidence": "confidence"}
+COLOURS = {"relevance": "LRP relevance", "importance": "Michel importance", "confidence": "confidence",
+           "roles": "role"}
 
 st.title("Gates")
 spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
@@ -79,8 +80,10 @@ left, right = st.columns([3, 2])
 with left:
     colour = st.radio("Colour heads by", list(COLOURS), format_func=COLOURS.get, horizontal=True, key="gates_colour",
                       disabled=report is None)
-    values = None
-    if report is not None:
+    values = roles = None
+    if report is not None and colour == "roles":
+        roles = report.table
+    elif report is not None:
         values = report.table.pivot(index="layer", columns="head", values=colour).sort_index().to_numpy(float)
     else:
         folder = report_dir(loaded.fingerprint, data.fingerprint(), 500, None)
@@ -93,7 +96,7 @@ with left:
             wait_for(job, "Heads analysis", lambda: (folder / "heads.csv").exists())
     grid_key = f"gate_grid_{st.session_state.get('gate_grid_n', 0)}"
     event = st.plotly_chart(gate_grid((layers, heads), values, set(gates.closed_heads),
-                                      "Heads: click to close / open"), key=grid_key, on_select="rerun",
+                                      "Heads: click to close / open", roles=roles), key=grid_key, on_select="rerun",
                             selection_mode="points")
     points = event.selection.points if event and event.selection else []
     if points:

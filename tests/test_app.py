@@ -149,6 +149,8 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
     assert closed["Parameters"] != dense["Parameters"] and closed["Encoder GFLOPs / example"] < dense[
         "Encoder GFLOPs / example"]
     assert "kept 48/72 heads" in at.caption[0].value
+    at.radio(key="gates_colour").set_value("roles").run()
+    assert not at.exception, at.exception
     at.slider[0].set_value(0.5).run()  # FFN units kept
     assert "4608/9216 FFN units" in at.caption[0].value
     assert float(metrics(at)["Sparsity (CoFi)"].rstrip("%")) > 40
@@ -169,3 +171,15 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
     assert (fresh_home / "exports" / "l6-48heads" / "model.onnx").stat().st_size > 1e6
     at.slider[0].set_value(0.5).run()  # another state under the same name: refused, nothing overwritten
     assert any("already exists" in w.value for w in at.warning), [w.value for w in at.warning]
+
+
+def test_gates_page_on_the_second_real_model(fresh_home):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["model_spec"] = "minilm-l3"
+    at.switch_page("pages/gates.py").run()
+    assert not at.exception, at.exception
+    assert "kept 36/36 heads" in at.caption[0].value
+    at.slider[1].set_value(0.5).run()  # hidden dims kept
+    assert not at.exception, at.exception
+    assert "192/384 hidden dims" in at.caption[0].value
+    assert float(metrics(at)["Parameters"].split()[0]) < 17.4

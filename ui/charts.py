@@ -138,18 +138,29 @@ def _cells(frame: pd.DataFrame, **marker) -> go.Scatter:
                       hovertemplate="layer %{y}, head %{x}: %{text}<extra></extra>")
 
 
-def gate_grid(shape: tuple[int, int], values: np.ndarray | None, closed: set[tuple[int, int]], title: str) -> go.Figure:
-    """Layer x head switches of a (layers, heads) `shape`: open heads coloured by `values` (or plain when
-    None), closed heads grey with a cross. Each cell carries (layer, head) as customdata."""
+def gate_grid(shape: tuple[int, int], values: np.ndarray | None, closed: set[tuple[int, int]], title: str,
+              roles: pd.DataFrame | None = None) -> go.Figure:
+    """Layer x head switches of a (layers, heads) `shape`: open heads coloured by `values`, or by role
+    kind with badges when `roles` (a Heads report table) is given, or plain; closed heads grey with a
+    cross. Each cell carries (layer, head) as customdata."""
     layers, heads = shape
     cells = pd.DataFrame([(lay, h) for lay in range(layers) for h in range(heads)], columns=["layer", "head"])
     cells["closed"] = [(lay, h) in closed for lay, h in zip(cells["layer"], cells["head"])]
     cells["value"] = values.reshape(-1) if values is not None else 1.0
-    cells["text"] = np.where(cells["closed"], "✕", cells["value"].map("{:.2f}".format) if values is not None else "on")
+    if roles is not None:
+        cells = cells.merge(roles[["layer", "head", "roles"]], on=["layer", "head"], how="left")
+        cells["text"] = cells["roles"].fillna("").map(badge).replace("", "·")
+    else:
+        cells["text"] = cells["value"].map("{:.2f}".format) if values is not None else "on"
+    cells.loc[cells["closed"], "text"] = "✕"
     fig = _cell_grid(layers, heads, title)
     open_ = cells[~cells["closed"]]
-    colour = dict(color=open_["value"], colorscale="Viridis", showscale=True,
-                  colorbar=dict(thickness=12)) if values is not None else dict(color="#4c78a8")
+    if roles is not None:
+        colour = dict(color=open_["roles"].fillna("").map(role_kind).map(ROLE_COLOURS))
+    elif values is not None:
+        colour = dict(color=open_["value"], colorscale="Viridis", showscale=True, colorbar=dict(thickness=12))
+    else:
+        colour = dict(color="#4c78a8")
     fig.add_trace(_cells(open_, **colour))
     fig.add_trace(_cells(cells[cells["closed"]], color="#d0d0d0"))
     return fig
