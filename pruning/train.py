@@ -1,0 +1,629 @@
+"""The prune-and-finetune training loop for every method, driven by one `TrainConfig`.
+
+Methods (see /work/shared/METHODS.md):
+
+    cofi        Xia et al. 2022: hard-concrete gates on heads, whole attention / FFN sublayers, FFN units
+                and hidden dims; loss = alpha_ce T^2 KL + alpha_layer L_layer (distillation from the dense
+                teacher) + L_c (Lagrangian driving the expected sparsity to a ramped target)
+    l0          Voita et al. 2019: one gate per head; loss = CE + lambda sum_h P(z_h != 0)
+                (+ logit distillation with `distill`)
+    relevance   one-shot: close the least relevant heads (LRP) and smallest FFN units to the target
+    importance  one-shot: the same by Michel et al.'s importance
+    random      one-shot: the same at random
+
+Phases: the learned methods first train gates and weights for `steps` steps (CoFi: a plain fine-tune
+of `prefinetune_steps`, then the target ramps from 0 over `warmup_steps`); then the deterministic
+gates are fixed, the model is sliced (`pruning.surgery.prune`) and the smaller model is fine-tuned for
+`finetune_steps` (CE, mixed with logit distillation when distilling). Baselines only have the second
+phase. Steps count across both phases; a resume continues the count.
+
+At every eval step (adaptive cadence: at least `eval_every` steps apart and at most `eval_budget` of
+the wall time) the run store receives accuracy on a dev subset of the physically pruned snapshot,
+its latency at batch 1 and 32 timed interleaved with the dense teacher, expected / exact sparsity and
+target, lambda_1 / lambda_2, the loss terms, and units alive per layer; plus the gate snapshot. The
+last eval uses the full dev split. Checkpoints every `checkpoint_every` evals, at the end of the gate
+phase and on a stop request. The final model is exported with `pruning.export.save_pruned` to
+<run_dir>/model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.batching import collate, encode, sorted_batches
+from core.data import DataError, TaskSplits, TextDataset, task_splits
+from core.latency import compare, make_batch
+from core.models import Adapter, LoadedModel, load_model
+from core.summary import median_tokens
+from pruning.baselines import BASELINES, baseline_state
+from pruning.distill import LayerMatcher, logit_kl
+from pruning.export import save_pruned
+from pruning.gates import CoFiGates, GateShape, GateState, L0HeadGates
+from pruning.hooks import GateHooks
+from pruning.lagrangian import LagrangianController, TargetSchedule
+from pruning.live import Comparison, Figures, figures, typical_texts
+from pruning.runs import CHECKPOINT, Heartbeat, RunStore, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pruning.size import exact_sparsity, expected_sparsity
+from pruning.surgery import prune, pruning_info
+
+METHODS = ("cofi", "l0", *BASELINES)
+LEARNED = ("cofi", "l0")
+LOSS_TERMS = ("task", "distill_ce", "distill_layer", "lagrangian", "l0")
+LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
+FINAL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # ... and at the final full-dev evaluation
+MODEL_FILE = "model"  # the exported pruned model inside the run folder
+Progress = Callable[[int, int, str], None]
+
+
+def _opt(default, help: str):
+    """A config field with its help text (shown by the CLI and the Prune page)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved with the run and in every checkpoint.
+
+    Defaults run CoFi on the default model (MiniLM-L6, Rotten Tomatoes) in a few minutes on 2 CPU cores.
+    """
+
+    model: str = _opt("default", "default | minilm-l3 | folder of a fine-tuned classifier (also the teacher)")
+    data: str = _opt("default", "default (Rotten Tomatoes) | CSV/TSV/JSONL file, split 80/10/10 (seeded)")
+    method: str = _opt("cofi", "cofi | l0 | relevance | importance | random")
+    target_sparsity: float = _opt(0.6, "fraction of the encoder's weights to remove (cofi and the baselines)")
+    l0_lambda: float = _opt(0.02, "l0: weight of sum_h P(head open) in the loss (larger closes more heads)")
+    steps: int = _opt(400, "cofi/l0: optimizer steps learning gates and weights (incl. the plain fine-tune)")
+    prefinetune_steps: int = _opt(20, "cofi: plain fine-tune steps before pruning starts (CoFi: 100)")
+    warmup_steps: int = _opt(200, "cofi: steps over which the target rises linearly from 0 to target_sparsity")
+    finetune_steps: int = _opt(150, "steps fine-tuning the sliced model after pruning (0: none)")
+    lr: float = _opt(5e-5, "AdamW learning rate of the model weights (linear decay in the final fine-tune)")
+    gate_lr: float = _opt(0.1, "Adam learning rate of the gates' log_alpha (CoFi: 0.01 over far more steps)")
+    lambda_lr: float = _opt(0.1, "cofi: learning rate of the gradient ascent on lambda_1, lambda_2")
+    batch_size: int = _opt(32, "training examples per step")
+    max_length: int = _opt(64, "tokens per training example (longer ones are cut)")
+    distill: bool = _opt(True, "l0 / baselines: mix logit distillation from the dense teacher into the loss")
+    alpha_layer: float = _opt(0.5, "cofi: weight of layer matching (CoFi: 0.9, 0.7 or 0.5)")
+    alpha_ce: float = _opt(0.5, "weight of the logit distillation T^2 KL (CoFi: 0.1, 0.3 or 0.5)")
+    temperature: float = _opt(2.0, "distillation temperature T")
+    eval_every: int = _opt(25, "fewest steps between eval steps (more when evals would exceed eval_budget)")
+    eval_budget: float = _opt(0.2, "largest fraction of the wall time spent on live metrics")
+    eval_examples: int = _opt(200, "dev examples (seeded subset) at each eval step; the last eval uses all")
+    checkpoint_every: int = _opt(2, "eval steps between checkpoints")
+    score_examples: int = _opt(256, "relevance / importance: training examples the head scores average over")
+    seed: int = _opt(0, "seed of batches, gate noise, dropout and baseline draws")
+    threads: int = _opt(1, "torch threads (1 keeps the app responsive on 2 cores; 0 = torch's default)")
+
+    def check(self) -> TrainConfig:
+        """Validate every field once (ValueError naming the field, the rule and the value); returns self."""
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"The '{name}' parameter of TrainConfig must be {rule}. Got {getattr(self, name)!r} "
+                             "instead.")
+
+        def number(name: str, low: float, high: float | None = None, *, integer: bool = False, open_low=False,
+                   open_high=False) -> None:
+            value = getattr(self, name)
+            kinds = (int,) if integer else (int, float)
+            ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > low if open_low else value >= low)
+            ok = ok and (high is None or (value < high if open_high else value <= high))
+            if not ok:
+                bounds = f"{'(' if open_low else '['}{low}, {'inf' if high is None else high}" \
+                         f"{')' if open_high or high is None else ']'}"
+                fail(name, f"{'an integer' if integer else 'a number'} in {bounds}")
+
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                fail(name, "a non-empty string")
+        if self.method not in METHODS:
+            fail("method", f"one of {', '.join(METHODS)}")
+        number("target_sparsity", 0.0, 1.0, open_high=True)
+        number("l0_lambda", 0.0)
+        for name in ("steps", "prefinetune_steps", "warmup_steps", "finetune_steps", "checkpoint_every",
+                     "score_examples", "seed", "threads"):
+            number(name, 0, integer=True)
+        for name in ("batch_size", "eval_every", "eval_examples"):
+            number(name, 1, integer=True)
+        number("max_length", 8, 512, integer=True)
+        for name in ("lr", "gate_lr", "lambda_lr", "temperature"):
+            number(name, 0.0, open_low=True)
+        for name in ("alpha_layer", "alpha_ce"):
+            number(name, 0.0, 1.0)
+        number("eval_budget", 0.0, 1.0, open_low=True)
+        if not isinstance(self.distill, bool):
+            fail("distill", "true or false")
+        if self.method in LEARNED and self.steps < 1:
+            fail("steps", f"at least 1 for method {self.method}")
+        if self.method == "cofi" and self.prefinetune_steps + self.warmup_steps > self.steps:
+            raise ValueError(f"prefinetune_steps + warmup_steps ({self.prefinetune_steps} + {self.warmup_steps}) "
+                             f"must not exceed steps ({self.steps}): the target must reach its final value.")
+        if self.method in BASELINES and self.target_sparsity <= 0:
+            fail("target_sparsity", f"above 0 for the {self.method} baseline")
+        return self
+
+    @property
+    def gate_steps(self) -> int:
+        """Steps of the gate phase (0 for the one-shot baselines)."""
+        return self.steps if self.method in LEARNED else 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.gate_steps + self.finetune_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Inverse of `to_dict`, validated; ValueError names unknown fields."""
+        if not isinstance(data, dict):
+            raise ValueError(f"A training config must be a JSON object. Got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown training config field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}.")
+        return cls(**data).check()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_splits(spec: str, label_names: list[str]) -> TaskSplits:
+    """Train/dev/test of `spec` (see `core.data.task_splits`) with labels renumbered to the model's
+    `label_names` (DataError if the data has a label the model does not know)."""
+    splits = task_splits(spec)
+    names = splits.train.label_names
+    if names == list(label_names):
+        return splits
+    unknown = sorted(set(names) - set(label_names))
+    if unknown:
+        raise DataError(f"The data's labels {names} do not match the model's {list(label_names)} "
+                        f"(unknown: {', '.join(unknown)}).")
+    ids = [list(label_names).index(n) for n in names]
+
+    def relabel(d: TextDataset) -> TextDataset:
+        return TextDataset(d.texts, [ids[y] for y in d.labels], list(label_names), d.name, list(d.warnings))
+
+    return TaskSplits(train=relabel(splits.train), dev=relabel(splits.dev), test=relabel(splits.test))
+
+
+# ----------------------------------------------------------------------------- measuring a snapshot
+
+
+def measure_snapshot(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, dense_figures: Figures,
+                     rounds: dict[int, tuple[int, int]] = LIVE_ROUNDS) -> Comparison:
+    """`pruning.live.compare_state` for an already sliced model: accuracy of `pruned` on `data`, latency
+    of `pruned` and `dense` timed interleaved at each batch size of `rounds` (medians, ms).
+
+    `dense_figures`: the dense model's accuracy and sizes on `data` (from `pruning.live.figures`).
+    """
+    start = time.perf_counter()
+    info = pruning_info(pruned.model)
+    state = info.state if info is not None else GateState.dense(GateShape.of(pruned))
+    seq_len = median_tokens(dense, data.texts)
+    base = Figures(**{**asdict(dense_figures), "latency_b1_ms": None, "latency_b32_ms": None})
+    small = figures(pruned, data, seq_len)
+    for batch_size, (n_rounds, repeats) in rounds.items():
+        batch = make_batch(dense.tokenizer, typical_texts(dense, data.texts, batch_size), batch_size, dense.max_length)
+        timed = compare({"dense": dense.model, "pruned": pruned.model}, batch, rounds=n_rounds,
+                        repeats_per_round=repeats)
+        setattr(base, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
+        setattr(small, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
+    return Comparison(dense=base, pruned=small, sparsity=exact_sparsity(state), seq_len=seq_len,
+                      seconds=time.perf_counter() - start, note=pruned.notes[-1] if pruned.notes else "")
+
+
+def alive(state: GateState) -> dict[str, list[int] | int]:
+    """Units alive per layer: heads (L,) and FFN units (L,) counting their sublayer gate, hidden dims."""
+    s = state.detach()
+    return {"heads_alive": ((s.head > 0) & (s.mha[:, None] > 0)).sum(dim=1).tolist(),
+            "units_alive": ((s.intermediate > 0) & (s.ffn[:, None] > 0)).sum(dim=1).tolist(),
+            "hidden_alive": int((s.hidden > 0).sum())}
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+class _Trainer:
+    """State of one run in this process: models, gates, optimizers, counters. Use through `train`."""
+
+    def __init__(self, config: TrainConfig, store: RunStore, run_id: int, progress: Progress | None,
+                 teacher: LoadedModel | None):
+        self.c = config
+        self.store, self.run_id = store, run_id
+        run = store.get(run_id)
+        self.run_dir, self.attempt = run.run_dir, run.attempt
+        self.progress = progress or (lambda done, total, message: None)
+        self.teacher = teacher if teacher is not None else load_model(config.model)
+        if not self.teacher.has_classifier:
+            raise ValueError(f"The model {config.model} has no classification head: fine-tune it first "
+                             "(`python -m core finetune`).")
+        self.shape = GateShape.of(self.teacher)  # ValueError for an already pruned model
+        self.teacher.model.eval()
+        splits = load_splits(config.data, self.teacher.label_names)
+        if len(splits.train) < config.batch_size:
+            raise ValueError(f"The training split has {len(splits.train)} examples, fewer than batch_size "
+                             f"{config.batch_size}.")
+        self.train_data, self.dev = splits.train, splits.dev
+        self.dev_subset = splits.dev.subset(config.eval_examples, seed=config.seed)
+        self.enc = encode(self.teacher.tokenizer, splits.train.texts, config.max_length)
+        self.labels = torch.tensor(splits.train.labels)
+        self.schedule = TargetSchedule(config.target_sparsity if config.method == "cofi" else 0.0,
+                                       start=config.prefinetune_steps if config.method == "cofi" else 0,
+                                       warmup=config.warmup_steps if config.method == "cofi" else 0)
+        self._epoch, self._batches = -1, []
+        self._dense_figures: dict[str, Figures] = {}
+        # state that checkpoints carry
+        self.step, self.phase = 0, "gates" if config.method in LEARNED else "finetune"
+        self.student: LoadedModel | None = None
+        self.gates: CoFiGates | None = None
+        self.controller: LagrangianController | None = None
+        self.matcher: LayerMatcher | None = None
+        self.hooks: GateHooks | None = None
+        self.fixed: GateState | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.losses: dict[str, list[float]] = {}
+        self.clock = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "setup_s": 0.0}
+        self.gap, self.next_eval, self.evals = config.eval_every, 0, 0
+
+    # ------------------------------------------------------------------ setting up the phases
+
+    def _trainable_copy(self) -> LoadedModel:
+        model = copy.deepcopy(self.teacher.model)
+        model.train()
+        model.requires_grad_(True)
+        return dataclasses.replace(self.teacher, model=model, adapter=Adapter(model), notes=list(self.teacher.notes))
+
+    def setup_gates(self) -> None:
+        """The gate phase: a trainable copy of the teacher with hooks, gates and their optimizers."""
+        c = self.c
+        self.student = self._trainable_copy()
+        self.gates = CoFiGates(self.student) if c.method == "cofi" else L0HeadGates(self.student)
+        self.gates.train()
+        self.hooks = GateHooks(self.student, GateState.dense(self.shape)).attach()
+        params = list(self.student.model.parameters())
+        if c.method == "cofi":
+            self.controller = LagrangianController()
+            self.matcher = LayerMatcher(self.shape.hidden)
+            params += list(self.matcher.parameters())
+            self.optimizers["lambdas"] = self.controller.optimizer(c.lambda_lr)
+        self.optimizers["model"] = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+        self.optimizers["gates"] = torch.optim.Adam(self.gates.parameters(), lr=c.gate_lr)
+        self.phase = "gates"
+
+    def setup_finetune(self, state: GateState) -> None:
+        """The fixed-structure phase: slice (a copy of) the student, or the teacher if there is none."""
+        if self.hooks is not None:
+            self.hooks.remove()
+        source = self.student if self.student is not None else self.teacher
+        self.student = prune(source, state.detach())
+        self.student.model.train()
+        self.student.model.requires_grad_(True)
+        self.fixed = state.detach()
+        self.gates = self.controller = self.matcher = self.hooks = None
+        self.optimizers = {"model": torch.optim.AdamW(self.student.model.parameters(), lr=self.c.lr, weight_decay=0.0)}
+        self.phase = "finetune"
+
+    # ------------------------------------------------------------------ one step
+
+    def batch(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The batch of `step`: epochs are reshuffled by (seed, epoch), so a resume sees the same batches."""
+        def epoch_batches(epoch: int) -> list[np.ndarray]:
+            return list(sorted_batches(self.enc, self.c.batch_size, np.random.default_rng([self.c.seed, epoch])))
+
+        if self._epoch < 0:
+            self._epoch, self._batches = 0, epoch_batches(0)
+        epoch, index = divmod(step, len(self._batches))
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(epoch)
+        idx = self._batches[index]
+        return collate([self.enc.ids[i] for i in idx], self.teacher.tokenizer.pad_token_id), self.labels[idx]
+
+    def lr(self) -> float:
+        """Constant in the gate phase; linear decay to 0 over the final fine-tune."""
+        if self.phase == "gates":
+            return self.c.lr
+        done = self.step - self.c.gate_steps
+        return self.c.lr * max(0.0, 1 - done / max(1, self.c.finetune_steps))
+
+    def train_step(self) -> None:
+        c = self.c
+        batch, labels = self.batch(self.step)
+        for group in self.optimizers["model"].param_groups:
+            group["lr"] = self.lr()
+        terms: dict[str, torch.Tensor] = {}
+        pruning = self.phase == "gates" and self.schedule.pruning(self.step)
+        teacher_out = None
+        if self.phase == "gates":
+            state = self.gates.sample() if pruning else GateState.dense(self.shape)
+            self.hooks.update(state)
+            layers = c.method == "cofi" and c.alpha_layer > 0
+            out = self.student.model(**batch, output_hidden_states=layers)
+            if c.method == "cofi" or c.distill:
+                with torch.no_grad():
+                    teacher_out = self.teacher.model(**batch, output_hidden_states=layers)
+            if c.method == "cofi":
+                terms["distill_ce"] = c.alpha_ce * logit_kl(out.logits, teacher_out.logits, c.temperature)
+                if layers:
+                    loss, _ = self.matcher(out.hidden_states[1:], teacher_out.hidden_states[1:],
+                                           alive=state.mha.detach() > 0, mask=batch["attention_mask"])
+                    terms["distill_layer"] = c.alpha_layer * loss
+                if pruning:
+                    terms["lagrangian"] = self.controller(expected_sparsity(self.gates), self.schedule.at(self.step))
+            else:
+                self._task_terms(terms, out.logits, labels, teacher_out)
+                terms["l0"] = c.l0_lambda * self.gates.penalty()
+        else:
+            out = self.student.model(**batch)
+            if c.method == "cofi" or c.distill:
+                with torch.no_grad():
+                    teacher_out = self.teacher.model(**batch)
+            self._task_terms(terms, out.logits, labels, teacher_out)
+        loss = torch.stack(list(terms.values())).sum()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.model.parameters(), 1.0)
+        self.optimizers["model"].step()
+        if pruning:
+            self.optimizers["gates"].step()
+            if "lambdas" in self.optimizers:
+                self.optimizers["lambdas"].step()
+            self.gates.clamp_()
+        for name, value in (("loss", loss), *terms.items()):
+            self.losses.setdefault(name, []).append(float(value.detach()))
+
+    def _task_terms(self, terms: dict, logits: torch.Tensor, labels: torch.Tensor, teacher_out) -> None:
+        """CE, mixed (1 - alpha_ce) : alpha_ce with T^2 KL when a teacher output is given."""
+        ce = F.cross_entropy(logits, labels)
+        if teacher_out is None:
+            terms["task"] = ce
+            return
+        terms["task"] = (1 - self.c.alpha_ce) * ce
+        terms["distill_ce"] = self.c.alpha_ce * logit_kl(logits, teacher_out.logits, self.c.temperature)
+
+    # ------------------------------------------------------------------ eval steps
+
+    def current_state(self) -> GateState:
+        """The deterministic gates now: learned gates' eval rule, or the fixed state."""
+        if self.phase == "finetune":
+            return self.fixed
+        if not self.schedule.pruning(self.step):
+            return GateState.dense(self.shape)
+        return self.gates.deterministic()
+
+    def dense_figures(self, data: TextDataset) -> Figures:
+        """The teacher's accuracy and sizes on `data` (computed once per dataset)."""
+        key = data.name
+        if key not in self._dense_figures:
+            self._dense_figures[key] = figures(self.teacher, data, median_tokens(self.teacher, data.texts))
+        return self._dense_figures[key]
+
+    def evaluate(self, final: bool = False) -> dict:
+        """Measure the snapshot, record metrics and gates; adapt the eval cadence. Returns the metrics."""
+        start = time.perf_counter()
+        state = self.current_state()
+        data = self.dev if final else self.dev_subset
+        if self.phase == "gates":
+            snapshot = prune(self.student, state)
+        else:
+            snapshot = self.student
+            snapshot.model.eval()
+        try:
+            cmp = measure_snapshot(self.teacher, snapshot, data, self.dense_figures(data),
+                                   FINAL_ROUNDS if final else LIVE_ROUNDS)
+        finally:
+            self.student.model.train()
+        expected = float(expected_sparsity(self.gates).detach()) if self.phase == "gates" else cmp.sparsity
+        lambdas = self.controller.values() if self.controller is not None else (None, None)
+        losses = {f"loss_{k}" if k != "loss" else k: float(np.mean(v)) for k, v in self.losses.items() if v}
+        self.losses = {}
+        metrics = {
+            "phase": self.phase, "final": final, "examples": len(data), "method": self.c.method,
+            "accuracy": cmp.pruned.accuracy, "dense_accuracy": cmp.dense.accuracy,
+            "latency_b1_ms": cmp.pruned.latency_b1_ms, "latency_b32_ms": cmp.pruned.latency_b32_ms,
+            "dense_latency_b1_ms": cmp.dense.latency_b1_ms, "dense_latency_b32_ms": cmp.dense.latency_b32_ms,
+            "speedup_b1": cmp.speedup(1), "speedup_b32": cmp.speedup(32), "flop_speedup": cmp.flop_speedup,
+            "parameters": cmp.pruned.parameters, "dense_parameters": cmp.dense.parameters,
+            "expected_sparsity": expected, "sparsity": cmp.sparsity,
+            "target": self.schedule.at(max(0, self.step - 1)) if self.c.method == "cofi" else (
+                self.c.target_sparsity if self.c.method in BASELINES else None),
+            "lambda_1": lambdas[0], "lambda_2": lambdas[1], "lr": self.lr(),
+            **{f"loss_{k}": None for k in LOSS_TERMS}, "loss": None, **losses,
+            **alive(state), "heads_total": self.shape.heads, "units_total": self.shape.intermediate,
+            "hidden_total": self.shape.hidden, "note": cmp.note,
+        }
+        seconds = time.perf_counter() - start
+        self.clock["eval_s"] += seconds
+        self.evals += 1
+        # eval_s <= budget * (gap * step_s + eval_s)  <=>  gap >= eval_s (1 - budget) / (budget * step_s)
+        step_s = self.clock["train_s"] / max(1, self.step)
+        if step_s > 0:
+            need = seconds * (1 - self.c.eval_budget) / (self.c.eval_budget * step_s)
+            self.gap = max(self.c.eval_every, math.ceil(need))
+        self.next_eval = self.step + self.gap
+        metrics.update(self.clock, eval_seconds=seconds, eval_gap=self.gap,
+                       eval_fraction=self.clock["eval_s"] / max(1e-9, sum(self.clock.values())))
+        self.store.add_metrics(self.run_id, self.step, metrics, self.attempt)
+        self.store.add_gates(self.run_id, self.step, state, self.attempt)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> None:
+        start = time.perf_counter()
+        payload = {
+            "run_id": self.run_id, "step": self.step, "phase": self.phase, "config": self.c.to_dict(),
+            "model": self.student.model.state_dict(),
+            "gates": self.gates.state_dict() if self.gates is not None else None,
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "matcher": self.matcher.state_dict() if self.matcher is not None else None,
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "fixed_state": self.fixed.to_dict() if self.fixed is not None else None,
+            "rng": rng_state(), "losses": self.losses, "clock": dict(self.clock),
+            "cadence": {"gap": self.gap, "next_eval": self.next_eval, "evals": self.evals},
+        }
+        save_checkpoint(self.run_dir, payload)
+        self.clock["checkpoint_s"] += time.perf_counter() - start
+
+    def restore(self, payload: dict) -> None:
+        """Rebuild the state saved by `checkpoint` (ValueError if it belongs to another config)."""
+        if payload.get("config") != self.c.to_dict():
+            raise ValueError(f"The checkpoint in {self.run_dir} was written for another configuration; "
+                             "start a new run instead.")
+        try:
+            if payload["phase"] == "gates":
+                self.setup_gates()
+                self.gates.load_state_dict(payload["gates"])
+                if self.controller is not None:
+                    self.controller.load_state_dict(payload["controller"])
+                    self.matcher.load_state_dict(payload["matcher"])
+            else:
+                self.setup_finetune(GateState.from_dict(payload["fixed_state"]))
+            self.student.model.load_state_dict(payload["model"], strict=True)
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(payload["optimizers"][name])
+            set_rng_state(payload["rng"])
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise ValueError(f"The checkpoint in {self.run_dir} does not fit this model "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}).") from exc
+        self.step = int(payload["step"])
+        self.losses = {k: list(v) for k, v in payload["losses"].items()}
+        self.clock.update(payload["clock"])
+        self.gap, self.next_eval, self.evals = (int(payload["cadence"][k]) for k in ("gap", "next_eval", "evals"))
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        """A fresh run: the gate phase, or the baseline's one-shot pruning."""
+        if self.c.method in LEARNED:
+            self.setup_gates()
+            return
+        self.progress(0, 1, f"scoring heads ({self.c.method})")
+        rows = self.train_data.subset(self.c.score_examples, seed=self.c.seed)
+        state = baseline_state(self.c.method, self.teacher, rows.texts, rows.labels, self.c.target_sparsity,
+                               seed=self.c.seed, progress=self.progress)
+        self.setup_finetune(state)
+
+    def stop_requested(self) -> bool:
+        now = time.monotonic()
+        if now - getattr(self, "_stop_checked", 0.0) < 1.0:
+            return False
+        self._stop_checked = now
+        return self.store.stop_requested(self.run_id)
+
+    def run(self, resume: bool) -> str:
+        """Train to the end or to a stop request; returns "done" or "stopped"."""
+        c = self.c
+        start = time.perf_counter()
+        torch.manual_seed(c.seed)
+        if resume:
+            self.restore(load_checkpoint(self.run_dir))
+            self.store.supersede_after(self.run_id, self.step)
+        else:
+            self.store.supersede_after(self.run_id, -1)  # an earlier attempt left no checkpoint: start over
+            self.start()
+        self.clock["setup_s"] += time.perf_counter() - start
+        total = c.total_steps
+        if not resume:
+            self.evaluate()
+            self.checkpoint()
+        while self.step < total:
+            if self.stop_requested():
+                self.checkpoint()
+                return "stopped"
+            started = time.perf_counter()
+            self.train_step()
+            self.step += 1
+            self.clock["train_s"] += time.perf_counter() - started
+            self.report(total)
+            end_of_gates = self.phase == "gates" and self.step == c.gate_steps
+            if (self.step >= self.next_eval or end_of_gates) and self.step < total:
+                self.evaluate()
+                if end_of_gates or self.evals % max(1, c.checkpoint_every) == 0:
+                    if end_of_gates:
+                        self.setup_finetune(self.current_state())
+                    self.checkpoint()
+            elif end_of_gates:
+                self.setup_finetune(self.current_state())
+        if self.phase == "gates":  # finetune_steps == 0: slice the learned structure as it is
+            self.setup_finetune(self.current_state())
+        self.progress(total, total, "final evaluation on the full dev split")
+        final = self.evaluate(final=True)
+        out = save_pruned(self.student, self.run_dir / MODEL_FILE, overwrite=True)
+        final["export"] = str(out)
+        self.store.finish(self.run_id, "done", result=final)
+        return "done"
+
+    def report(self, total: int) -> None:
+        """Progress to the callback (every step) and to the store (at most twice a second)."""
+        message = self.message()
+        self.progress(self.step, total, message)
+        now = time.monotonic()
+        if now - getattr(self, "_reported", 0.0) >= 0.5 or self.step == total:
+            self._reported = now
+            self.store.heartbeat(self.run_id, step=self.step, total=total, message=message)
+
+    def message(self) -> str:
+        loss = self.losses.get("loss")
+        text = f"{self.phase} step {self.step}/{self.c.total_steps}"
+        if loss:
+            text += f", loss {loss[-1]:.3f}"
+        if self.phase == "gates" and self.c.method == "cofi" and self.schedule.pruning(self.step):
+            text += f", target {self.schedule.at(self.step):.2f}"
+        return text
+
+
+def train(config: TrainConfig, store: RunStore, run_id: int, progress: Progress | None = None, *,
+          resume: bool = False, teacher: LoadedModel | None = None) -> str:
+    """Run the training of `run_id` (already claimed as running in `store`) in this process.
+
+    `resume` continues from the run folder's checkpoint (ValueError if it is missing or corrupt).
+    `teacher` may pass the already loaded `config.model`. Ends the run in the store as done, stopped
+    (a stop request: checkpointed first) or failed (the error recorded, then re-raised); Ctrl-C marks it
+    interrupted. Returns "done" or "stopped".
+    """
+    config.check()
+    threads = torch.get_num_threads()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        with Heartbeat(store, run_id):
+            trainer = _Trainer(config, store, run_id, progress, teacher)
+            status = trainer.run(resume)
+        if status == "stopped":
+            store.finish(run_id, "stopped")
+        return status
+    except KeyboardInterrupt:
+        store.finish(run_id, "interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+        raise
+    except BaseException as exc:
+        store.finish(run_id, "failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+        raise
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_job(store: RunStore, run_id: int, progress: Progress | None = None, *, exclusive: bool = True,
+            teacher: LoadedModel | None = None) -> str:
+    """Start or resume run `run_id` in this process: queue it, wait for its turn, then `train`.
+
+    A run with a checkpoint in its folder resumes from it; otherwise it starts from step 0. Returns
+    "done", "stopped" (also when stopped while still queued).
+    """
+    run = store.enqueue(run_id)
+    config = TrainConfig.from_dict(run.config)
+    wait = (lambda message: progress(0, 1, message)) if progress else None
+    if not store.wait_turn(run_id, exclusive=exclusive, on_wait=wait):
+        return "stopped"
+    resume = (run.run_dir / CHECKPOINT).exists()
+    return train(config, store, run_id, progress, resume=resume, teacher=teacher)
