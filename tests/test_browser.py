@@ -118,7 +118,7 @@ def test_gates_page_toggles_a_head_and_figures_change_in_a_real_browser(app_url,
     assert float(after["Parameters"].split()[0]) < float(before["Parameters"].split()[0])
     latencies = ("Latency, batch 1", "Latency, batch 32")
     assert [after[k] for k in latencies] != [before[k] for k in latencies]  # timed again for the new model
-    assert page.get_by_text("This session's changes").count()
+    page.get_by_text("This session's changes").wait_for(timeout=60_000)  # the history chart, drawn after
     assert not page.locator('[data-testid="stException"]').count()
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "gates_page.png"))
