@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -194,6 +195,129 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per `TrainConfig` field (default None = the config's default), help from its metadata."""
+    from dataclasses import MISSING, fields
+
+    from pruning.train import METHODS, TrainConfig
+
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        kwargs: dict = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": None}
+        if f.name == "method":
+            kwargs["choices"] = METHODS
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(default)
+            kwargs["metavar"] = f.name.split("_")[-1].upper()
+        parser.add_argument(_config_flag(f.name), dest=f"cfg_{f.name}", **kwargs)
+
+
+def _given_config(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields set on the command line."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+def _summary(run) -> str:
+    """One line about a finished (or stopped) run."""
+    r = run.result or {}
+    if run.status != "done" or not r:
+        return f"run {run.id} {run.status} at step {run.step}/{run.total}" + (f": {run.error}" if run.error else "")
+    return (f"run {run.id} done: accuracy {r['accuracy']:.4f} (dense {r['dense_accuracy']:.4f}) on {r['examples']} "
+            f"dev examples, sparsity {r['sparsity']:.3f}, batch-32 speedup {r['speedup_b32']:.2f}x, "
+            f"batch-1 {r['speedup_b1']:.2f}x; saved {r.get('export')}")
+
+
+def _run_and_report(store, run_id: int, job: str | None, *, parallel: bool, as_json: bool, teacher=None) -> int:
+    from core.__main__ import run_with_bar
+    from pruning.train import run_job
+
+    run_with_bar(job, lambda bar: run_job(store, run_id, bar, exclusive=not parallel, teacher=teacher))
+    run = store.get(run_id)
+    if as_json:
+        print(json.dumps({"id": run.id, "status": run.status, "step": run.step, "total": run.total,
+                          "run_dir": str(run.run_dir), "error": run.error, "result": run.result}, indent=1))
+    else:
+        print(_summary(run))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Create a run from the options (or take run --run ID from the store) and train it here."""
+    from core.__main__ import load_or_prepare
+    from pruning.runs import RunStore
+    from pruning.train import TrainConfig, load_splits
+
+    store = RunStore()
+    given = _given_config(args)
+    if args.run is not None:
+        if given or args.run_dir is not None:
+            names = ", ".join([_config_flag(k) for k in given] + (["--run-dir"] if args.run_dir else []))
+            raise ValueError(f"--run ID takes its configuration from the run store; drop {names}.")
+        return _run_and_report(store, args.run, args.job, parallel=args.parallel, as_json=args.json)
+    config = TrainConfig(**given).check()
+    if args.run_dir is not None and args.run_dir.exists() and any(args.run_dir.iterdir()):
+        raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; choose a new folder.")
+    loaded = load_or_prepare(config.model)
+    load_splits(config.data, loaded.label_names)  # bad data fails here, before a run is recorded
+    run_id = store.create(config.to_dict(), args.run_dir)
+    print(f"run {run_id} in {store.get(run_id).run_dir}", file=sys.stderr)
+    return _run_and_report(store, run_id, args.job, parallel=args.parallel, as_json=args.json, teacher=loaded)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """`runs list | stop ID | resume ID | delete ID`."""
+    from pruning.runs import RunStore, start_process
+
+    store = RunStore()
+    if args.action == "list":
+        runs = store.list()
+        if args.json:
+            print(json.dumps([{"id": r.id, "status": r.status, "step": r.step, "total": r.total, "config": r.config,
+                               "run_dir": str(r.run_dir), "error": r.error, "result": r.result} for r in runs],
+                             indent=1))
+            return 0
+        if not runs:
+            print("no runs")
+            return 0
+        rows = [("id", "status", "method", "target", "step", "accuracy", "speedup b32", "created", "error")]
+        for r in runs:
+            res = r.result or {}
+            rows.append((str(r.id), r.status, r.config.get("method", "?"), f"{r.config.get('target_sparsity', 0):.2f}",
+                         f"{r.step}/{r.total}", f"{res['accuracy']:.4f}" if "accuracy" in res else "-",
+                         f"{res['speedup_b32']:.2f}x" if res.get("speedup_b32") else "-",
+                         time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), (r.error or "")[:60]))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
+        return 0
+    if args.id is None:
+        raise ValueError(f"runs {args.action} needs a run ID (see `python -m pruning runs list`).")
+    if args.action == "stop":
+        run = store.request_stop(args.id)
+        print(f"stop requested for run {run.id} ({run.status}); it checkpoints and stops at its next step")
+        return 0
+    if args.action == "delete":
+        store.delete(args.id)
+        print(f"deleted run {args.id}")
+        return 0
+    run = store.get(args.id)  # resume
+    if run.status == "done":
+        raise ValueError(f"Run {run.id} is already done; start a new run instead.")
+    if run.active:
+        raise ValueError(f"Run {run.id} is already {run.status} (pid {run.pid}).")
+    if args.background:
+        proc = start_process(["pruning", "train", "--run", str(run.id)] + (["--parallel"] if args.parallel else []),
+                             run.run_dir / "train.log")
+        print(f"resuming run {run.id} in the background (pid {proc.pid}); log {run.run_dir / 'train.log'}")
+        return 0
+    return _run_and_report(store, run.id, args.job, parallel=args.parallel, as_json=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m pruning", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +350,25 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     ev.add_argument("--job", help=argparse.SUPPRESS)
     ev.set_defaults(func=cmd_evaluate)
+    tr = sub.add_parser("train", help="learn which heads / sublayers / units / dims to drop (cofi, l0) or prune "
+                        "one-shot (baselines), then fine-tune; progress goes to the run store")
+    _add_train_options(tr)
+    tr.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
+                    help="new folder for checkpoints and the pruned model (default: under $HEADLAB_HOME/runs)")
+    tr.add_argument("--run", type=int, default=None, metavar="ID",
+                    help="train the existing run ID from the store (queued by the app, or to resume it)")
+    tr.add_argument("--parallel", action="store_true", help="do not wait for other running jobs")
+    tr.add_argument("--json", action="store_true", help="print the run's record as JSON at the end")
+    tr.add_argument("--job", help=argparse.SUPPRESS)
+    tr.set_defaults(func=cmd_train)
+    ru = sub.add_parser("runs", help="list, stop, resume or delete training runs")
+    ru.add_argument("action", choices=["list", "stop", "resume", "delete"])
+    ru.add_argument("id", type=int, nargs="?", default=None, help="run ID (stop, resume, delete)")
+    ru.add_argument("--background", action="store_true", help="resume: run in a detached process")
+    ru.add_argument("--parallel", action="store_true", help="resume: do not wait for other running jobs")
+    ru.add_argument("--json", action="store_true", help="print JSON")
+    ru.add_argument("--job", help=argparse.SUPPRESS)
+    ru.set_defaults(func=cmd_runs)
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     try:
