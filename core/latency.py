@@ -77,13 +77,17 @@ def measure(model, tokenizer, texts: list[str], batch_sizes: tuple[int, ...] = (
 
 
 def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], *, rounds: int = 5,
-            repeats_per_round: int = 5) -> dict[str, Latency]:
-    """Interleave models A B A B ... on the same batch so machine drift hits all of them alike."""
+            repeats_per_round: int = 5, warmup: bool = True) -> dict[str, Latency]:
+    """Interleave models A B A B ... on the same batch so machine drift hits all of them alike.
+
+    `warmup=False` skips the untimed first call of each model (for models that just ran).
+    """
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for m in models.values():
             m.eval()
-            m(**batch)
+            if warmup:
+                m(**batch)
         for _ in range(rounds):
             for name, m in models.items():
                 for _ in range(repeats_per_round):

@@ -97,8 +97,9 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
     for batch_size, (n_rounds, repeats) in (rounds or {1: (3, 3), 32: (2, 1)}).items():
         batch = make_batch(loaded.tokenizer, typical_texts(loaded, data.texts, batch_size), batch_size,
                            loaded.max_length)
+        # Both models just ran (evaluation, earlier calls); at batch 32 a warm-up call costs more than it buys.
         timed = compare({"dense": loaded.model, "pruned": pruned_model.model}, batch, rounds=n_rounds,
-                        repeats_per_round=repeats)
+                        repeats_per_round=repeats, warmup=batch_size == 1)
         setattr(base, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
         setattr(pruned, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
     return Comparison(dense=base, pruned=pruned, sparsity=exact_sparsity(state), seq_len=seq_len,
