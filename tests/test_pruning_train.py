@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from core.models import load_model
+from pruning.__main__ import main
+from pruning.baselines import BASELINES, baseline_state, head_scores
 from pruning.distill import LayerMatcher, align_layers, logit_kl, masked_mse, teacher_layers
+from pruning.export import load_pruned
 from pruning.gates import CoFiGates, GateShape
 from pruning.lagrangian import LagrangianController, TargetSchedule, lagrangian_loss
-from pruning.size import expected_sparsity
+from pruning.runs import CHECKPOINT, RunStore, load_checkpoint
+from pruning.size import exact_sparsity, expected_sparsity
+from pruning.surgery import pruning_info
+from pruning.train import TrainConfig, load_splits, run_job
 
 torch.set_num_threads(1)
 TINY_SHAPE = GateShape(layers=2, heads=4, head_dim=8, intermediate=64, hidden=32)  # conftest's tiny BERT
@@ -51,7 +65,7 @@ def test_lagrangian_alone_moves_expected_sparsity_to_the_target(target):
     controller = LagrangianController()
     descent, ascent = torch.optim.Adam(gates.parameters(), lr=0.1), controller.optimizer(lr=0.1)
     schedule = TargetSchedule(target, start=0, warmup=100)
-    start = float(expected_sparsity(gates))
+    start = float(expected_sparsity(gates).detach())
     for step in range(300):
         loss = controller(expected_sparsity(gates), schedule.at(step))
         descent.zero_grad()
@@ -60,7 +74,7 @@ def test_lagrangian_alone_moves_expected_sparsity_to_the_target(target):
         descent.step()
         ascent.step()
         gates.clamp_()
-    end = float(expected_sparsity(gates))
+    end = float(expected_sparsity(gates).detach())
     assert start < 0.2
     assert abs(end - target) < 0.02, (start, end)
 
@@ -73,10 +87,10 @@ def test_logit_kl_by_hand():
     teacher = torch.tensor([[2 * math.log(3.0), 0.0]])
     student = torch.zeros(1, 2, requires_grad=True)
     kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    assert float(logit_kl(student, teacher, 2.0)) == pytest.approx(4 * kl, rel=1e-6)
+    assert float(logit_kl(student, teacher, 2.0).detach()) == pytest.approx(4 * kl, rel=1e-6)
     assert float(logit_kl(teacher.clone(), teacher, 2.0)) == pytest.approx(0.0, abs=1e-7)
     # batch mean: a second identical row leaves the value unchanged
-    assert float(logit_kl(student.repeat(2, 1), teacher.repeat(2, 1))) == pytest.approx(4 * kl, rel=1e-6)
+    assert float(logit_kl(student.repeat(2, 1), teacher.repeat(2, 1)).detach()) == pytest.approx(4 * kl, rel=1e-6)
     logit_kl(student, teacher).backward()
     assert student.grad is not None and student.grad[0, 0] < 0  # student moves towards class 0
     with pytest.raises(ValueError, match="differ"):
@@ -122,3 +136,209 @@ def test_layer_matcher_by_hand():
     assert alignment == [0] and float(loss) == pytest.approx(0.0)
     loss, alignment = two([t[0], s[0]], [s[0], t[0]], alive=torch.tensor([False, True]))
     assert alignment == [1] and float(loss) == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------------------- training runs (tiny model)
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(batch_size=8, eval_every=10, eval_budget=1.0, eval_examples=8, checkpoint_every=1, score_examples=16)
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> Path:
+    """120 labeled rows (96 train, 12 dev) with the tiny model's label names."""
+    rows = ["text,label"] + [f'"a {w} film number {i}",{lab}' for i in range(60)
+                             for w, lab in (("great", "pos"), ("awful", "neg"))]
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+def run_config(store: RunStore, tiny, progress=None, **overrides) -> tuple[int, str]:
+    config = TrainConfig(**{**SMALL, **overrides})
+    run_id = store.create(config.to_dict())
+    return run_id, run_job(store, run_id, progress, teacher=tiny)
+
+
+def test_config_validation_names_the_field():
+    assert TrainConfig().check().total_steps == TrainConfig().steps + TrainConfig().finetune_steps
+    for bad, field_name in ((dict(target_sparsity=1.2), "target_sparsity"), (dict(method="magic"), "method"),
+                            (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"), (dict(steps=0), "steps"),
+                            (dict(distill="yes"), "distill"), (dict(alpha_ce=1.5), "alpha_ce")):
+        with pytest.raises(ValueError, match=f"'{field_name}' parameter of TrainConfig"):
+            TrainConfig(**bad).check()
+    with pytest.raises(ValueError, match="must not exceed steps"):
+        TrainConfig(steps=10, prefinetune_steps=5, warmup_steps=6).check()
+    with pytest.raises(ValueError, match="Unknown training config field"):
+        TrainConfig.from_dict({"stepz": 3})
+    assert TrainConfig.from_dict(TrainConfig(method="l0").to_dict()) == TrainConfig(method="l0")
+
+
+def test_cofi_run_reaches_the_target_and_exports(tiny, tiny_dir, reviews, tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id, status = run_config(store, tiny, model=str(tiny_dir), data=str(reviews), method="cofi",
+                                target_sparsity=0.5, steps=120, prefinetune_steps=5, warmup_steps=50,
+                                finetune_steps=10)
+    run = store.get(run_id)
+    assert status == "done" and run.status == "done" and run.step == run.total == 130
+    rows = store.metrics(run_id)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 130 and 120 in steps
+    for key in ("accuracy", "dense_accuracy", "latency_b1_ms", "latency_b32_ms", "speedup_b32", "expected_sparsity",
+                "sparsity", "target", "lambda_1", "lambda_2", "loss_distill_ce", "loss_distill_layer",
+                "loss_lagrangian", "heads_alive", "units_alive", "hidden_alive", "eval_fraction"):
+        assert key in rows[-1], key
+    gate_end = next(r for r in rows if r["step"] == 120)
+    assert gate_end["phase"] == "gates" and gate_end["target"] == pytest.approx(0.5)
+    assert abs(gate_end["expected_sparsity"] - 0.5) < 0.1  # the Lagrangian, with distillation on, got there
+    assert gate_end["lambda_2"] > 0
+    final = run.result
+    assert final["final"] and final["examples"] == 12 and final["phase"] == "finetune"
+    assert final["sparsity"] > 0.2 and final["parameters"] < final["dense_parameters"]
+    assert len(store.gate_steps(run_id)) == len(rows)
+    exported = load_pruned(final["export"])
+    assert [len(h) for h in pruning_info(exported.model).plan.heads] == final["heads_alive"]
+    assert exported.architecture().encoder_parameters < tiny.architecture().encoder_parameters
+
+
+def test_l0_gates_close_under_a_large_lambda(tiny, tiny_dir, reviews, tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    common = dict(model=str(tiny_dir), data=str(reviews), method="l0", steps=160, finetune_steps=0, gate_lr=0.2,
+                  distill=False, eval_every=40)
+    closing, _ = run_config(store, tiny, l0_lambda=5.0, **common)
+    keeping, _ = run_config(store, tiny, l0_lambda=0.0, **common)
+    closed = store.get(closing).result
+    assert sum(closed["heads_alive"]) <= 2, closed["heads_alive"]  # of 8
+    assert closed["expected_sparsity"] > 0.3 and closed["loss_l0"] > 0
+    assert sum(store.get(keeping).result["heads_alive"]) == 8
+    assert store.gates(closing).closed_heads()  # the snapshot has them closed too
+
+
+@pytest.mark.parametrize("method", ["relevance", "importance", "random"])
+def test_baselines_prune_to_the_target_then_finetune(method, tiny, tiny_dir, reviews, tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id, status = run_config(store, tiny, model=str(tiny_dir), data=str(reviews), method=method,
+                                target_sparsity=0.6, finetune_steps=10)
+    rows = store.metrics(run_id)
+    assert status == "done" and [r["step"] for r in rows] == [0, 10]
+    assert rows[0]["sparsity"] == pytest.approx(0.6, abs=0.05) and rows[0]["phase"] == "finetune"
+    assert rows[0]["loss"] is None and rows[-1]["loss"] > 0
+
+
+def test_baseline_states_follow_their_scores(tiny, reviews):
+    data = load_splits(str(reviews), tiny.label_names).train
+    states = {m: baseline_state(m, tiny, data.texts[:16], data.labels[:16], 0.4) for m in BASELINES}
+    for state in states.values():
+        assert abs(exact_sparsity(state) - 0.4) < 0.05
+    scores = head_scores("importance", tiny, data.texts[:16], data.labels[:16])
+    kept = states["importance"].head > 0
+    assert scores[kept].min() >= scores[~kept].max()  # the most important heads survive
+    with pytest.raises(ValueError, match="'method' parameter of head_scores"):
+        head_scores("taylor", tiny, [], [])
+
+
+def stop_at(store: RunStore, run_id: int, step: int):
+    """A progress callback requesting a stop after `step` steps."""
+    def progress(done, total, message):
+        if done == step:
+            store.request_stop(run_id)
+            time.sleep(1.1)  # the loop looks at the stop flag at most once a second
+    return progress
+
+
+def test_stop_then_resume_continues_the_step_count(tiny, tiny_dir, reviews, tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    config = TrainConfig(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "method": "cofi",
+                            "target_sparsity": 0.4, "steps": 60, "prefinetune_steps": 5, "warmup_steps": 20,
+                            "finetune_steps": 20})
+    run_id = store.create(config.to_dict())
+
+    assert run_job(store, run_id, stop_at(store, run_id, 25), teacher=tiny) == "stopped"
+    run = store.get(run_id)
+    assert run.status == "stopped" and run.step == 25 and load_checkpoint(run.run_dir)["step"] == 25
+    assert run_job(store, run_id, teacher=tiny) == "done"
+    rows = store.metrics(run_id)
+    assert [r["step"] for r in rows] == [0, 10, 20, 30, 40, 50, 60, 70, 80]
+    assert [r["attempt"] for r in rows] == [1, 1, 1, 2, 2, 2, 2, 2, 2] and store.get(run_id).step == 80
+
+
+def run_cli(*args: str, home: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pruning", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HEADLAB_HOME": str(home)})
+
+
+def test_kill_9_then_resume_continues_the_step_count(tiny_dir, reviews, tmp_path, monkeypatch, capsys):
+    """A real `python -m pruning train` killed with SIGKILL is detected; `runs resume` finishes it."""
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    proc = run_cli("train", "--model", str(tiny_dir), "--data", str(reviews), "--method", "cofi",
+                   "--target-sparsity", "0.4", "--steps", "200", "--prefinetune-steps", "5", "--warmup-steps", "50",
+                   "--finetune-steps", "20", "--batch-size", "8", "--eval-every", "20", "--eval-budget", "1",
+                   "--eval-examples", "8", "--checkpoint-every", "1", "--run-dir", str(tmp_path / "run"), home=tmp_path)
+    store = RunStore(tmp_path / "runs.sqlite")
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        listed = store.list()
+        if listed and listed[0].step >= 45 and len(store.metrics(listed[0].id)) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    run = store.list()[0]
+    assert run.status == "interrupted" and "ended without finishing" in run.error
+    checkpoint_step = load_checkpoint(run.run_dir)["step"]
+    before = [r["step"] for r in store.metrics(run.id)]
+    assert 0 < checkpoint_step <= run.step < 220
+
+    assert main(["runs", "resume", str(run.id)]) == 0
+    assert "done" in capsys.readouterr().out
+    run = store.get(run.id)
+    assert (run.status, run.step, run.total, run.attempt) == ("done", 220, 220, 2)
+    rows = store.metrics(run.id)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 220
+    assert [s for s in steps if s <= checkpoint_step] == [s for s in before if s <= checkpoint_step]  # kept
+    assert all(r["attempt"] == 2 for r in rows if r["step"] > checkpoint_step)  # the curve continues there
+    assert min(r["step"] for r in rows if r["attempt"] == 2) > checkpoint_step
+    assert (run.run_dir / "model" / "pruning.json").is_file()
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tiny, tiny_dir, reviews, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    store = RunStore()
+    config = TrainConfig(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "method": "random",
+                            "target_sparsity": 0.3, "finetune_steps": 30})
+    run_id = store.create(config.to_dict())
+    assert run_job(store, run_id, stop_at(store, run_id, 5), teacher=tiny) == "stopped"
+    path = store.get(run_id).run_dir / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:1000])
+    assert main(["runs", "resume", str(run_id)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: The checkpoint") and "corrupt or unreadable" in err
+    assert "Traceback" not in err
+    assert store.get(run_id).status == "failed" and "corrupt" in store.get(run_id).error
+    path.unlink()
+    assert main(["runs", "resume", str(run_id)]) == 0  # no checkpoint: the run starts over from step 0
+    assert store.get(run_id).status == "done" and store.get(run_id).attempt == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--target-sparsity", "1.2"], "'target_sparsity' parameter"),
+    (["train", "--method", "magic"], "invalid choice"),
+    (["train", "--run", "3", "--steps", "5"], "drop --steps"),
+    (["runs", "stop", "42"], "no run 42"),
+    (["runs", "resume"], "needs a run ID"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    try:
+        rc = main(args)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and re.search(message, err), err
