@@ -1,0 +1,147 @@
+"""Prune-and-finetune benchmark: accuracy retention, measured speedup and wall time of training runs.
+
+Runs, one after the other in this process, on the default model and task (each a real run in the run
+store, so they also appear on the Prune page):
+
+    cofi-0.6     CoFi at 60% target sparsity
+    cofi-0.9     CoFi at 90%
+    l0           Voita's L0 head gates (lambda from --l0-lambda)
+    random-0.6   the random one-shot baseline at 60%, then the same fine-tune
+    (relevance-0.6, importance-0.6, cofi-<t>, random-<t> ... may be named too)
+
+For each it prints dev accuracy on the full dev split and its ratio to the dense teacher (retention),
+heads alive, exact sparsity, the batch-32 and batch-1 speedup measured interleaved with the dense
+model at the final evaluation, and the wall time (setup, training, live metrics, checkpoints). With
+`--small-dense` it adds the fine-tuned 3-layer MiniLM (`minilm-l3`, prepared once by
+`python -m core prepare minilm-l3`) timed against the dense default in the same process: the
+large-sparse vs small-dense comparison (Zhu & Gupta 2017).
+
+Quality bar (issue 5): CoFi 0.6 keeps >= 97% of dense accuracy at >= 1.8x batch-32 speedup; CoFi 0.9
+keeps >= 90% at >= 4x; each <= 20 minutes on 2 cores; L0 closes >= 50% of heads within 1 point.
+
+Run: .venv/bin/python -m bench.train_bench [--configs cofi-0.6,cofi-0.9,l0,random-0.6] [--threads 2]
+     [--steps N] [--finetune-steps N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import time
+
+import torch
+
+from core.data import load_data
+from core.models import load_model
+from pruning.live import figures
+from pruning.runs import RunStore
+from pruning.train import METHODS, TrainConfig, measure_snapshot, run_job
+
+DEFAULT_CONFIGS = "cofi-0.6,cofi-0.9,l0,random-0.6"
+
+
+def parse_config(name: str, base: TrainConfig) -> TrainConfig:
+    """"cofi-0.6" -> base with method cofi, target 0.6; "l0" -> method l0."""
+    method, _, target = name.partition("-")
+    if method not in METHODS:
+        raise SystemExit(f"error: unknown configuration {name!r}; methods are {', '.join(METHODS)}")
+    changes: dict = {"method": method}
+    if target:
+        changes["target_sparsity"] = float(target)
+    return dataclasses.replace(base, **changes).check()
+
+
+def small_dense_row(threads: int) -> dict | None:
+    """minilm-l3 vs the dense default on the full dev split, timed interleaved (None if not prepared)."""
+    try:
+        small, dense = load_model("minilm-l3"), load_model("default")
+    except ValueError as exc:
+        print(f"(small-dense row skipped: {exc})")
+        return None
+    dev = load_data("default", split="dev", label_names=dense.label_names)
+    from core.summary import median_tokens
+
+    dense_fig = figures(dense, dev, median_tokens(dense, dev.texts))
+    small.notes.append("minilm-l3 (3 layers, dense)")
+    cmp = measure_snapshot(dense, small, dev, dense_fig, {1: (5, 5), 32: (5, 2)})
+    return {"name": "minilm-l3 (small dense)", "accuracy": cmp.pruned.accuracy, "dense_accuracy": cmp.dense.accuracy,
+            "speedup_b32": cmp.speedup(32), "speedup_b1": cmp.speedup(1), "sparsity": None, "heads": "36/36",
+            "seconds": None, "threads": threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated (default {DEFAULT_CONFIGS})")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training and timing")
+    parser.add_argument("--steps", type=int, default=None, help="gate-phase steps (default: TrainConfig's)")
+    parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--l0-lambda", type=float, default=None)
+    parser.add_argument("--quick", action="store_true", help="a short smoke configuration (60 + 20 steps)")
+    parser.add_argument("--small-dense", action="store_true", help="add the minilm-l3 row")
+    args = parser.parse_args()
+
+    base = TrainConfig(model=args.model, threads=args.threads)
+    changes = {k: v for k, v in (("steps", args.steps), ("finetune_steps", args.finetune_steps),
+                                 ("l0_lambda", args.l0_lambda)) if v is not None}
+    if args.quick:
+        changes = {"steps": 60, "prefinetune_steps": 5, "warmup_steps": 30, "finetune_steps": 20, **changes}
+    elif "steps" in changes:  # keep the schedule's proportions
+        changes.setdefault("prefinetune_steps", min(base.prefinetune_steps, changes["steps"] // 10))
+        changes.setdefault("warmup_steps", changes["steps"] // 2)
+    base = dataclasses.replace(base, **changes)
+    torch.set_num_threads(args.threads)
+    store = RunStore()
+    rows = []
+    for name in args.configs.split(","):
+        config = parse_config(name.strip(), base)
+        run_id = store.create(config.to_dict())
+        start = time.perf_counter()
+        last = [0.0]
+
+        def progress(done: int, total: int, message: str, name=name) -> None:
+            now = time.perf_counter()
+            if now - last[0] > 30 or done == total:
+                last[0] = now
+                print(f"  [{name}] {message} ({now - start:.0f} s)", flush=True)
+
+        status = run_job(store, run_id, progress)
+        run = store.get(run_id)
+        r = run.result or {}
+        rows.append({"name": f"{name} (run {run_id})", "status": status, "accuracy": r.get("accuracy"),
+                     "dense_accuracy": r.get("dense_accuracy"), "speedup_b32": r.get("speedup_b32"),
+                     "speedup_b1": r.get("speedup_b1"), "sparsity": r.get("sparsity"),
+                     "heads": f"{sum(r.get('heads_alive', []))}/{len(r.get('heads_alive', [])) * r.get('heads_total', 0)}",
+                     "seconds": time.perf_counter() - start, "eval_fraction": r.get("eval_fraction")})
+        print(f"{name}: {status} in {rows[-1]['seconds']:.0f} s", flush=True)
+    if args.small_dense:
+        row = small_dense_row(args.threads)
+        if row:
+            rows.append(row)
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = ("run", "dev acc", "dense", "retention", "sparsity", "heads", "b32 speedup", "b1 speedup", "time",
+              "live metrics")
+    table = [header]
+    for r in rows:
+        retention = r["accuracy"] / r["dense_accuracy"] if r.get("accuracy") and r.get("dense_accuracy") else None
+        table.append((r["name"], fmt(r["accuracy"], ".4f"), fmt(r["dense_accuracy"], ".4f"), fmt(retention, ".1%"),
+                      fmt(r["sparsity"], ".3f"), r["heads"], fmt(r["speedup_b32"], ".2f") + "x",
+                      fmt(r["speedup_b1"], ".2f") + "x",
+                      "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f} min",
+                      fmt(r.get("eval_fraction"), ".0%")))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print()
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table))
+    load = os.getloadavg()
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} threads; config {dataclasses.asdict(base)}; load average at the end "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
