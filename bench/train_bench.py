@@ -71,6 +71,19 @@ def small_dense_row(threads: int) -> dict | None:
             "seconds": None, "threads": threads}
 
 
+class Printer:
+    """Progress callback printing one line every 30 s."""
+
+    def __init__(self, name: str, start: float):
+        self.name, self.start, self.last = name, start, 0.0
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        now = time.perf_counter()
+        if now - self.last > 30 or done == total:
+            self.last = now
+            print(f"  [{self.name}] {message} ({now - self.start:.0f} s)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated (default {DEFAULT_CONFIGS})")
@@ -99,21 +112,14 @@ def main() -> None:
         config = parse_config(name.strip(), base)
         run_id = store.create(config.to_dict())
         start = time.perf_counter()
-        last = [0.0]
-
-        def progress(done: int, total: int, message: str, name=name) -> None:
-            now = time.perf_counter()
-            if now - last[0] > 30 or done == total:
-                last[0] = now
-                print(f"  [{name}] {message} ({now - start:.0f} s)", flush=True)
-
-        status = run_job(store, run_id, progress)
+        status = run_job(store, run_id, Printer(name, start))
         run = store.get(run_id)
         r = run.result or {}
+        alive = r.get("heads_alive", [])
         rows.append({"name": f"{name} (run {run_id})", "status": status, "accuracy": r.get("accuracy"),
                      "dense_accuracy": r.get("dense_accuracy"), "speedup_b32": r.get("speedup_b32"),
                      "speedup_b1": r.get("speedup_b1"), "sparsity": r.get("sparsity"),
-                     "heads": f"{sum(r.get('heads_alive', []))}/{len(r.get('heads_alive', [])) * r.get('heads_total', 0)}",
+                     "heads": f"{sum(alive)}/{len(alive) * r.get('heads_total', 0)}",
                      "seconds": time.perf_counter() - start, "eval_fraction": r.get("eval_fraction")})
         print(f"{name}: {status} in {rows[-1]['seconds']:.0f} s", flush=True)
     if args.small_dense:
