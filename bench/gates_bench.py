@@ -49,7 +49,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
         assert not at.exception, at.exception
         shown = {m.label: m.value for m in at.metric}
-        print(f"  {len(closed):2d} heads closed: {times[-1]:.2f} s  accuracy {shown['Accuracy (100 dev sentences)']}, "
+        print(f"  {len(closed):2d} heads closed: {times[-1]:.2f} s  accuracy {shown['Accuracy (100 dev)']}, "
               f"batch 1 {shown['Latency, batch 1']}, batch 32 {shown['Latency, batch 32']}")
     print(f"toggle -> figures on screen: median {statistics.median(times):.2f} s, max {max(times):.2f} s "
           f"over {len(times)} changes; goal <= 2 s")

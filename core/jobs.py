@@ -8,6 +8,7 @@ without finishing is reported as interrupted, never left "running" forever.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -122,3 +123,21 @@ def start_job(name: str, args: list[str], db: Path | None = None) -> subprocess.
     # Record the job before returning so the next poll sees it running (and does not start it again).
     _register(name, proc.pid, db)
     return proc
+
+
+def cancel_job(name: str, db: Path | None = None) -> bool:
+    """Stop a running job (SIGTERM to its process group) and forget it, so it can be started afresh.
+
+    Returns True if a running job was stopped. What the job already wrote (atomic outputs) stays.
+    """
+    state = job_state(name, db)
+    stopped = False
+    if state is not None and state.status == "running" and state.pid:
+        try:
+            os.killpg(state.pid, signal.SIGTERM)  # start_job runs each job in its own session
+            stopped = True
+        except (ProcessLookupError, PermissionError):
+            pass
+    with _connect(db) as con:
+        con.execute("DELETE FROM jobs WHERE name=?", (name,))
+    return stopped

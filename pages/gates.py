@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.heads import report_dir
-from core.jobs import job_state
+from core.jobs import cancel_job, job_state
 from core.models import ModelNotPrepared
 from pruning.export import check_name
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
@@ -43,10 +43,15 @@ layers, heads = arch.layers, arch.heads
 gates = g.current()
 
 # ----------------------------------------------------------------------------- live figures
+digest, state_file = g.gates_file(loaded, gates)
+refining = st.session_state.get("gates_refining")
+if refining and not refining.startswith(f"gates-eval-{digest}-"):
+    cancel_job(refining)  # an earlier change's full-dev job: stale, and it would slow the timing below
+    st.session_state.pop("gates_refining")
 result = g.measure(loaded, gates, subset)
 dense, pruned = result.dense, result.pruned
 cols = st.columns(6)
-cols[0].metric(f"Accuracy ({len(subset)} dev sentences)", f"{pruned.accuracy:.1%}",
+cols[0].metric(f"Accuracy ({len(subset)} dev)", f"{pruned.accuracy:.1%}",
                f"{(pruned.accuracy - dense.accuracy) * 100:+.1f} pts", help=f"dense {dense.accuracy:.1%}")
 cols[1].metric("Latency, batch 1", f"{pruned.latency_b1_ms:.1f} ms", f"{result.speedup(1):.2f}× faster",
                delta_color="normal" if result.speedup(1) >= 1 else "inverse",
@@ -142,7 +147,6 @@ with right:
         st.rerun()
 
 # ----------------------------------------------------------------------------- full dev set, in the background
-digest, state_file = g.gates_file(loaded, gates)
 full = g.refined_path(digest, data)
 if full.exists():
     record = json.loads(full.read_text())
@@ -152,16 +156,11 @@ if full.exists():
                f"{p['latency_b1_ms']:.1f} ms vs {d['latency_b1_ms']:.1f} ms, batch 32 {p['latency_b32_ms']:.0f} ms vs "
                f"{d['latency_b32_ms']:.0f} ms (more repeats, timed in a separate process).")
 else:
-    running = st.session_state.get("gates_refining")
-    if running and getattr(job_state(running), "status", "") == "running":  # one at a time: the latest waits
-        st.caption("The full dev set evaluation of an earlier change is running; this one follows.")
-        wait_for(running, "Full dev set (earlier change)", lambda: job_state(running).status != "running")
-    else:
-        job = f"gates-eval-{digest}-{data.fingerprint()}"
-        ensure_job(job, ["pruning", "evaluate", "--model", spec, "--data", data_spec, "--gates", str(state_file),
-                         "--out", str(full), "--job", job])
-        st.session_state["gates_refining"] = job
-        wait_for(job, "Full dev set", full.exists)
+    job = f"gates-eval-{digest}-{data.fingerprint()}"
+    ensure_job(job, ["pruning", "evaluate", "--model", spec, "--data", data_spec, "--gates", str(state_file),
+                     "--out", str(full), "--job", job])
+    st.session_state["gates_refining"] = job
+    wait_for(job, "Full dev set", full.exists)
 
 if len(history) > 1:
     st.plotly_chart(history_chart(pd.DataFrame(history).drop(columns="gates")), key="history")

@@ -126,3 +126,14 @@ def test_job_store_reports_progress_and_detects_a_killed_job(tmp_path, monkeypat
     proc.wait()
     state = job_state("victim")
     assert state.status == "interrupted" and state.done == 1 and "ended" in state.error
+
+
+def test_cancel_job_stops_the_process_and_forgets_it(tmp_path, monkeypatch):
+    from core.jobs import cancel_job, start_job
+
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    proc = start_job("sleeper", ["http.server", "0", "--bind", "127.0.0.1"])
+    assert job_state("sleeper").status == "running"
+    assert cancel_job("sleeper")
+    assert proc.wait(timeout=20) != 0 and job_state("sleeper") is None
+    assert not cancel_job("sleeper")  # nothing left to stop
