@@ -272,7 +272,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """`runs list | stop ID | resume ID | delete ID`."""
-    from pruning.runs import RunStore, start_process
+    from pruning.runs import RunStore, launch
 
     store = RunStore()
     if args.action == "list":
@@ -311,8 +311,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if run.active:
         raise ValueError(f"Run {run.id} is already {run.status} (pid {run.pid}).")
     if args.background:
-        proc = start_process(["pruning", "train", "--run", str(run.id)] + (["--parallel"] if args.parallel else []),
-                             run.run_dir / "train.log")
+        proc = launch(store, run.id, parallel=args.parallel)
         print(f"resuming run {run.id} in the background (pid {proc.pid}); log {run.run_dir / 'train.log'}")
         return 0
     return _run_and_report(store, run.id, args.job, parallel=args.parallel, as_json=args.json)

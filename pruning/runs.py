@@ -210,9 +210,11 @@ class RunStore:
                 raise ValueError(f"Run {run_id} is already done; start a new run instead.")
             if run.active and run.pid not in (None, pid):
                 raise ValueError(f"Run {run_id} is already {run.status} in process {run.pid}.")
-            fresh = run.status == "queued" and run.pid is None
+            if run.active and run.pid == pid:  # queued by its launcher, or claimed already: nothing to do
+                return run
+            again = run.status in RESUMABLE  # a new attempt; a queued run (launched or not) keeps its own
             con.execute("UPDATE runs SET status='queued', pid=?, heartbeat=?, stop=0, error=NULL, "
-                        "attempt=attempt + ? WHERE id=?", (pid, time.time(), 0 if fresh else 1, run_id))
+                        "attempt=attempt + ? WHERE id=?", (pid, time.time(), int(again), run_id))
             return self._row(con, run_id)
 
     def claim(self, run_id: int, *, exclusive: bool = True) -> bool:
@@ -445,3 +447,20 @@ def start_process(args: list[str], log: str | Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 cwd=Path(__file__).resolve().parent.parent, env={**os.environ, BACKGROUND_ENV: "1"})
+
+
+def launch(store: RunStore, run_id: int, *, parallel: bool = False) -> subprocess.Popen:
+    """Start (or resume) run `run_id` in a background process (`python -m pruning train --run ID`),
+    logging to <run_dir>/train.log; `parallel` skips the one-run-at-a-time queue. The run is queued
+    for that process before this returns, so the next poll never sees it as not started."""
+    run = store.get(run_id)
+    if run.active and pid_alive(run.pid):
+        raise ValueError(f"Run {run_id} is already {run.status} (pid {run.pid}).")
+    if run.status == "done":
+        raise ValueError(f"Run {run_id} is already done; start a new run instead.")
+    args = ["pruning", "train", "--run", str(run_id)] + (["--parallel"] if parallel else [])
+    if store.db.resolve() != (headlab_home() / "runs.sqlite").resolve():
+        raise ValueError("launch() runs jobs of the store in $HEADLAB_HOME only.")
+    proc = start_process(args, run.run_dir / "train.log")
+    store.enqueue(run_id, pid=proc.pid)
+    return proc

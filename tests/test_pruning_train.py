@@ -21,7 +21,7 @@ from pruning.distill import LayerMatcher, align_layers, logit_kl, masked_mse, te
 from pruning.export import load_pruned
 from pruning.gates import CoFiGates, GateShape
 from pruning.lagrangian import LagrangianController, TargetSchedule, lagrangian_loss
-from pruning.runs import CHECKPOINT, RunStore, load_checkpoint
+from pruning.runs import CHECKPOINT, RunStore, launch, load_checkpoint
 from pruning.size import exact_sparsity, expected_sparsity
 from pruning.surgery import pruning_info
 from pruning.train import TrainConfig, load_splits, run_job
@@ -342,3 +342,25 @@ def test_cli_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatc
         rc = exc.code
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and re.search(message, err), err
+
+
+def test_background_runs_queue_one_at_a_time(tiny_dir, reviews, tmp_path, monkeypatch):
+    """`runs.launch` (what the app calls): two jobs started together train one after the other."""
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    store = RunStore()
+    config = TrainConfig(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "method": "random",
+                            "target_sparsity": 0.3, "finetune_steps": 40})
+    first, second = store.create(config.to_dict()), store.create(config.to_dict())
+    procs = [launch(store, first), launch(store, second)]
+    assert {store.get(first).status, store.get(second).status} <= {"queued", "running"}
+    seen = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        seen.add((store.get(first).status, store.get(second).status))
+        time.sleep(0.05)
+    assert [p.wait() for p in procs] == [0, 0], (store.get(first).error, store.get(second).error)
+    assert ("running", "queued") in seen and ("running", "running") not in seen
+    assert store.get(first).status == store.get(second).status == "done"
+    assert store.get(second).attempt == 1 and "train.log" in os.listdir(store.get(second).run_dir)
+    with pytest.raises(ValueError, match="already done"):
+        launch(store, first)
