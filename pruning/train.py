@@ -547,14 +547,12 @@ class _Trainer:
             self.clock["train_s"] += time.perf_counter() - started
             self.report(total)
             end_of_gates = self.phase == "gates" and self.step == c.gate_steps
-            if (self.step >= self.next_eval or end_of_gates) and self.step < total:
-                self.evaluate()
+            if self.step < total and (self.step >= self.next_eval or end_of_gates):
+                self.evaluate()  # at the end of the gate phase: the learned structure before its fine-tune
+                if end_of_gates:
+                    self.setup_finetune(self.current_state())
                 if end_of_gates or self.evals % max(1, c.checkpoint_every) == 0:
-                    if end_of_gates:
-                        self.setup_finetune(self.current_state())
                     self.checkpoint()
-            elif end_of_gates:
-                self.setup_finetune(self.current_state())
         if self.phase == "gates":  # finetune_steps == 0: slice the learned structure as it is
             self.setup_finetune(self.current_state())
         self.progress(total, total, "final evaluation on the full dev split")
