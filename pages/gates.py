@@ -137,7 +137,18 @@ with right:
         g.apply(replace(gates, closed_heads=heads_without_role(report.table)), "keep role-bearing heads")
         st.rerun()
     if report is None:
-        st.caption("Presets need the Heads analysis (button on the left).")
+        st.caption("The first two presets need the Heads analysis (button on the left).")
+    runs = g.runs_with_gates(spec)
+    if runs:
+        run_col, step_col = st.columns(2)
+        run_id = run_col.selectbox("Run", list(runs), format_func=runs.get, key="preset_run")
+        step = step_col.selectbox("Step", g.run_steps(run_id), index=None, placeholder="latest", key="preset_step")
+        if st.button(f"Load gates from run {run_id}" + (f" at step {step}" if step is not None else ""),
+                     width="stretch"):
+            g.apply(ManualGates.from_state(g.run_gates(run_id, step)), f"run {run_id} step {step or 'latest'}")
+            st.rerun()
+    else:
+        st.caption("Gates of training runs (the Prune backend) can be loaded here once a run has some.")
     undo_col, reset_col = st.columns(2)
     if undo_col.button("Undo", disabled=not st.session_state.get("gates_undo"), width="stretch"):
         g.undo()

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from core.data import TextDataset
 from core.evaluate import Progress, evaluate
@@ -129,13 +130,26 @@ class ManualGates:
     ffn_keep: float = 1.0
     hidden_keep: float = 1.0
     criterion: str = "magnitude"
+    base: str | None = None  # GateState JSON to start from (e.g. a training run's snapshot), else dense
+
+    @classmethod
+    def from_state(cls, state: GateState) -> ManualGates:
+        """Start from `state`: its closed heads and sublayers become switches; its other values (soft
+        gates, FFN units, hidden dims) are kept as the base the switches and sliders act on."""
+        return cls(closed_heads=frozenset(state.closed_heads()),
+                   attention_off=frozenset(torch.nonzero(state.mha == 0).flatten().tolist()),
+                   ffn_off=frozenset(torch.nonzero(state.ffn == 0).flatten().tolist()), base=state.to_json())
 
     def state(self, loaded: LoadedModel) -> GateState:
-        state = GateState.from_closed_heads(loaded, self.closed_heads)
-        mha, ffn = state.mha.clone(), state.ffn.clone()
-        mha[list(self.attention_off)] = 0.0
-        ffn[list(self.ffn_off)] = 0.0
-        state = state.replace(mha=mha, ffn=ffn)
+        start = GateState.from_json(self.base) if self.base else GateState.dense(loaded)
+        groups = {}
+        for name, off in (("head", self.closed_heads), ("mha", self.attention_off), ("ffn", self.ffn_off)):
+            values = getattr(start, name).clone()
+            values[values == 0] = 1.0  # a switch turned back on opens fully
+            for index in off:
+                values[index] = 0.0
+            groups[name] = values
+        state = start.replace(**groups)
         if self.ffn_keep < 1:
             state = state.with_ffn_keep(loaded.adapter, self.ffn_keep, self.criterion)
         if self.hidden_keep < 1:
@@ -149,6 +163,7 @@ class ManualGates:
         parts += [f"FFN off in L{','.join(map(str, sorted(self.ffn_off)))}"] if self.ffn_off else []
         parts += [f"FFN keep {self.ffn_keep:.0%}"] if self.ffn_keep < 1 else []
         parts += [f"hidden keep {self.hidden_keep:.0%}"] if self.hidden_keep < 1 else []
+        parts = (["from a saved gate state"] if self.base else []) + parts
         return ", ".join(parts) or "dense"
 
 

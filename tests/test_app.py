@@ -174,6 +174,16 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
 
 
 def test_gates_page_on_the_second_real_model(fresh_home):
+    from core.models import load_model
+    from pruning.gates import GateState
+    from pruning.runs import RunStore
+
+    store = RunStore()
+    run = store.create({"model": "minilm-l3", "method": "cofi"}, fresh_home / "run")
+    l3 = load_model("minilm-l3")
+    store.add_gates(run, 10, GateState.from_closed_heads(l3, [(0, 0), (2, 3)]), attempt=0)
+    store.add_gates(run, 20, GateState.from_closed_heads(l3, [(0, 0), (2, 3), (1, 1)]).with_ffn_keep(l3.adapter, 0.5),
+                    attempt=0)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.session_state["model_spec"] = "minilm-l3"
     at.switch_page("pages/gates.py").run()
@@ -183,3 +193,8 @@ def test_gates_page_on_the_second_real_model(fresh_home):
     assert not at.exception, at.exception
     assert "192/384 hidden dims" in at.caption[0].value
     assert float(metrics(at)["Parameters"].split()[0]) < 17.4
+    next(b for b in at.button if b.label.startswith(f"Load gates from run {run}")).click().run()  # latest step
+    assert "kept 33/36 heads, 2304/4608 FFN units, 384/384 hidden dims" in at.caption[0].value
+    at.selectbox(key="preset_step").set_value(10).run()
+    next(b for b in at.button if b.label == f"Load gates from run {run} at step 10").click().run()
+    assert "kept 34/36 heads, 4608/4608 FFN units" in at.caption[0].value

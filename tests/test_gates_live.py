@@ -117,3 +117,19 @@ def test_gates_file_cli_on_the_second_real_model(tmp_path):
     wrong.write_text(ManualGates().state(load_model("default")).to_json())  # 6 layers: does not fit L3
     proc = cli("evaluate", "--model", "minilm-l3", "--gates", str(wrong))
     assert proc.returncode == 2 and "have sizes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gates_from_a_saved_state_round_trip_and_reopen(tiny):
+    from dataclasses import replace
+
+    from pruning.gates import GateState
+
+    torch.manual_seed(0)
+    saved = GateState.from_closed_heads(tiny, [(0, 1), (1, 2)]).with_ffn_keep(tiny.adapter, 0.5)
+    saved = saved.replace(head=saved.head * torch.rand(2, 4).clamp(0.2, 1), mha=torch.tensor([1.0, 0.0]))
+    gates = ManualGates.from_state(saved)
+    assert gates.closed_heads == {(0, 1), (1, 2)} and gates.attention_off == {1} and not gates.ffn_off
+    assert gates.state(tiny) == saved
+    reopened = replace(gates, closed_heads=frozenset({(0, 1)}), attention_off=frozenset()).state(tiny)
+    assert reopened.head[1, 2] == 1 and reopened.mha[1] == 1 and reopened.head[0, 1] == 0
+    assert torch.equal(reopened.intermediate, saved.intermediate)  # the saved FFN units stay

@@ -100,3 +100,25 @@ def refined_path(digest: str, data: TextDataset) -> Path:
 
 def exports_dir() -> Path:
     return headlab_home() / "exports"
+
+
+def runs_with_gates(spec: str) -> dict[int, str]:
+    """{run id: label} of training runs of model `spec` that recorded gate snapshots, newest first."""
+    from pruning.runs import RunStore
+
+    store = RunStore()
+    return {run.id: f"{run.id}: {run.config.get('method', '?')} {run.status}, step {run.step}"
+            for run in sorted(store.list(), key=lambda r: -r.id)
+            if run.config.get("model") == spec and store.gate_steps(run.id)}
+
+
+def run_steps(run_id: int) -> list[int]:
+    from pruning.runs import RunStore
+
+    return RunStore().gate_steps(run_id)
+
+
+def run_gates(run_id: int, step: int | None):
+    from pruning.runs import RunStore
+
+    return RunStore().gates(run_id, step)
