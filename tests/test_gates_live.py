@@ -133,3 +133,15 @@ def test_gates_from_a_saved_state_round_trip_and_reopen(tiny):
     reopened = replace(gates, closed_heads=frozenset({(0, 1)}), attention_off=frozenset()).state(tiny)
     assert reopened.head[1, 2] == 1 and reopened.mha[1] == 1 and reopened.head[0, 1] == 0
     assert torch.equal(reopened.intermediate, saved.intermediate)  # the saved FFN units stay
+
+
+def test_measuring_never_changes_the_dense_model(tiny, reviews_csv):
+    """The page's dense model is a shared singleton: pruning copies it, so two sessions cannot interfere."""
+    data = load_data(str(reviews_csv), label_names=tiny.label_names)
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.model.modules())
+    for gates in (ManualGates(closed_heads=frozenset({(0, 0)})), ManualGates(ffn_keep=0.25, hidden_keep=0.5)):
+        compare_state(tiny, gates.state(tiny), data)
+    after = tiny.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.model.modules())
