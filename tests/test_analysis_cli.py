@@ -126,3 +126,28 @@ def test_relevance_cli_on_the_real_default(tmp_path):
     assert len(table) == 72 and list(table.columns[:5]) == RELEVANCE_COLUMNS
     # a few heads carry much more than the uniform 1/72 share (Voita: "the heavy lifting")
     assert table["relevance"].max() > 3 / 72
+
+
+def test_heads_cli_and_page_on_the_second_real_model(tmp_path, monkeypatch):
+    """minilm-l3 (3 x 12 heads): the `heads` CLI writes the report the Heads page then shows."""
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.heads import report_dir
+    from tests.conftest import link_prepared
+
+    (tmp_path / "home").mkdir()
+    home = link_prepared(tmp_path / "home")
+    monkeypatch.setenv("HEADLAB_HOME", str(home))
+    loaded, data = load_model("minilm-l3"), load_data("default", split="dev")
+    folder = report_dir(loaded.fingerprint, data.fingerprint(), 100, None)
+    proc = run_analysis("heads", "--model", "minilm-l3", "--limit", "100", "--out", str(folder), home=home)
+    assert proc.returncode == 0, proc.stderr
+    report = HeadsReport.load(folder)
+    assert len(report.table) == 36 and report.meta["examples"] == 100
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["model_spec"] = "minilm-l3"
+    at.session_state["heads_limit"] = 100
+    at.switch_page("pages/heads.py").run()
+    assert not at.exception, at.exception
+    assert "Model `minilm-l3`" in at.caption[0].value and len(at.get("plotly_chart")) >= 4
+    assert sorted(at.selectbox(key="head_layer").options) == ["0", "1", "2"]
