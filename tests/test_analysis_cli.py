@@ -151,3 +151,11 @@ def test_heads_cli_and_page_on_the_second_real_model(tmp_path, monkeypatch):
     assert not at.exception, at.exception
     assert "Model `minilm-l3`" in at.caption[0].value and len(at.get("plotly_chart")) >= 4
     assert sorted(at.selectbox(key="head_layer").options) == ["0", "1", "2"]
+
+
+def test_model_without_attention_output_gets_a_clear_error(tiny_dir):
+    from analysis.attention import capture_attention
+
+    sdpa = load_model(str(tiny_dir), attn_implementation="sdpa")  # sdpa returns no attention maps
+    with pytest.raises(ValueError, match="eager"):
+        capture_attention(sdpa, ["a film"])
