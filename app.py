@@ -7,4 +7,5 @@ st.navigation([
     st.Page("pages/model.py", title="Model", default=True),
     st.Page("pages/heads.py", title="Heads"),
     st.Page("pages/gates.py", title="Gates"),
+    st.Page("pages/prune.py", title="Prune"),
 ]).run()

@@ -36,7 +36,11 @@ data = get_data(data_spec, "dev", loaded.label_names)
 if data is None:
     st.stop()
 if st.session_state.get("gates_model") != loaded.fingerprint:  # another model: its own gates
-    st.session_state.update(gates=ManualGates(), gates_undo=[], gates_history=[], gates_model=loaded.fingerprint)
+    incoming = st.session_state.pop("gates_from_run", None)  # "open in Gates" from the Prune page
+    st.session_state.update(gates=incoming or ManualGates(), gates_undo=[], gates_history=[],
+                            gates_model=loaded.fingerprint)
+elif "gates_from_run" in st.session_state:
+    g.apply(st.session_state.pop("gates_from_run"), st.session_state.get("gates_what", "from a run"))
 subset = data.subset(g.SUBSET, seed=0)
 arch = loaded.architecture()
 layers, heads = arch.layers, arch.heads

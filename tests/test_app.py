@@ -198,3 +198,30 @@ def test_gates_page_on_the_second_real_model(fresh_home):
     at.selectbox(key="preset_step").set_value(10).run()
     next(b for b in at.button if b.label == f"Load gates from run {run} at step 10").click().run()
     assert "kept 34/36 heads, 4608/4608 FFN units" in at.caption[0].value
+
+
+def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
+    from tests.conftest import make_tiny
+
+    model = make_tiny(tmp_path / "tiny")
+    data = tmp_path / "easy.csv"
+    data.write_text("text,label\n" + "".join(f"a great film {i},pos\nan awful film {i},neg\n" for i in range(60)))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["model_spec"], at.session_state["data_spec"] = str(model), str(data)
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception, at.exception
+    assert any("No runs yet" in i.value for i in at.info)
+    at.selectbox[0].set_value("random")  # one-shot baseline: prune, then a short fine-tune
+    at.number_input[2].set_value(4)  # fine-tune steps (form values are sent with the submit)
+    next(b for b in at.button if b.label == "Start run").click().run()
+    assert not at.exception, at.exception
+
+    def finished(a: AppTest) -> bool:
+        return any("Finished runs" in str(c.proto.spec) for c in a.get("plotly_chart"))
+
+    run_until(at, finished, timeout=300)
+    table = at.dataframe[0].value
+    assert table.loc[0, "status"] == "done" and table.loc[0, "method"] == "random"
+    assert any(c.value.startswith("Last eval") for c in at.caption)
+    next(b for b in at.button if b.label.startswith("Open step")).click().run()
+    assert not at.exception, at.exception

@@ -1,0 +1,140 @@
+"""Prune page: launch CoFi / L0 / one-shot baseline runs in the background and watch them live."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from pruning.live import ManualGates
+from pruning.runs import RunStore, launch
+from pruning.train import METHODS, TrainConfig
+from ui.charts import gate_grid
+
+HELP = {f.name: f.metadata.get("help", "") for f in TrainConfig.__dataclass_fields__.values()}
+CURVES = {
+    "accuracy": ["accuracy", "dense_accuracy"],
+    "speedup (batch 32 / batch 1, measured)": ["speedup_b32", "speedup_b1", "flop_speedup"],
+    "sparsity": ["expected_sparsity", "sparsity", "target"],
+    "losses": ["loss_task", "loss_distill_ce", "loss_distill_layer", "loss_lagrangian", "loss_l0"],
+    "Lagrange multipliers": ["lambda_1", "lambda_2"],
+}
+
+st.title("Prune")
+spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
+store = RunStore()
+
+with st.expander("New run", expanded=not store.list()):
+    with st.form("new_run"):
+        c1, c2, c3 = st.columns(3)
+        method = c1.selectbox("Method", METHODS, help=HELP["method"])
+        target = c2.slider("Target sparsity", 0.1, 0.95, 0.6, 0.05, help=HELP["target_sparsity"])
+        l0_lambda = c3.number_input("λ (L0)", 0.0, 10.0, TrainConfig.l0_lambda, help=HELP["l0_lambda"])
+        c1, c2, c3 = st.columns(3)
+        steps = c1.number_input("Gate steps", 1, 20000, TrainConfig.steps, help=HELP["steps"])
+        finetune_steps = c2.number_input("Fine-tune steps", 0, 20000, TrainConfig.finetune_steps,
+                                         help=HELP["finetune_steps"])
+        warmup = c3.number_input("Target warm-up steps", 0, 20000, TrainConfig.warmup_steps,
+                                 help=HELP["warmup_steps"])
+        c1, c2, c3 = st.columns(3)
+        alpha_ce = c1.slider("Distillation weight (logits)", 0.0, 1.0, TrainConfig.alpha_ce, help=HELP["alpha_ce"])
+        alpha_layer = c2.slider("Distillation weight (layers)", 0.0, 1.0, TrainConfig.alpha_layer,
+                                help=HELP["alpha_layer"])
+        threads = c3.number_input("Threads", 0, 64, TrainConfig.threads, help=HELP["threads"])
+        st.caption(f"Model `{spec}`, data `{data_spec}` (chosen on the Model page).")
+        if st.form_submit_button("Start run"):
+            try:
+                config = TrainConfig(model=spec, data=data_spec, method=method, target_sparsity=target,
+                                     l0_lambda=l0_lambda, steps=int(steps), finetune_steps=int(finetune_steps),
+                                     warmup_steps=min(int(warmup), int(steps)), alpha_ce=alpha_ce,
+                                     alpha_layer=alpha_layer, threads=int(threads)).check()
+                run_id = store.create(config.to_dict())
+                launch(store, run_id)
+                st.session_state["prune_run"] = run_id
+            except ValueError as exc:
+                st.error(str(exc))
+
+runs = store.list()
+if not runs:
+    st.info("No runs yet: configure one above. Runs are kept in the run store and survive restarts.")
+    st.stop()
+
+
+def _runs_table() -> pd.DataFrame:
+    rows = []
+    for r in store.list():
+        res = r.result or {}
+        rows.append({"id": r.id, "status": r.status, "method": r.config.get("method"),
+                     "model": r.config.get("model"), "target": r.config.get("target_sparsity"),
+                     "step": f"{r.step}/{r.total}", "accuracy": res.get("accuracy"),
+                     "speedup b32": res.get("speedup_b32"), "message": r.error or r.message})
+    return pd.DataFrame(rows)
+
+
+@st.fragment(run_every=1.0)
+def live(run_id: int) -> None:
+    """Everything that changes while a run trains, redrawn every second without rerunning the page."""
+    st.dataframe(_runs_table(), hide_index=True, width="stretch")
+    run = store.get(run_id)
+    if run.active:
+        st.progress(run.step / max(run.total, 1), text=f"Run {run.id} {run.status}: {run.message} "
+                                                       f"(step {run.step}/{run.total})")
+    elif run.status in ("failed", "interrupted"):
+        st.error(f"Run {run.id} {run.status}: {run.error}")
+    rows = pd.DataFrame(store.metrics(run_id))
+    if rows.empty:
+        st.caption("Waiting for the first eval step...")
+        return
+    cols = st.columns(2)
+    for i, (title, keys) in enumerate(CURVES.items()):
+        present = [k for k in keys if k in rows and rows[k].notna().any()]
+        if present:
+            fig = px.line(rows, x="step", y=present, markers=True, title=title)
+            fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
+            cols[i % 2].plotly_chart(fig, key=f"curve-{title}")
+    last = rows.iloc[-1]
+    st.caption(f"Last eval (step {int(last['step'])}): {last.get('note', '')} Accuracy {last['accuracy']:.1%} "
+               f"(dense {last['dense_accuracy']:.1%}), batch 32 {last['speedup_b32']:.2f}× faster, sparsity "
+               f"{last['sparsity']:.1%}.")
+
+
+run_id = st.selectbox("Run", [r.id for r in runs], index=None if "prune_run" not in st.session_state else
+                      [r.id for r in runs].index(st.session_state["prune_run"]),
+                      format_func=lambda i: f"{i}: {store.get(i).config.get('method')} "
+                                            f"{store.get(i).config.get('target_sparsity')}", key="prune_run_pick",
+                      placeholder="choose a run")
+if run_id is None:
+    st.dataframe(_runs_table(), hide_index=True, width="stretch")
+    st.stop()
+run = store.get(run_id)
+c1, c2, c3 = st.columns(3)
+if c1.button("Stop", disabled=not run.active, width="stretch"):
+    store.request_stop(run_id)
+if c2.button("Resume", disabled=run.active or run.status == "done", width="stretch"):
+    launch(store, run_id)
+if c3.button("Delete", disabled=run.active, width="stretch"):
+    store.delete(run_id)
+    st.session_state.pop("prune_run", None)
+    st.rerun()
+live(run_id)
+
+steps = store.gate_steps(run_id)
+if steps:
+    st.subheader("Head gates over the steps")
+    step = st.select_slider("Step", steps, value=steps[-1], key=f"gate_step_{run_id}")
+    state = store.gates(run_id, step)
+    st.plotly_chart(gate_grid(tuple(state.head.shape), state.head.numpy(), set(state.closed_heads()),
+                              f"Run {run_id}, step {step}: head gate values (✕ closed)"), key="run_gates")
+    if st.button(f"Open step {step} in Gates"):
+        st.session_state.update(gates_from_run=ManualGates.from_state(state), gates_what=f"run {run_id} step {step}")
+        st.switch_page("pages/gates.py")
+
+finished = [r for r in runs if r.status == "done" and r.result]
+if finished:
+    pareto = pd.DataFrame([{"run": f"{r.id}: {r.config.get('method')} {r.config.get('target_sparsity')}",
+                            "model": r.config.get("model"), "accuracy": r.result.get("accuracy"),
+                            "latency_b32_ms": r.result.get("latency_b32_ms")} for r in finished])
+    fig = px.scatter(pareto, x="latency_b32_ms", y="accuracy", color="model", text="run",
+                     title="Finished runs: full-dev accuracy vs batch-32 latency")
+    fig.update_traces(textposition="top center")
+    st.plotly_chart(fig, key="pareto")
