@@ -123,19 +123,19 @@ def test_layer_matcher_by_hand():
     s = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])]
     t = [torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])]
     loss, alignment = matcher(s, t)
-    assert float(loss) == pytest.approx(0.25) and alignment == [0]
+    assert loss.item() == pytest.approx(0.25) and alignment == [0]
     loss, _ = matcher(s, t, mask=torch.tensor([[1, 0]]))
-    assert float(loss) == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(0.5)
     # W is learned: with W = [[1, 0], [1, 1]] the student maps exactly onto the teacher
     with torch.no_grad():
         matcher.transform.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
-    assert float(matcher(s, t)[0]) == pytest.approx(0.0)
+    assert matcher(s, t)[0].item() == pytest.approx(0.0)
     # two student layers, the teacher's last layer equals the student's first: matched there
     two = LayerMatcher(hidden=2, layers=[1])
     loss, alignment = two([t[0], s[0]], [s[0], t[0]])
-    assert alignment == [0] and float(loss) == pytest.approx(0.0)
+    assert alignment == [0] and loss.item() == pytest.approx(0.0)
     loss, alignment = two([t[0], s[0]], [s[0], t[0]], alive=torch.tensor([False, True]))
-    assert alignment == [1] and float(loss) == pytest.approx(0.25)
+    assert alignment == [1] and loss.item() == pytest.approx(0.25)
 
 
 # ----------------------------------------------------------------------------- training runs (tiny model)
@@ -306,6 +306,12 @@ def test_kill_9_then_resume_continues_the_step_count(tiny_dir, reviews, tmp_path
     assert all(r["attempt"] == 2 for r in rows if r["step"] > checkpoint_step)  # the curve continues there
     assert min(r["step"] for r in rows if r["attempt"] == 2) > checkpoint_step
     assert (run.run_dir / "model" / "pruning.json").is_file()
+    assert main(["runs", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split()[:3] == ["id", "status", "method"]
+    assert listed[1].split()[:3] == [str(run.id), "done", "cofi"]
+    assert main(["runs", "delete", str(run.id)]) == 0
+    assert not run.run_dir.exists() and store.list() == []
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tiny, tiny_dir, reviews, tmp_path, monkeypatch, capsys):
