@@ -5,6 +5,13 @@
 Prints parameters, encoder FLOPs per example (attention / FFN), accuracy and latency at batch 1 and
 32 for the dense and the pruned model; both are timed interleaved in this process. Heads are
 0-based LAYER:HEAD pairs. Bad input exits with status 2 and one line on stderr, never a traceback.
+
+`python -m pruning train` learns the pruning (CoFi, L0 heads) or prunes one-shot (baselines), then
+fine-tunes, reporting to the run store (`pruning.runs`); `python -m pruning runs list|stop|resume|delete`
+manages the runs:
+
+    python -m pruning train --model default --method cofi --target-sparsity 0.6 --steps 400
+    python -m pruning runs resume 3 --background
 """
 
 from __future__ import annotations
