@@ -12,9 +12,8 @@ from pathlib import Path
 from analysis.heads import build_report
 from analysis.relevance import relevance_table
 from analysis.roles import head_roles
-from core.__main__ import load_or_prepare, run_with_bar
+from core.__main__ import load_or_prepare, run_command, run_with_bar
 from core.data import DataError, load_data
-from core.models import ModelError
 
 
 def _inputs(args: argparse.Namespace):
@@ -82,14 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
-    try:
-        return args.func(args)
-    except (ModelError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -143,10 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--job", help=argparse.SUPPRESS)
     ft.set_defaults(func=cmd_finetune)
     args = parser.parse_args(argv)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run `args.func(args)`: bad input becomes one `error:` line and exit 2, never a traceback."""
     try:
         return args.func(args)
     except (ModelError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

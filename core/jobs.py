@@ -50,7 +50,8 @@ def _connect(db: Path | None = None) -> sqlite3.Connection:
     return con
 
 
-def _alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """True if process `pid` exists and is not a zombie."""
     if not pid:
         return False
     try:
@@ -100,7 +101,7 @@ def job_state(name: str, db: Path | None = None) -> JobState | None:
     if row is None:
         return None
     state = JobState(*row)
-    if state.status == "running" and (not _alive(state.pid) or time.time() - state.heartbeat > STALE_S):
+    if state.status == "running" and (not pid_alive(state.pid) or time.time() - state.heartbeat > STALE_S):
         state.status = "interrupted"
         state.error = state.error or "the job's process ended without finishing"
     return state

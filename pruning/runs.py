@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from core.jobs import pid_alive
 from core.paths import headlab_home
 from pruning.gates import GateState
 
@@ -61,20 +62,6 @@ SCHEMA = (
         run_id INTEGER NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL, superseded INTEGER DEFAULT 0,
         state TEXT NOT NULL, PRIMARY KEY (run_id, step, attempt))""",
 )
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if process `pid` exists and is not a zombie (a finished child not yet reaped)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @dataclass
