@@ -10,12 +10,16 @@ Methods (see /work/shared/METHODS.md):
     relevance   one-shot: close the least relevant heads (LRP) and smallest FFN units to the target
     importance  one-shot: the same by Michel et al.'s importance
     random      one-shot: the same at random
+    dense       no pruning: fine-tune the model as it is (e.g. a small dense model distilled from a
+                bigger `teacher` with the same budget, the small-dense side of Zhu & Gupta 2017)
 
 Phases: the learned methods first train gates and weights for `steps` steps (CoFi: a plain fine-tune
 of `prefinetune_steps`, then the target ramps from 0 over `warmup_steps`); then the deterministic
 gates are fixed, the model is sliced (`pruning.surgery.prune`) and the smaller model is fine-tuned for
-`finetune_steps` (CE, mixed with logit distillation when distilling). Baselines only have the second
-phase. Steps count across both phases; a resume continues the count.
+`finetune_steps` (CE, mixed with logit distillation when distilling). Baselines and `dense` only
+have the second phase. The teacher (distillation, and the dense reference that latency is timed
+against) is `model` itself unless `teacher` names another classifier with the same labels and
+vocabulary. Steps count across both phases; a resume continues the count.
 
 At every eval step (adaptive cadence: at least `eval_every` steps apart and at most `eval_budget` of
 the wall time) the run store receives accuracy on a dev subset of the physically pruned snapshot,
@@ -55,7 +59,7 @@ from pruning.runs import CHECKPOINT, Heartbeat, RunStore, load_checkpoint, rng_s
 from pruning.size import exact_sparsity, expected_sparsity
 from pruning.surgery import prune, pruning_info
 
-METHODS = ("cofi", "l0", *BASELINES)
+METHODS = ("cofi", "l0", *BASELINES, "dense")
 LEARNED = ("cofi", "l0")
 LOSS_TERMS = ("task", "distill_ce", "distill_layer", "lagrangian", "l0")
 LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
@@ -77,8 +81,9 @@ class TrainConfig:
     """
 
     model: str = _opt("default", "default | minilm-l3 | folder of a fine-tuned classifier (also the teacher)")
+    teacher: str = _opt("", "distillation teacher and latency reference (blank: the model itself); same labels")
     data: str = _opt("default", "default (Rotten Tomatoes) | CSV/TSV/JSONL file, split 80/10/10 (seeded)")
-    method: str = _opt("cofi", "cofi | l0 | relevance | importance | random")
+    method: str = _opt("cofi", "cofi | l0 | relevance | importance | random | dense (fine-tune, no pruning)")
     target_sparsity: float = _opt(0.6, "fraction of the encoder's weights to remove (cofi and the baselines)")
     l0_lambda: float = _opt(0.02, "l0: weight of sum_h P(head open) in the loss (larger closes more heads)")
     steps: int = _opt(400, "cofi/l0: optimizer steps learning gates and weights (incl. the plain fine-tune)")
@@ -90,7 +95,7 @@ class TrainConfig:
     lambda_lr: float = _opt(0.1, "cofi: learning rate of the gradient ascent on lambda_1, lambda_2")
     batch_size: int = _opt(32, "training examples per step")
     max_length: int = _opt(64, "tokens per training example (longer ones are cut)")
-    distill: bool = _opt(True, "l0 / baselines: mix logit distillation from the dense teacher into the loss")
+    distill: bool = _opt(True, "l0 / baselines / dense: mix logit distillation from the dense teacher into the loss")
     alpha_layer: float = _opt(0.5, "cofi: weight of layer matching (CoFi: 0.9, 0.7 or 0.5)")
     alpha_ce: float = _opt(0.5, "weight of the logit distillation T^2 KL (CoFi: 0.1, 0.3 or 0.5)")
     temperature: float = _opt(2.0, "distillation temperature T")
@@ -123,6 +128,8 @@ class TrainConfig:
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 fail(name, "a non-empty string")
+        if not isinstance(self.teacher, str):
+            fail("teacher", "a string (blank: the model itself)")
         if self.method not in METHODS:
             fail("method", f"one of {', '.join(METHODS)}")
         number("target_sparsity", 0.0, 1.0, open_high=True)
@@ -147,7 +154,14 @@ class TrainConfig:
                              f"must not exceed steps ({self.steps}): the target must reach its final value.")
         if self.method in BASELINES and self.target_sparsity <= 0:
             fail("target_sparsity", f"above 0 for the {self.method} baseline")
+        if self.method == "dense" and self.finetune_steps < 1:
+            fail("finetune_steps", "at least 1 for method dense")
         return self
+
+    @property
+    def teacher_spec(self) -> str:
+        """The teacher's model spec: `teacher`, or `model` when blank."""
+        return self.teacher.strip() or self.model
 
     @property
     def gate_steps(self) -> int:
@@ -243,11 +257,16 @@ class _Trainer:
         run = store.get(run_id)
         self.run_dir, self.attempt = run.run_dir, run.attempt
         self.progress = progress or (lambda done, total, message: None)
-        self.teacher = teacher if teacher is not None else load_model(config.model)
-        if not self.teacher.has_classifier:
-            raise ValueError(f"The model {config.model} has no classification head: fine-tune it first "
-                             "(`python -m core finetune`).")
-        self.shape = GateShape.of(self.teacher)  # ValueError for an already pruned model
+        self.teacher = teacher if teacher is not None else load_model(config.teacher_spec)
+        same = config.teacher_spec == config.model
+        self.base = self.teacher if same else load_model(config.model)  # what the student starts from
+        for role, loaded in (("model", self.base), ("teacher", self.teacher)):
+            if not loaded.has_classifier:
+                raise ValueError(f"The {role} {loaded.source} has no classification head: fine-tune it first "
+                                 "(`python -m core finetune`).")
+        self.shape = GateShape.of(self.base)  # ValueError for an already pruned model
+        if not same:
+            self._check_teacher()
         self.teacher.model.eval()
         splits = load_splits(config.data, self.teacher.label_names)
         if len(splits.train) < config.batch_size:
@@ -255,7 +274,7 @@ class _Trainer:
                              f"{config.batch_size}.")
         self.train_data, self.dev = splits.train, splits.dev
         self.dev_subset = splits.dev.subset(config.eval_examples, seed=config.seed)
-        self.enc = encode(self.teacher.tokenizer, splits.train.texts, config.max_length)
+        self.enc = encode(self.base.tokenizer, splits.train.texts, config.max_length)
         self.labels = torch.tensor(splits.train.labels)
         self.schedule = TargetSchedule(config.target_sparsity if config.method == "cofi" else 0.0,
                                        start=config.prefinetune_steps if config.method == "cofi" else 0,
@@ -275,13 +294,27 @@ class _Trainer:
         self.clock = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "setup_s": 0.0}
         self.gap, self.next_eval, self.evals = config.eval_every, 0, 0
 
+    def _check_teacher(self) -> None:
+        """A separate teacher must share the model's labels and vocabulary (and, for CoFi's layer
+        matching, its layer count and hidden size): ValueError otherwise."""
+        base, teacher = self.base, self.teacher
+        if list(base.label_names) != list(teacher.label_names):
+            raise ValueError(f"The teacher's labels {teacher.label_names} differ from the model's {base.label_names}.")
+        if base.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+            raise ValueError("The teacher uses another vocabulary than the model; distillation needs the same one.")
+        theirs = GateShape.of(teacher)
+        if self.c.method == "cofi" and (theirs.layers, theirs.hidden) != (self.shape.layers, self.shape.hidden):
+            raise ValueError(f"CoFi's layer matching needs a teacher with the model's {self.shape.layers} layers "
+                             f"and hidden size {self.shape.hidden}; the teacher has {theirs.layers} and "
+                             f"{theirs.hidden}.")
+
     # ------------------------------------------------------------------ setting up the phases
 
     def _trainable_copy(self) -> LoadedModel:
-        model = copy.deepcopy(self.teacher.model)
+        model = copy.deepcopy(self.base.model)
         model.train()
         model.requires_grad_(True)
-        return dataclasses.replace(self.teacher, model=model, adapter=Adapter(model), notes=list(self.teacher.notes))
+        return dataclasses.replace(self.base, model=model, adapter=Adapter(model), notes=list(self.base.notes))
 
     def setup_gates(self) -> None:
         """The gate phase: a trainable copy of the teacher with hooks, gates and their optimizers."""
@@ -301,10 +334,10 @@ class _Trainer:
         self.phase = "gates"
 
     def setup_finetune(self, state: GateState) -> None:
-        """The fixed-structure phase: slice (a copy of) the student, or the teacher if there is none."""
+        """The fixed-structure phase: slice (a copy of) the student, or the model if there is none."""
         if self.hooks is not None:
             self.hooks.remove()
-        source = self.student if self.student is not None else self.teacher
+        source = self.student if self.student is not None else self.base
         self.student = prune(source, state.detach())
         self.student.model.train()
         self.student.model.requires_grad_(True)
@@ -326,7 +359,7 @@ class _Trainer:
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, epoch_batches(epoch)
         idx = self._batches[index]
-        return collate([self.enc.ids[i] for i in idx], self.teacher.tokenizer.pad_token_id), self.labels[idx]
+        return collate([self.enc.ids[i] for i in idx], self.base.tokenizer.pad_token_id), self.labels[idx]
 
     def lr(self) -> float:
         """Constant in the gate phase; linear decay to 0 over the final fine-tune."""
@@ -504,13 +537,16 @@ class _Trainer:
     # ------------------------------------------------------------------ the loop
 
     def start(self) -> None:
-        """A fresh run: the gate phase, or the baseline's one-shot pruning."""
+        """A fresh run: the gate phase, the baseline's one-shot pruning, or the model as it is (dense)."""
         if self.c.method in LEARNED:
             self.setup_gates()
             return
+        if self.c.method == "dense":
+            self.setup_finetune(GateState.dense(self.shape))
+            return
         self.progress(0, 1, f"scoring heads ({self.c.method})")
         rows = self.train_data.subset(self.c.score_examples, seed=self.c.seed)
-        state = baseline_state(self.c.method, self.teacher, rows.texts, rows.labels, self.c.target_sparsity,
+        state = baseline_state(self.c.method, self.base, rows.texts, rows.labels, self.c.target_sparsity,
                                seed=self.c.seed, progress=self.progress)
         self.setup_finetune(state)
 
@@ -586,7 +622,7 @@ def train(config: TrainConfig, store: RunStore, run_id: int, progress: Progress 
     """Run the training of `run_id` (already claimed as running in `store`) in this process.
 
     `resume` continues from the run folder's checkpoint (ValueError if it is missing or corrupt).
-    `teacher` may pass the already loaded `config.model`. Ends the run in the store as done, stopped
+    `teacher` may pass the already loaded `config.teacher_spec`. Ends the run in the store as done, stopped
     (a stop request: checkpointed first) or failed (the error recorded, then re-raised); Ctrl-C marks it
     interrupted. Returns "done" or "stopped".
     """

@@ -19,12 +19,13 @@ from pruning.__main__ import main
 from pruning.baselines import BASELINES, baseline_state, head_scores
 from pruning.distill import LayerMatcher, align_layers, logit_kl, masked_mse, teacher_layers
 from pruning.export import load_pruned
-from pruning.gates import CoFiGates, GateShape
+from pruning.gates import CoFiGates, GateShape, GateState
 from pruning.lagrangian import LagrangianController, TargetSchedule, lagrangian_loss
 from pruning.runs import CHECKPOINT, RunStore, launch, load_checkpoint
 from pruning.size import exact_sparsity, expected_sparsity
 from pruning.surgery import pruning_info
 from pruning.train import TrainConfig, load_splits, run_job
+from tests.conftest import make_tiny
 
 torch.set_num_threads(1)
 TINY_SHAPE = GateShape(layers=2, heads=4, head_dim=8, intermediate=64, hidden=32)  # conftest's tiny BERT
@@ -228,6 +229,28 @@ def test_baselines_prune_to_the_target_then_finetune(method, tiny, tiny_dir, rev
     assert status == "done" and [r["step"] for r in rows] == [0, 10]
     assert rows[0]["sparsity"] == pytest.approx(0.6, abs=0.05) and rows[0]["phase"] == "finetune"
     assert rows[0]["loss"] is None and rows[-1]["loss"] > 0
+
+
+def test_dense_method_finetunes_a_separate_student_against_its_teacher(tiny, tiny_dir, reviews, tmp_path):
+    """`dense`: no pruning; the student (another model with the same labels and vocabulary) is fine-tuned
+    with distillation from the teacher, and timed against it."""
+    student_dir = make_tiny(tmp_path / "student", seed=1)
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id, status = run_config(store, tiny, model=str(student_dir), teacher=str(tiny_dir), data=str(reviews),
+                                method="dense", finetune_steps=10)
+    final = store.get(run_id).result
+    assert status == "done" and final["sparsity"] == pytest.approx(exact_sparsity(GateState.dense(TINY_SHAPE)))
+    assert final["heads_alive"] == [4, 4] and final["loss_distill_ce"] > 0
+    start = load_model(str(student_dir)).model.state_dict()
+    trained = load_pruned(final["export"]).model.state_dict()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)  # fine-tuned, not the teacher's copy
+    assert not torch.equal(trained["classifier.weight"], tiny.model.state_dict()["classifier.weight"])
+    other = make_tiny(tmp_path / "three", labels=["a", "b", "c"])
+    run_id = store.create(TrainConfig(**{**SMALL, "model": str(student_dir), "teacher": str(other),
+                                         "data": str(reviews), "method": "dense", "finetune_steps": 2}).to_dict())
+    with pytest.raises(ValueError, match="teacher's labels"):
+        run_job(store, run_id)
+    assert "teacher's labels" in store.get(run_id).error
 
 
 def test_baseline_states_follow_their_scores(tiny, reviews):
