@@ -3,11 +3,20 @@
 Runs, one after the other in this process, on the default model and task (each a real run in the run
 store, so they also appear on the Prune page):
 
-    cofi-0.6     CoFi at 60% target sparsity
-    cofi-0.9     CoFi at 90%
-    l0           Voita's L0 head gates (lambda from --l0-lambda)
-    random-0.6   the random one-shot baseline at 60%, then the same fine-tune
-    (relevance-0.6, importance-0.6, cofi-<t>, random-<t> ... may be named too)
+    cofi-0.6        CoFi at 60% target sparsity
+    cofi-0.9        CoFi at 90%
+    l0              Voita's L0 head gates (lambda from --l0-lambda)
+    random-0.6      the random one-shot baseline at 60%, then a fine-tune
+    relevance-0.6, importance-0.6, cofi-<t>, random-<t> ...   likewise
+    random-l0       the random baseline at the exact sparsity the l0 run above reached
+    small-dense     the fine-tuned 3-layer MiniLM (`minilm-l3`, prepared once by `python -m core prepare
+                    minilm-l3`) fine-tuned further with distillation from the dense default, timed
+                    against it: the small-dense side of Zhu & Gupta (2017)
+
+Budget: every run gets the same number of optimizer steps (batch 32) after the dense fine-tune both
+models had: the learned methods spend `steps` on gates and weights then `finetune_steps` on the sliced
+model; the baselines and small-dense spend all of them fine-tuning (`--budget own` gives them only
+`finetune_steps`).
 
 For each it prints dev accuracy on the full dev split and its ratio to the dense teacher (retention),
 heads alive, exact sparsity, the batch-32 and batch-1 speedup measured interleaved with the dense
@@ -19,8 +28,9 @@ large-sparse vs small-dense comparison (Zhu & Gupta 2017).
 Quality bar (issue 5): CoFi 0.6 keeps >= 97% of dense accuracy at >= 1.8x batch-32 speedup; CoFi 0.9
 keeps >= 90% at >= 4x; each <= 20 minutes on 2 cores; L0 closes >= 50% of heads within 1 point.
 
-Run: .venv/bin/python -m bench.train_bench [--configs cofi-0.6,cofi-0.9,l0,random-0.6] [--threads 2]
-     [--steps N] [--finetune-steps N] [--quick]
+Run: .venv/bin/python -m bench.train_bench [--configs cofi-0.6,l0,random-l0,small-dense] [--threads 2]
+     [--steps N] [--finetune-steps N] [--budget matched|own] [--parallel] [--quick]
+"dense" in the table is the teacher each run was timed against (the default model for every row).
 """
 
 from __future__ import annotations
@@ -33,42 +43,31 @@ import time
 
 import torch
 
-from core.data import load_data
-from core.models import load_model
-from pruning.live import figures
 from pruning.runs import RunStore
-from pruning.train import METHODS, TrainConfig, measure_snapshot, run_job
+from pruning.train import METHODS, TrainConfig, run_job
 
-DEFAULT_CONFIGS = "cofi-0.6,cofi-0.9,l0,random-0.6"
+DEFAULT_CONFIGS = "cofi-0.6,cofi-0.9,l0,random-l0,relevance-0.6,importance-0.6,random-0.6,random-0.9,small-dense"
 
 
-def parse_config(name: str, base: TrainConfig) -> TrainConfig:
-    """"cofi-0.6" -> base with method cofi, target 0.6; "l0" -> method l0."""
-    method, _, target = name.partition("-")
-    if method not in METHODS:
-        raise SystemExit(f"error: unknown configuration {name!r}; methods are {', '.join(METHODS)}")
-    changes: dict = {"method": method}
-    if target:
-        changes["target_sparsity"] = float(target)
+def parse_config(name: str, base: TrainConfig, budget: str, done: dict[str, dict]) -> TrainConfig:
+    """"cofi-0.6" -> base with method cofi, target 0.6; "l0" -> method l0; "small-dense", "random-l0" (see
+    the module docstring). `done`: results of the runs so far, by name."""
+    if name == "small-dense":
+        changes: dict = {"method": "dense", "model": "minilm-l3", "teacher": base.model}
+    else:
+        method, _, target = name.partition("-")
+        if method not in METHODS:
+            raise SystemExit(f"error: unknown configuration {name!r}; methods are {', '.join(METHODS)}")
+        changes = {"method": method}
+        if target == "l0":
+            if "l0" not in done:
+                raise SystemExit(f"error: {name} needs an l0 run before it in --configs")
+            changes["target_sparsity"] = round(done["l0"]["sparsity"], 4)
+        elif target:
+            changes["target_sparsity"] = float(target)
+    if changes["method"] not in ("cofi", "l0") and budget == "matched":
+        changes["finetune_steps"] = base.steps + base.finetune_steps
     return dataclasses.replace(base, **changes).check()
-
-
-def small_dense_row(threads: int) -> dict | None:
-    """minilm-l3 vs the dense default on the full dev split, timed interleaved (None if not prepared)."""
-    try:
-        small, dense = load_model("minilm-l3"), load_model("default")
-    except ValueError as exc:
-        print(f"(small-dense row skipped: {exc})")
-        return None
-    dev = load_data("default", split="dev", label_names=dense.label_names)
-    from core.summary import median_tokens
-
-    dense_fig = figures(dense, dev, median_tokens(dense, dev.texts))
-    small.notes.append("minilm-l3 (3 layers, dense)")
-    cmp = measure_snapshot(dense, small, dev, dense_fig, {1: (5, 5), 32: (5, 2)})
-    return {"name": "minilm-l3 (small dense)", "accuracy": cmp.pruned.accuracy, "dense_accuracy": cmp.dense.accuracy,
-            "speedup_b32": cmp.speedup(32), "speedup_b1": cmp.speedup(1), "sparsity": None, "heads": "36/36",
-            "seconds": None, "threads": threads}
 
 
 class Printer:
@@ -93,7 +92,10 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--l0-lambda", type=float, default=None)
     parser.add_argument("--quick", action="store_true", help="a short smoke configuration (60 + 20 steps)")
-    parser.add_argument("--small-dense", action="store_true", help="add the minilm-l3 row")
+    parser.add_argument("--budget", choices=("matched", "own"), default="matched",
+                        help="matched: baselines and small-dense fine-tune for as many steps as cofi/l0 train")
+    parser.add_argument("--parallel", action="store_true",
+                        help="do not wait for runs of other processes (e.g. a second bench with other configs)")
     args = parser.parse_args()
 
     base = TrainConfig(model=args.model, threads=args.threads)
@@ -107,37 +109,34 @@ def main() -> None:
     base = dataclasses.replace(base, **changes)
     torch.set_num_threads(args.threads)
     store = RunStore()
-    rows = []
+    rows, done = [], {}
     for name in args.configs.split(","):
-        config = parse_config(name.strip(), base)
+        name = name.strip()
+        config = parse_config(name, base, args.budget, done)
         run_id = store.create(config.to_dict())
         start = time.perf_counter()
-        status = run_job(store, run_id, Printer(name, start))
+        status = run_job(store, run_id, Printer(name, start), exclusive=not args.parallel)
         run = store.get(run_id)
-        r = run.result or {}
+        r = done[name] = run.result or {}
         alive = r.get("heads_alive", [])
         rows.append({"name": f"{name} (run {run_id})", "status": status, "accuracy": r.get("accuracy"),
                      "dense_accuracy": r.get("dense_accuracy"), "speedup_b32": r.get("speedup_b32"),
                      "speedup_b1": r.get("speedup_b1"), "sparsity": r.get("sparsity"),
-                     "heads": f"{sum(alive)}/{len(alive) * r.get('heads_total', 0)}",
+                     "heads": f"{sum(alive)}/{len(alive) * r.get('heads_total', 0)}", "steps": run.total,
                      "seconds": time.perf_counter() - start, "eval_fraction": r.get("eval_fraction")})
         print(f"{name}: {status} in {rows[-1]['seconds']:.0f} s", flush=True)
-    if args.small_dense:
-        row = small_dense_row(args.threads)
-        if row:
-            rows.append(row)
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    header = ("run", "dev acc", "dense", "retention", "sparsity", "heads", "b32 speedup", "b1 speedup", "time",
-              "live metrics")
+    header = ("run", "dev acc", "dense", "retention", "sparsity", "heads", "b32 speedup", "b1 speedup", "steps",
+              "time", "live metrics")
     table = [header]
     for r in rows:
         retention = r["accuracy"] / r["dense_accuracy"] if r.get("accuracy") and r.get("dense_accuracy") else None
         table.append((r["name"], fmt(r["accuracy"], ".4f"), fmt(r["dense_accuracy"], ".4f"), fmt(retention, ".1%"),
                       fmt(r["sparsity"], ".3f"), r["heads"], fmt(r["speedup_b32"], ".2f") + "x",
-                      fmt(r["speedup_b1"], ".2f") + "x",
+                      fmt(r["speedup_b1"], ".2f") + "x", str(r["steps"]),
                       "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f} min",
                       fmt(r.get("eval_fraction"), ".0%")))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -7,7 +7,7 @@ Prints parameters, encoder FLOPs per example (attention / FFN), accuracy and lat
 0-based LAYER:HEAD pairs. Bad input exits with status 2 and one line on stderr, never a traceback.
 
 `python -m pruning train` learns the pruning (CoFi, L0 heads) or prunes one-shot (baselines), then
-fine-tunes, reporting to the run store (`pruning.runs`); `python -m pruning runs list|stop|resume|delete`
+fine-tunes, reporting to the run store (`pruning.runs`); `python -m pruning runs list|stop|resume|delete|export`
 manages the runs:
 
     python -m pruning train --model default --method cofi --target-sparsity 0.6 --steps 400
@@ -278,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    """`runs list | stop ID | resume ID | delete ID`."""
+    """`runs list | stop ID | resume ID | delete ID | export ID --out DIR [--onnx]`."""
     from pruning.runs import RunStore, launch
 
     store = RunStore()
@@ -312,6 +312,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         store.delete(args.id)
         print(f"deleted run {args.id}")
         return 0
+    if args.action == "export":
+        return _export_run(store, args)
     run = store.get(args.id)  # resume
     if run.status == "done":
         raise ValueError(f"Run {run.id} is already done; start a new run instead.")
@@ -322,6 +324,31 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"resuming run {run.id} in the background (pid {proc.pid}); log {run.run_dir / 'train.log'}")
         return 0
     return _run_and_report(store, run.id, args.job, parallel=args.parallel, as_json=args.json)
+
+
+def _export_run(store, args: argparse.Namespace) -> int:
+    """Copy a finished run's pruned, fine-tuned model to --out (a folder HeadLab loads back), with --onnx
+    also model.onnx checked against torch."""
+    from core.__main__ import run_with_bar
+    from pruning.export import load_pruned, save_pruned
+    from pruning.train import MODEL_FILE
+
+    run = store.get(args.id)
+    if args.out is None:
+        raise ValueError("runs export needs --out DIR (a new folder for the model).")
+    source = run.run_dir / MODEL_FILE
+    if run.status != "done" or not source.exists():
+        raise ValueError(f"Run {run.id} is {run.status}: only a finished run has a final model to export.")
+
+    def work(bar):
+        bar(0, 1, "loading the run's model")
+        loaded = load_pruned(source)
+        bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
+        return save_pruned(loaded, args.out, overwrite=args.overwrite, onnx=args.onnx)
+
+    out = run_with_bar(args.job, work)
+    print(f"saved {out}" + (" (with model.onnx, checked against torch)" if args.onnx else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,8 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--job", help=argparse.SUPPRESS)
     tr.set_defaults(func=cmd_train)
     ru = sub.add_parser("runs", help="list, stop, resume or delete training runs")
-    ru.add_argument("action", choices=["list", "stop", "resume", "delete"])
-    ru.add_argument("id", type=int, nargs="?", default=None, help="run ID (stop, resume, delete)")
+    ru.add_argument("action", choices=["list", "stop", "resume", "delete", "export"])
+    ru.add_argument("id", type=int, nargs="?", default=None, help="run ID (stop, resume, delete, export)")
+    ru.add_argument("--out", type=Path, default=None, metavar="DIR", help="export: new folder for the final model")
+    ru.add_argument("--onnx", action="store_true", help="export: also write model.onnx (checked against torch)")
+    ru.add_argument("--overwrite", action="store_true", help="export: replace --out if it exists")
     ru.add_argument("--background", action="store_true", help="resume: run in a detached process")
     ru.add_argument("--parallel", action="store_true", help="resume: do not wait for other running jobs")
     ru.add_argument("--json", action="store_true", help="print JSON")

@@ -333,6 +333,15 @@ def test_kill_9_then_resume_continues_the_step_count(tiny_dir, reviews, tmp_path
     listed = capsys.readouterr().out.splitlines()
     assert listed[0].split()[:3] == ["id", "status", "method"]
     assert listed[1].split()[:3] == [str(run.id), "done", "cofi"]
+    out = tmp_path / "exported"
+    assert main(["runs", "export", str(run.id), "--out", str(out), "--onnx"]) == 0
+    assert (out / "model.onnx").is_file()
+    again, trained = load_model(str(out)), load_pruned(run.run_dir / "model")
+    batch = trained.tokenizer(["a great film", "an awful film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(again.model(**batch).logits, trained.model(**batch).logits)
+    assert main(["runs", "export", str(run.id), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
     assert main(["runs", "delete", str(run.id)]) == 0
     assert not run.run_dir.exists() and store.list() == []
 
