@@ -13,10 +13,10 @@ import streamlit as st
 from analysis.heads import report_dir
 from core.jobs import cancel_job, job_state
 from core.models import ModelNotPrepared
-from pruning.export import check_name
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
 from ui import gates as g
 from ui.charts import gate_grid, history_chart
+from ui.export import export_folder, export_panel
 from ui.jobs import ensure_job, wait_for
 from ui.loaders import get_data, get_model
 
@@ -182,28 +182,10 @@ if len(history) > 1:
 
 # ----------------------------------------------------------------------------- export
 st.header("Export")
-name = st.text_input("Name", value=f"{spec if spec in ('default', 'minilm-l3') else 'model'}-{digest[:6]}",
-                     key="export_name", help="A folder of this name is written under " + str(g.exports_dir()))
-try:
-    name = check_name(name)
-except ValueError as exc:
-    st.error(str(exc))
+out = export_folder(f"{spec if spec in ('default', 'minilm-l3') else 'model'}-{digest[:6]}", "export_name")
+if out is None:
     st.stop()
-out = g.exports_dir() / name
-job = f"export-{name}-{digest}"
-if out.exists() and job_state(job) is None:
-    st.warning(f"{out} already exists: choose another name (nothing is overwritten).")
-elif job_state(job) is None:
-    if st.button(f"Export the pruned model as {name} (folder + ONNX)", disabled=gates == ManualGates(),
-                 help="Physically smaller safetensors folder that HeadLab loads back, plus model.onnx for "
-                      "onnxruntime, checked against torch"):
-        ensure_job(job, ["pruning", "apply", "--model", spec, "--data", data_spec, "--gates", str(state_file),
-                         "--out", str(out), "--onnx", "--limit", "300", "--job", job])
-        st.rerun()
-elif not out.exists() or getattr(job_state(job), "status", "") != "done":
-    wait_for(job, "Exporting", lambda: out.exists() and job_state(job).status == "done")
-else:
-    sizes = {f.name: f.stat().st_size for f in out.iterdir()}
-    st.success(f"Saved {out}: model.safetensors {sizes.get('model.safetensors', 0) / 1e6:.1f} MB, "
-               f"model.onnx {sizes.get('model.onnx', 0) / 1e6:.1f} MB. Load it on the Model page as a local "
-               f"folder, or run model.onnx with onnxruntime (inputs input_ids, attention_mask; output logits).")
+job = f"export-{out.name}-{digest}"
+export_panel(out, job, ["pruning", "apply", "--model", spec, "--data", data_spec, "--gates", str(state_file),
+                        "--out", str(out), "--onnx", "--limit", "300", "--job", job],
+             f"Export the pruned model as {out.name} (folder + ONNX)", disabled=gates == ManualGates())

@@ -1,4 +1,4 @@
-"""Prune page: launch CoFi / L0 / one-shot baseline runs in the background and watch them live."""
+"""Prune page: launch CoFi / L0 / baseline / dense runs in the background, watch them live, export them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import streamlit as st
 from pruning.live import ManualGates
 from pruning.runs import RunStore, launch
 from pruning.train import METHODS, TrainConfig
-from ui.charts import gate_grid
+from ui.charts import gate_grid, pareto_chart
+from ui.export import export_folder, export_panel
 
 HELP = {f.name: f.metadata.get("help", "") for f in TrainConfig.__dataclass_fields__.values()}
 CURVES = {
@@ -41,10 +42,14 @@ with st.expander("New run", expanded=not store.list()):
         alpha_layer = c2.slider("Distillation weight (layers)", 0.0, 1.0, TrainConfig.alpha_layer,
                                 help=HELP["alpha_layer"])
         threads = c3.number_input("Threads", 0, 64, TrainConfig.threads, help=HELP["threads"])
-        st.caption(f"Model `{spec}`, data `{data_spec}` (chosen on the Model page).")
+        teacher = st.text_input("Teacher (blank: the model itself)", "", help=HELP["teacher"] + ". E.g. `default` "
+                                "with model `minilm-l3` and method dense: the small-dense comparison.")
+        st.caption(f"Model `{spec}`, data `{data_spec}` (chosen on the Model page). One run trains at a time; "
+                   "runs started meanwhile wait in the queue.")
         if st.form_submit_button("Start run"):
             try:
-                config = TrainConfig(model=spec, data=data_spec, method=method, target_sparsity=target,
+                config = TrainConfig(model=spec, teacher=teacher.strip(), data=data_spec, method=method,
+                                     target_sparsity=target,
                                      l0_lambda=l0_lambda, steps=int(steps), finetune_steps=int(finetune_steps),
                                      warmup_steps=min(int(warmup), int(steps)), alpha_ce=alpha_ce,
                                      alpha_layer=alpha_layer, threads=int(threads)).check()
@@ -65,7 +70,8 @@ def _runs_table() -> pd.DataFrame:
     for r in store.list():
         res = r.result or {}
         rows.append({"id": r.id, "status": r.status, "method": r.config.get("method"),
-                     "model": r.config.get("model"), "target": r.config.get("target_sparsity"),
+                     "model": r.config.get("model"), "teacher": r.config.get("teacher") or r.config.get("model"),
+                     "target": r.config.get("target_sparsity") if r.config.get("method") != "dense" else None,
                      "step": f"{r.step}/{r.total}", "accuracy": res.get("accuracy"),
                      "speedup b32": res.get("speedup_b32"), "message": r.error or r.message})
     return pd.DataFrame(rows)
@@ -129,12 +135,29 @@ if steps:
         st.session_state.update(gates_from_run=ManualGates.from_state(state), gates_what=f"run {run_id} step {step}")
         st.switch_page("pages/gates.py")
 
+def export_section(run_id: int) -> None:
+    """Export a finished run's model (folder + ONNX) as a background job, refusing to overwrite."""
+    st.subheader("Export the final model")
+    out = export_folder(f"run-{run_id}-{run.config.get('method')}", f"export_name_{run_id}")
+    if out is None:
+        return
+    job = f"export-run-{run_id}-{out.name}"
+    export_panel(out, job, ["pruning", "runs", "export", str(run_id), "--out", str(out), "--onnx", "--job", job],
+                 f"Export run {run_id} as {out.name} (folder + ONNX)")
+
+if run.status == "done":
+    export_section(run_id)
+
 finished = [r for r in runs if r.status == "done" and r.result]
 if finished:
-    pareto = pd.DataFrame([{"run": f"{r.id}: {r.config.get('method')} {r.config.get('target_sparsity')}",
-                            "model": r.config.get("model"), "accuracy": r.result.get("accuracy"),
-                            "latency_b32_ms": r.result.get("latency_b32_ms")} for r in finished])
-    fig = px.scatter(pareto, x="latency_b32_ms", y="accuracy", color="model", text="run",
-                     title="Finished runs: full-dev accuracy vs batch-32 latency")
-    fig.update_traces(textposition="top center")
-    st.plotly_chart(fig, key="pareto")
+    st.subheader("Pareto")
+    pareto = pd.DataFrame([{"label": f"{r.id}: {r.config.get('method')}" + (
+        f" {r.config.get('target_sparsity')}" if r.config.get("method") not in ("l0", "dense") else ""),
+        "method": r.config.get("method"), "model": r.config.get("model"),
+        "teacher": r.config.get("teacher") or r.config.get("model"), "accuracy": r.result.get("accuracy"),
+        "dense_accuracy": r.result.get("dense_accuracy"), "speedup_b32": r.result.get("speedup_b32"),
+        "sparsity": r.result.get("sparsity")} for r in finished])
+    st.plotly_chart(pareto_chart(pareto), key="pareto")
+    st.caption("Each run's speedup is timed interleaved with its teacher in the run's own process, so runs "
+               "measured at different times compare; the dense teacher sits at 1×. Baselines and dense "
+               "(small-dense) runs appear next to the learned methods.")

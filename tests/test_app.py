@@ -223,5 +223,9 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     table = at.dataframe[0].value
     assert table.loc[0, "status"] == "done" and table.loc[0, "method"] == "random"
     assert any(c.value.startswith("Last eval") for c in at.caption)
+    next(b for b in at.button if b.label.startswith("Export run")).click().run()
+    run_until(at, lambda a: any(s.value.startswith("Saved") for s in a.success), timeout=180)
+    exported = fresh_home / "exports" / f"run-{table.loc[0, 'id']}-random"
+    assert (exported / "model.onnx").is_file() and (exported / "pruning.json").is_file()
     next(b for b in at.button if b.label.startswith("Open step")).click().run()
     assert not at.exception, at.exception

@@ -174,3 +174,24 @@ def history_chart(history: pd.DataFrame) -> go.Figure:
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="latency, batch 32 (ms)",
                       yaxis_title="subset accuracy")
     return fig
+
+
+def pareto_chart(runs: pd.DataFrame) -> go.Figure:
+    """Accuracy vs measured batch-32 speedup of finished runs, with each teacher's dense point at 1x.
+
+    `runs`: one row per run with columns label, method, model, teacher, accuracy, dense_accuracy,
+    speedup_b32 (the run's model timed interleaved with its teacher, so the ratio is comparable
+    across runs measured at different times).
+    """
+    fig = px.scatter(runs, x="speedup_b32", y="accuracy", color="method", symbol="model", text="label",
+                     hover_data=["teacher", "sparsity"], labels={"speedup_b32": "batch-32 speedup over the teacher "
+                                                                "(measured)", "accuracy": "full-dev accuracy"},
+                     title="Finished runs: accuracy vs measured speedup")
+    fig.update_traces(textposition="top center", marker_size=11)
+    dense = runs.groupby("teacher", as_index=False)["dense_accuracy"].mean()
+    fig.add_trace(go.Scatter(x=[1.0] * len(dense), y=dense["dense_accuracy"], mode="markers+text",
+                             text=[f"dense {t}" for t in dense["teacher"]], textposition="bottom center",
+                             marker=dict(symbol="star", size=15, color="black"), name="dense teacher"))
+    fig.update_xaxes(type="log")
+    fig.update_layout(height=420, margin=dict(l=10, r=10, t=40, b=10))
+    return fig

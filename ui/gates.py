@@ -98,10 +98,6 @@ def refined_path(digest: str, data: TextDataset) -> Path:
     return headlab_home() / "cache" / "gates" / f"{digest}-{data.fingerprint()}-full.json"
 
 
-def exports_dir() -> Path:
-    return headlab_home() / "exports"
-
-
 def runs_with_gates(spec: str) -> dict[int, str]:
     """{run id: label} of training runs of model `spec` that recorded gate snapshots, newest first."""
     from pruning.runs import RunStore
