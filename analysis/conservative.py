@@ -1,4 +1,4 @@
-"""Conservative propagation (Ali et al. 2022; AttnLRP, Achtibat et al. 2024) for BERT-family classifiers.
+"""Conservative propagation (Ali et al. 2022; AttnLRP, Achtibat et al. 2024) for BERT-family and MPNet classifiers.
 
 Inside `conservative(model)` the model computes exactly the same numbers as usual (up to float
 rounding), but its *gradient* is that of a network in which every non-linearity is frozen at its
@@ -11,7 +11,10 @@ up to float error. The three rules (no model code is copied; everything is hooks
 `AttentionInterface`, removed/restored in `finally`):
 
 - attention probabilities are constants: softmax(QK^T) is computed from detached Q and K, so
-  probs @ V is linear in V and no relevance leaks into the query/key paths;
+  probs @ V is linear in V and no relevance leaks into the query/key paths (through the
+  `AttentionInterface` where the model uses it; MPNet computes its softmax inline, so there forward
+  hooks detach the outputs of its Q and K projections instead — its relative position bias depends
+  on positions only, so the probabilities are constant in the input either way);
 - LayerNorm divides by a detached standard deviation: y = (x - mean(x)) / std(x).detach() * w + b
   is affine in x (the mean subtraction stays, it is linear);
 - elementwise activations (GELU, the pooler's tanh, ...) use the identity rule: the value is
@@ -33,6 +36,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.bert.modeling_bert import eager_attention_forward
+
+from core.models import Adapter
 
 CONSERVATIVE_ATTENTION = "headlab_conservative"
 _ZERO = 1e-6  # |x| below this counts as zero in the identity rule's act(x)/x
@@ -91,6 +96,11 @@ def identity_rule(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.detach() + (x - x.detach()) * gain
 
 
+def _detach_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the same value without a gradient path (Q and K of a non-pluggable attention)."""
+    return output.detach()
+
+
 def _identity_rule_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     return identity_rule(inputs[0], output)
 
@@ -135,10 +145,16 @@ def conservative(model: nn.Module) -> Iterator[nn.Module]:
 
     Yields the model itself.
     """
+    adapter = Adapter(model)
+    pluggable = adapter.layout.pluggable_attention
     previous = model.config._attn_implementation
     hooks: list = []
     try:
-        model.set_attn_implementation(CONSERVATIVE_ATTENTION)
+        if pluggable:
+            model.set_attn_implementation(CONSERVATIVE_ATTENTION)
+        else:
+            hooks += [projection(layer).register_forward_hook(_detach_output)
+                      for layer in range(len(adapter.layers)) for projection in (adapter.query, adapter.key)]
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
                 hooks.append(module.register_forward_hook(_layernorm_constant_std))
@@ -149,7 +165,8 @@ def conservative(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for hook in hooks:
             hook.remove()
-        model.set_attn_implementation(previous)
+        if pluggable:
+            model.set_attn_implementation(previous)
 
 
 @dataclass

@@ -94,10 +94,13 @@ def _heads(adapter) -> list[int]:
 
 
 def _bias_modules(adapter) -> list[nn.Module]:
-    """Every Linear and LayerNorm with a bias between the embedding output and the logits."""
-    inside_embeddings = {id(m) for m in adapter.base.embeddings.modules()}
+    """Every Linear and LayerNorm with a bias between the embedding output and the logits, except the
+    Q and K projections: with constant attention no relevance passes through them (share 0)."""
+    skip = {id(m) for m in adapter.base.embeddings.modules()}
+    skip |= {id(projection(layer)) for layer in range(len(adapter.layers))
+             for projection in (adapter.query, adapter.key)}
     return [m for m in adapter.model.modules()
-            if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None and id(m) not in inside_embeddings]
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None and id(m) not in skip]
 
 
 def _per_head(ctx: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor, heads: int) -> torch.Tensor:
@@ -110,7 +113,7 @@ def _per_head(ctx: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor, 
 
 def _bias_share(module: nn.Module, grad: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """sum of bias * grad at the module's output (B, [T,] D) over tokens and dims -> (B,) float64."""
-    if grad is None:  # e.g. query/key projections: constant attention, no gradient path
+    if grad is None:  # the module's output does not reach the explained logit
         return torch.zeros(mask.shape[0], dtype=torch.float64)
     prod = grad * module.bias.detach()
     if prod.dim() == 3:

@@ -6,6 +6,7 @@ safetensors only. Bad folders raise `ModelError` with one line fit for a UI box 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,7 +27,6 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "electra", "xlm-roberta")
 BUILTIN_MODELS = {
     "default": "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (6 layers x 12 heads)",
     "minilm-l3": "paraphrase-MiniLM-L3-v2 fine-tuned on Rotten Tomatoes (3 layers x 12 heads)",
@@ -49,16 +49,82 @@ class ModelNotPrepared(ModelError):
         self.name = name
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where one architecture keeps the parts of an encoder layer: dotted attribute paths.
+
+    Paths are relative to layer l (`base.encoder.layer[l]`), except the Q/K/V names, which are
+    relative to `self_attention` (the module that also holds `num_attention_heads` and
+    `attention_head_size`).
+    """
+
+    self_attention: str
+    query: str  # Q/K/V projections: rows = heads x head_dim
+    key: str
+    value: str
+    attention_output: str  # W_O: columns = heads x head_dim
+    attention_norm: str  # the LayerNorm closing the attention sublayer: LN(W_O(ctx) + x)
+    ffn_in: str
+    ffn_out: str
+    ffn_norm: str  # the LayerNorm closing the FFN sublayer
+    embedding_tables: tuple[str, ...]  # `base.embeddings` tables summed before the embedding LayerNorm
+    pluggable_attention: bool  # attention runs through transformers' AttentionInterface
+    relative_bias: str | None = None  # path from `base` of a relative position bias table shared by all layers
+
+
+# `modeling_bert` and its copies (RoBERTa, XLM-R, ELECTRA; MiniLM is a BertModel).
+BERT_LAYOUT = Layout(
+    self_attention="attention.self", query="query", key="key", value="value",
+    attention_output="attention.output.dense", attention_norm="attention.output.LayerNorm",
+    ffn_in="intermediate.dense", ffn_out="output.dense", ffn_norm="output.LayerNorm",
+    embedding_tables=("word_embeddings", "position_embeddings", "token_type_embeddings"), pluggable_attention=True,
+)
+# `modeling_mpnet`: W_O (`o`) lives inside the self-attention next to q/k/v; no token types; one
+# (buckets, heads) relative position bias computed once per forward and added to every layer's scores.
+MPNET_LAYOUT = Layout(
+    self_attention="attention.attn", query="q", key="k", value="v",
+    attention_output="attention.attn.o", attention_norm="attention.LayerNorm",
+    ffn_in="intermediate.dense", ffn_out="output.dense", ffn_norm="output.LayerNorm",
+    embedding_tables=("word_embeddings", "position_embeddings"), pluggable_attention=False,
+    relative_bias="encoder.relative_attention_bias",
+)
+LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "electra": BERT_LAYOUT, "xlm-roberta": BERT_LAYOUT,
+           "mpnet": MPNET_LAYOUT}
+SUPPORTED_MODEL_TYPES = tuple(LAYOUTS)
+
+
+def _unsupported(model_type: str) -> ModelError:
+    return ModelError(
+        f"Unsupported architecture '{model_type}'; HeadLab supports BERT-family encoders: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+    )
+
+
+def _descend(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    """`module.a.b.c` for path "a.b.c" ("" is the module itself)."""
+    return functools.reduce(getattr, path.split("."), module) if path else module
+
+
 @dataclass
 class Adapter:
     """The one place that knows where a BERT-family encoder keeps its parts.
 
-    BERT, RoBERTa, MiniLM and ELECTRA share the module layout of `modeling_bert`: layer l is
-    `base.encoder.layer[l]` with `attention.self.{query,key,value}` (rows = heads x head_dim),
-    `attention.output.dense` (columns = heads x head_dim), `intermediate.dense` and `output.dense`.
+    Layer l is `base.encoder.layer[l]`; inside it the parts sit where the `Layout` of the model's
+    type says (BERT, RoBERTa, MiniLM and ELECTRA share `BERT_LAYOUT`, MPNet has `MPNET_LAYOUT`).
+    Raises `ModelError` for a model type without a layout.
     """
 
     model: PreTrainedModel
+    layout: Layout = field(init=False)
+
+    PARTS = ("self_attention", "query", "key", "value", "attention_output", "attention_norm", "ffn_in", "ffn_out",
+             "ffn_norm")
+
+    def __post_init__(self) -> None:
+        model_type = self.model.config.model_type
+        if model_type not in LAYOUTS:
+            raise _unsupported(model_type)
+        self.layout = LAYOUTS[model_type]
 
     @property
     def base(self) -> torch.nn.Module:
@@ -68,24 +134,66 @@ class Adapter:
     def layers(self) -> torch.nn.ModuleList:
         return self.base.encoder.layer
 
+    def _path(self, name: str) -> str:
+        if name not in self.PARTS:
+            raise ValueError(f"The 'name' parameter must be one of {', '.join(self.PARTS)}. Got {name!r} instead.")
+        path = getattr(self.layout, name)
+        return f"{self.layout.self_attention}.{path}" if name in ("query", "key", "value") else path
+
+    def part(self, layer: int, name: str) -> torch.nn.Module:
+        """The module `name` (one of `PARTS`) of layer `layer`."""
+        return _descend(self.layers[layer], self._path(name))
+
+    def set_part(self, layer: int, name: str, module: torch.nn.Module) -> None:
+        """Put `module` in place of part `name` of layer `layer` (physical pruning)."""
+        parent, _, attr = self._path(name).rpartition(".")
+        setattr(_descend(self.layers[layer], parent), attr, module)
+
     def self_attention(self, layer: int) -> torch.nn.Module:
-        return self.layers[layer].attention.self
+        """The module holding Q/K/V and the head counts `num_attention_heads`, `attention_head_size`."""
+        return self.part(layer, "self_attention")
+
+    def query(self, layer: int) -> torch.nn.Linear:
+        """Q of layer `layer`, (H*d_h, d); `key` and `value` alike."""
+        return self.part(layer, "query")
+
+    def key(self, layer: int) -> torch.nn.Linear:
+        return self.part(layer, "key")
+
+    def value(self, layer: int) -> torch.nn.Linear:
+        return self.part(layer, "value")
 
     def attention_output(self, layer: int) -> torch.nn.Linear:
         """W_O of layer `layer`: its input is the concatenated per-head context (B, T, H*d_h)."""
-        return self.layers[layer].attention.output.dense
+        return self.part(layer, "attention_output")
+
+    def attention_norm(self, layer: int) -> torch.nn.LayerNorm:
+        return self.part(layer, "attention_norm")
 
     def ffn_in(self, layer: int) -> torch.nn.Linear:
-        return self.layers[layer].intermediate.dense
+        return self.part(layer, "ffn_in")
 
     def ffn_out(self, layer: int) -> torch.nn.Linear:
-        return self.layers[layer].output.dense
+        return self.part(layer, "ffn_out")
+
+    def ffn_norm(self, layer: int) -> torch.nn.LayerNorm:
+        return self.part(layer, "ffn_norm")
 
     def num_heads(self, layer: int) -> int:
         return self.self_attention(layer).num_attention_heads
 
     def head_dim(self, layer: int) -> int:
         return self.self_attention(layer).attention_head_size
+
+    @property
+    def embedding_tables(self) -> dict[str, torch.nn.Embedding]:
+        """Name -> table of the embeddings summed before `base.embeddings.LayerNorm`, each (rows, d)."""
+        return {name: getattr(self.base.embeddings, name) for name in self.layout.embedding_tables}
+
+    @property
+    def relative_bias(self) -> torch.nn.Embedding | None:
+        """The relative position bias table (buckets, H) shared by every layer (MPNet), else None."""
+        return _descend(self.base, self.layout.relative_bias) if self.layout.relative_bias else None
 
 
 @dataclass
@@ -211,10 +319,7 @@ def inspect_folder(path: Path) -> tuple[object, Path, bool]:
     except Exception as exc:  # unknown model_type, bad JSON, ...
         raise ModelError(f"{path}/config.json cannot be read ({exc}).".replace("\n", " ")) from exc
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"Unsupported architecture '{config.model_type}'; HeadLab supports BERT-family encoders: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+        raise _unsupported(config.model_type)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise ModelError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}).")
     weights = _weight_file(path)

@@ -32,7 +32,7 @@ def encoder_flops(adapter: Adapter, seq_len: int) -> EncoderFlops:
     t = seq_len
     attention = ffn = 0
     for layer in range(len(adapter.layers)):
-        inner, hidden = adapter.self_attention(layer).query.weight.shape  # (H*d_h, d)
+        inner, hidden = adapter.query(layer).weight.shape  # (H*d_h, d)
         attention += 2 * t * hidden * inner * 3  # Q, K, V
         attention += 2 * 2 * t * t * inner  # scores QK^T and context AV, summed over heads
         attention += 2 * t * inner * adapter.attention_output(layer).weight.shape[0]  # W_O

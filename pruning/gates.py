@@ -133,7 +133,7 @@ def _scores(kind: str, adapter, criterion: str, seed: int, where: str) -> torch.
         if kind == "head":  # ||W_V,h||_F * ||W_O[:, h]||_F: the size of the head's value -> output path
             rows = []
             for layer in range(shape.layers):
-                v = adapter.self_attention(layer).value.weight.view(shape.heads, shape.head_dim, -1)  # (H, d_h, d)
+                v = adapter.value(layer).weight.view(shape.heads, shape.head_dim, -1)  # (H, d_h, d)
                 o = adapter.attention_output(layer).weight.view(-1, shape.heads, shape.head_dim)  # (d, H, d_h)
                 rows.append(v.norm(dim=(1, 2)) * o.norm(dim=(0, 2)))
             return torch.stack(rows)
@@ -144,8 +144,8 @@ def _scores(kind: str, adapter, criterion: str, seed: int, where: str) -> torch.
         # mean norm so that no single matrix (e.g. the 30k-row word embeddings) dominates.
         mats = [adapter.base.embeddings.word_embeddings.weight]  # (V, d): column k
         for layer in range(shape.layers):
-            att = adapter.self_attention(layer)
-            mats += [att.query.weight, att.key.weight, att.value.weight, adapter.ffn_in(layer).weight]  # read dim k
+            mats += [adapter.query(layer).weight, adapter.key(layer).weight, adapter.value(layer).weight,
+                     adapter.ffn_in(layer).weight]  # read dim k
             mats += [adapter.attention_output(layer).weight.T, adapter.ffn_out(layer).weight.T]  # write dim k
         total = torch.zeros(shape.hidden)
         for m in mats:

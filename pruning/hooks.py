@@ -1,16 +1,21 @@
 """Where gates act inside a model: forward hooks that apply a `GateState` without changing any weight.
 
-For layer l of a BERT-family encoder (post-LayerNorm: sublayer output = LN(dropout(dense(x)) + input)):
+For layer l of a BERT-family encoder (post-LayerNorm: sublayer output = LN(dropout(dense(x)) + input);
+module names from the model's `core.models.Layout`, W_O is `attention.output.dense` in BERT and
+`attention.attn.o` in MPNet):
 
-    head[l, h]       pre-hook on attention.output.dense: its input (B, T, H*d_h) is viewed as
-                     (B, T, H, d_h) and head h's context multiplied by the gate
-    mha[l]           hook on attention.output.dense: its output (incl. bias) times mha[l] * hidden,
-                     so mha[l] = 0 leaves LN(input): the residual passes through the LayerNorm
-    intermediate[l]  pre-hook on output.dense: the (B, T, d_ff) activations times the gates
-    ffn[l]           hook on output.dense: its output (incl. bias) times ffn[l] * hidden
+    head[l, h]       pre-hook on W_O: its input (B, T, H*d_h) is viewed as (B, T, H, d_h) and head
+                     h's context multiplied by the gate
+    mha[l]           hook on W_O: its output (incl. bias) times mha[l] * hidden, so mha[l] = 0
+                     leaves LN(input): the residual passes through the LayerNorm
+    intermediate[l]  pre-hook on the FFN output dense: the (B, T, d_ff) activations times the gates
+    ffn[l]           hook on the FFN output dense: its output (incl. bias) times ffn[l] * hidden
     hidden[k]        (CoFi) the embedding sum before its LayerNorm, every sublayer output (above) and
                      every LayerNorm output are multiplied by the hidden gates, and each LayerNorm
                      normalises over the kept dims (hidden > 0) only; closed dims stay exactly 0
+
+MPNet's relative position bias needs no hook: it only shifts attention scores inside a head,
+whose context the head gate then scales.
 
 `pruning.surgery.prune` builds a smaller model that computes the same function. Gate tensors may
 require grad (learned gates): everything here is differentiable in the gate values.
@@ -102,13 +107,12 @@ class GateHooks:
         h = self._handles
         h.append(a.base.embeddings.LayerNorm.register_forward_hook(self._layer_norm(pre_scale=True)))
         for layer in range(self.shape.layers):
-            block = a.layers[layer]
             h.append(a.attention_output(layer).register_forward_pre_hook(self._heads(layer)))
             h.append(a.attention_output(layer).register_forward_hook(self._sublayer("mha", layer)))
             h.append(a.ffn_out(layer).register_forward_pre_hook(self._units(layer)))
             h.append(a.ffn_out(layer).register_forward_hook(self._sublayer("ffn", layer)))
-            h.append(block.attention.output.LayerNorm.register_forward_hook(self._layer_norm(pre_scale=False)))
-            h.append(block.output.LayerNorm.register_forward_hook(self._layer_norm(pre_scale=False)))
+            h.append(a.attention_norm(layer).register_forward_hook(self._layer_norm(pre_scale=False)))
+            h.append(a.ffn_norm(layer).register_forward_hook(self._layer_norm(pre_scale=False)))
         return self
 
     def remove(self) -> None:

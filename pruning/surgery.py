@@ -11,13 +11,19 @@
 
 Sublayers with nothing left. A layer whose heads are all closed, or whose mha gate is 0, runs no
 attention: its self-attention gets 0 heads (`remove_all_heads`) and hands W_O an empty (B, T, 0)
-context, so W_O (now d x 0) outputs just its bias and the unchanged `BertSelfOutput` computes
-`LN(x + c)` with c = mha * hidden * b_O (the W_O bias still passes when only the heads are closed;
-c = 0 when mha = 0). That is exactly what the gated model computes (the gate zeroes the dense
-output *including* its bias; the residual goes through the LayerNorm). An FFN with no unit left or
-ffn = 0 needs no special module: d_ff' = 0 gives `LN(x + ffn * hidden * b_out)` the same way.
-Module names, state-dict keys and hooks on `attention.output.dense` / `output.dense` (analysis,
+context, so W_O (now d x 0) outputs just its bias and the unchanged `BertSelfOutput` (MPNet:
+`MPNetAttention`) computes `LN(x + c)` with c = mha * hidden * b_O (the W_O bias still passes when
+only the heads are closed; c = 0 when mha = 0). That is exactly what the gated model computes (the
+gate zeroes the dense output *including* its bias; the residual goes through the LayerNorm). An FFN
+with no unit left or ffn = 0 needs no special module: d_ff' = 0 gives `LN(x + ffn * hidden * b_out)`
+the same way. Module names, state-dict keys and hooks on W_O / the FFN output dense (analysis,
 gating) keep working; `core.size.encoder_flops` reads 0 FLOPs for the empty parts.
+
+MPNet's relative position bias. One (buckets, H) table, shared by all layers, gives a bias
+(B, H, T, T) that the encoder computes once and adds to every layer's scores. Heads are pruned per
+layer, so the table cannot be sliced: it stays whole, and a layer that keeps H' < H heads selects
+its heads' planes by index (`keep_heads`, a non-persistent `bias_heads` buffer rebuilt from the plan
+on load). Exact, and it costs one index_select per layer; the table is 32 x H parameters.
 
 The pruned model keeps the original `config` (its sizes are stale; read weight shapes instead) and
 carries a `PruningInfo` as `model.headlab_pruning` (the plan and the gate state, for export).
@@ -168,34 +174,95 @@ class _NoHeads:
 
     A real self-attention cannot run with 0 heads (its reshape to (B, T, -1, d_h) is ambiguous for an
     empty tensor). This one runs its zero-width Q/K/V projections (no cost; hooks on them fire as
-    usual) and returns the empty context (B, T, 0) and empty probabilities (B, 0, T, T), so
+    usual) and returns the empty context (B, T, 0) — passed through W_O first when W_O lives inside
+    the self-attention (MPNet), giving W_O's bias (B, T, d) — and empty probabilities (B, 0, T, T), so
     `output_attentions` still yields one entry per layer (a layer with 0 heads).
     """
 
+    _projections: tuple[str, str, str]  # attribute names of Q, K, V
+    _inner_output: str | None  # attribute name of W_O when it is part of this module, else None
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        self.query(hidden_states)
-        self.key(hidden_states)
+        query, key, value = (getattr(self, name) for name in self._projections)
+        query(hidden_states)
+        key(hidden_states)
+        out = value(hidden_states)  # (B, T, 0)
+        if self._inner_output is not None:
+            out = getattr(self, self._inner_output)(out)  # (B, T, d): the bias
         batch, tokens = hidden_states.shape[:2]
-        return self.value(hidden_states), hidden_states.new_zeros(batch, 0, tokens, tokens)
+        return out, hidden_states.new_zeros(batch, 0, tokens, tokens)
 
 
-_NO_HEAD_CLASSES: dict[type, type] = {}
+class _SharedBiasSubset:
+    """Forward of an MPNet self-attention that kept only some heads (mixed into the model's own class).
 
-
-def remove_all_heads(self_attention: nn.Module, hidden: int) -> None:
-    """Turn a self-attention module into one with 0 heads, in place.
-
-    Its class becomes a subclass of its own (`NoHeadsBertSelfAttention`, ...) so that isinstance
-    checks (transformers' output recording, the adapter) still hold; Q/K/V become 0 x `hidden`.
+    MPNet adds one relative position bias (B, H, T, T), computed once per forward from a (buckets, H)
+    table, to the scores of every layer. The table stays whole (it is shared and tiny); each pruned
+    layer picks its own heads' planes with its non-persistent buffer `bias_heads` (H',) (original
+    head indices), so the kept heads see exactly the bias they saw before.
     """
-    cls = type(self_attention)
-    if not issubclass(cls, _NoHeads):
-        if cls not in _NO_HEAD_CLASSES:
-            _NO_HEAD_CLASSES[cls] = type(f"NoHeads{cls.__name__}", (_NoHeads, cls), {"__module__": __name__})
-        self_attention.__class__ = _NO_HEAD_CLASSES[cls]
+
+    bias_heads: torch.Tensor
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, *args, **kwargs):
+        if position_bias is not None:
+            position_bias = position_bias.index_select(1, self.bias_heads)  # (B, H', T, T)
+        return super().forward(hidden_states, attention_mask, position_bias, *args, **kwargs)
+
+
+_SUBCLASSES: dict[tuple[type, type, tuple], type] = {}
+
+
+def _mix_in(module: nn.Module, mixin: type, **attributes) -> None:
+    """Make `module` an instance of a subclass of its own class with `mixin` first, in place.
+
+    The subclass (`NoHeadsBertSelfAttention`, ...) keeps isinstance checks (transformers' output
+    recording, the adapter) true; `attributes` become class attributes. Subclasses are cached.
+    """
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return
+    key = (mixin, cls, tuple(sorted(attributes.items())))
+    if key not in _SUBCLASSES:
+        name = f"{mixin.__name__.strip('_')}{cls.__name__}"
+        _SUBCLASSES[key] = type(name, (mixin, cls), {"__module__": __name__, **attributes})
+    module.__class__ = _SUBCLASSES[key]
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Indices (H' * d_h,) of the Q/K/V rows (= W_O columns) of `heads` (H',); empty for no head."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
+
+
+def remove_all_heads(adapter, layer: int, hidden: int) -> None:
+    """Turn the self-attention of `layer` into one with 0 heads, in place; Q/K/V become 0 x `hidden`."""
+    layout = adapter.layout
+    inner_output = layout.attention_output.removeprefix(f"{layout.self_attention}.")
+    _mix_in(adapter.self_attention(layer), _NoHeads, _projections=(layout.query, layout.key, layout.value),
+            _inner_output=None if inner_output == layout.attention_output else inner_output)
     for name in ("query", "key", "value"):
-        setattr(self_attention, name, _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0)))
+        adapter.set_part(layer, name, _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0)))
+    self_attention = adapter.self_attention(layer)
     self_attention.num_attention_heads, self_attention.all_head_size = 0, 0
+
+
+def keep_heads(adapter, layer: int, heads: torch.Tensor, cols: torch.Tensor | None) -> None:
+    """Slice the Q/K/V rows of `layer` to the `heads` (H',) it keeps (and their input to `cols`), in place.
+
+    With a relative position bias shared by all layers (MPNet) a layer that loses heads selects its
+    heads' bias planes (`_SharedBiasSubset`); the shared table is not touched.
+    """
+    dh = adapter.head_dim(layer)
+    rows = head_rows(heads, dh)
+    for name in ("query", "key", "value"):
+        adapter.set_part(layer, name, slice_linear(adapter.part(layer, name), rows=rows, cols=cols))
+    self_attention = adapter.self_attention(layer)
+    bias = adapter.relative_bias
+    if bias is not None and heads.numel() < bias.weight.shape[1]:
+        _mix_in(self_attention, _SharedBiasSubset)
+        self_attention.register_buffer("bias_heads", heads.to(bias.weight.device), persistent=False)
+    self_attention.num_attention_heads = heads.numel()
+    self_attention.all_head_size = heads.numel() * dh
 
 
 # ----------------------------------------------------------------------------- surgery
@@ -212,7 +279,7 @@ def _stream_reader(model: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(head, nn.Linear):
         return model, "classifier"
     raise ValueError(f"Cannot find the layer reading the hidden stream of {type(model).__name__}; "
-                     "hidden-dim pruning supports BERT / RoBERTa / ELECTRA classifiers.")
+                     "hidden-dim pruning supports BERT / RoBERTa / ELECTRA / MPNet classifiers.")
 
 
 @torch.no_grad()
@@ -227,11 +294,11 @@ def fold_gates(arch, state: GateState) -> None:
     z = s.hidden  # (d,)
     dh = GateShape.of(a).head_dim
     emb = a.base.embeddings
-    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+    for table in a.embedding_tables.values():
         table.weight.mul_(z)  # (rows, d): the embedding sum is scaled before its LayerNorm
     emb.LayerNorm.weight.mul_(z)
     emb.LayerNorm.bias.mul_(z)
-    for layer, block in enumerate(a.layers):
+    for layer in range(len(a.layers)):
         w_o = a.attention_output(layer)  # (d, H*d_h)
         row = z * s.mha[layer]
         w_o.weight.mul_(row[:, None] * s.head[layer].repeat_interleave(dh)[None, :])
@@ -240,7 +307,7 @@ def fold_gates(arch, state: GateState) -> None:
         row = z * s.ffn[layer]
         w_out.weight.mul_(row[:, None] * s.intermediate[layer][None, :])
         w_out.bias.mul_(row)
-        for norm in (block.attention.output.LayerNorm, block.output.LayerNorm):
+        for norm in (a.attention_norm(layer), a.ffn_norm(layer)):
             norm.weight.mul_(z)
             norm.bias.mul_(z)
 
@@ -262,8 +329,7 @@ def apply_plan(arch, plan: PruningPlan) -> None:
         if hasattr(a.base, "embeddings_project"):
             raise ValueError("Hidden-dim pruning is not supported for models with an embedding projection (ELECTRA).")
         emb = a.base.embeddings
-        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-            old = getattr(emb, name)
+        for name, old in a.embedding_tables.items():
             new = torch.nn.utils.skip_init(nn.Embedding, old.num_embeddings, keep.numel(), padding_idx=old.padding_idx,
                                            device=old.weight.device, dtype=old.weight.dtype)
             new.weight.copy_(old.weight.index_select(1, keep))
@@ -271,24 +337,20 @@ def apply_plan(arch, plan: PruningPlan) -> None:
         emb.LayerNorm = slice_norm(emb.LayerNorm, keep)
         parent, attr = _stream_reader(a.model)
         setattr(parent, attr, slice_linear(getattr(parent, attr), cols=keep))
-    for layer, block in enumerate(a.layers):
-        att, sa = block.attention, block.attention.self
+    for layer in range(len(a.layers)):
         heads = torch.as_tensor(plan.heads[layer], dtype=torch.long)
-        rows = (heads[:, None] * dh + torch.arange(dh)[None, :]).flatten()  # (H' * d_h,), maybe empty
+        rows = head_rows(heads, dh)
         if heads.numel() == 0:
-            remove_all_heads(sa, keep.numel())
+            remove_all_heads(a, layer, keep.numel())
         else:
-            for name in ("query", "key", "value"):
-                setattr(sa, name, slice_linear(getattr(sa, name), rows=rows, cols=cols))
-            sa.num_attention_heads = heads.numel()
-            sa.all_head_size = sa.num_attention_heads * dh
-        att.output.dense = slice_linear(att.output.dense, rows=cols, cols=rows)
+            keep_heads(a, layer, heads, cols)
+        a.set_part(layer, "attention_output", slice_linear(a.attention_output(layer), rows=cols, cols=rows))
         units = torch.as_tensor(plan.units[layer], dtype=torch.long)  # maybe empty: the FFN adds only its bias
-        block.intermediate.dense = slice_linear(block.intermediate.dense, rows=units, cols=cols)
-        block.output.dense = slice_linear(block.output.dense, rows=cols, cols=units)
+        a.set_part(layer, "ffn_in", slice_linear(a.ffn_in(layer), rows=units, cols=cols))
+        a.set_part(layer, "ffn_out", slice_linear(a.ffn_out(layer), rows=cols, cols=units))
         if cols is not None:
-            att.output.LayerNorm = slice_norm(att.output.LayerNorm, keep)
-            block.output.LayerNorm = slice_norm(block.output.LayerNorm, keep)
+            for norm in ("attention_norm", "ffn_norm"):
+                a.set_part(layer, norm, slice_norm(a.part(layer, norm), keep))
 
 
 def prune(loaded, state: GateState):

