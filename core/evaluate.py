@@ -55,10 +55,11 @@ def predict_logits(
     """Logits (N, classes) in the input order, and how many texts were truncated to `max_length`."""
     enc = encode(tokenizer, texts, max_length)
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    device = next(model.parameters()).device  # batches go where the model is (CPU or a GPU)
     done = 0
     for idx in sorted_batches(enc, batch_size):
         batch = collate([enc.ids[i] for i in idx], tokenizer.pad_token_id)
-        out[idx] = model(**batch).logits.float().numpy()
+        out[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
         done += len(idx)
         if progress:
             progress(done, len(texts), "evaluating")

@@ -1,7 +1,9 @@
-"""The one honest timer: warm-up, median of repeats, batch 1 and 32, threads recorded.
+"""The one honest timer: warm-up, median of repeats, batch 1 and 32, threads and device recorded.
 
-Absolute times drift 20-40% between processes on small CPU machines; compare models measured in
-the same process (see `compare`), never against a number from another run.
+Models are timed on the device their weights are on (the batch is moved there); on CUDA every
+timed call is bracketed by `torch.cuda.synchronize`, so a time covers the kernels, not just their
+launch. Absolute times drift 20-40% between processes on small CPU machines; compare models measured
+in the same process (see `compare`), never against a number from another run.
 """
 
 from __future__ import annotations
@@ -25,11 +27,25 @@ class Latency:
     p10_s: float
     p90_s: float
     repeats: int
-    threads: int
-    device: str
+    threads: int  # torch intra-op threads of the process that timed it
+    device: str  # where the model ran: "cpu", "cuda:0", ...
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the queued kernels on a CUDA device (CPU calls are synchronous already)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _summarise(times: list[float], batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Latency:
@@ -42,7 +58,7 @@ def _summarise(times: list[float], batch: dict[str, torch.Tensor], model: torch.
         p90_s=float(np.percentile(arr, 90)),
         repeats=len(times),
         threads=torch.get_num_threads(),
-        device=str(next(model.parameters()).device),
+        device=str(_device(model)),
     )
 
 
@@ -59,13 +75,17 @@ def time_forward(model, batch: dict[str, torch.Tensor], *, warmup: int = 3, repe
                  budget_s: float = 3.0) -> Latency:
     """Time `model(**batch)`: `warmup` untimed calls, then up to `repeats` timed ones within `budget_s`."""
     model.eval()
+    device = _device(model)
+    batch = _on(batch, device)
     for _ in range(warmup):
         model(**batch)
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < repeats and (len(times) < 5 or time.perf_counter() < deadline):
+        _sync(device)
         start = time.perf_counter()
         model(**batch)
+        _sync(device)
         times.append(time.perf_counter() - start)
     return _summarise(times, batch, model)
 
@@ -83,15 +103,19 @@ def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], 
     `warmup=False` skips the untimed first call of each model (for models that just ran).
     """
     times: dict[str, list[float]] = {name: [] for name in models}
+    devices = {name: _device(m) for name, m in models.items()}
+    batches = {name: _on(batch, device) for name, device in devices.items()}
     with torch.inference_mode():
-        for m in models.values():
+        for name, m in models.items():
             m.eval()
             if warmup:
-                m(**batch)
+                m(**batches[name])
         for _ in range(rounds):
             for name, m in models.items():
                 for _ in range(repeats_per_round):
+                    _sync(devices[name])
                     start = time.perf_counter()
-                    m(**batch)
+                    m(**batches[name])
+                    _sync(devices[name])
                     times[name].append(time.perf_counter() - start)
     return {name: _summarise(t, batch, models[name]) for name, t in times.items()}

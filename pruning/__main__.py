@@ -12,6 +12,13 @@ manages the runs:
 
     python -m pruning train --model default --method cofi --target-sparsity 0.6 --steps 400
     python -m pruning runs resume 3 --background
+
+`train` also runs in several processes under PyTorch's launcher (data-parallel, see `pruning.train`);
+`--run-id ID` (the spelling of `--run ID` that torchrun leaves alone) trains or resumes a run of the
+store the same way:
+
+    torchrun --standalone --nproc_per_node=2 -m pruning train --method cofi --device cpu
+    torchrun --standalone --nproc_per_node=2 -m pruning train --run-id 3
 """
 
 from __future__ import annotations
@@ -25,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from core.data import DataError, load_data
+from core.__main__ import run_command
+from core.data import load_data
 from core.evaluate import evaluate
 from core.latency import compare, make_batch
-from core.models import ModelError
 from core.size import encoder_flops
 from core.summary import median_tokens
 from pruning.gates import CRITERIA, GateState
@@ -240,11 +247,12 @@ def _summary(run) -> str:
             f"batch-1 {r['speedup_b1']:.2f}x; saved {r.get('export')}")
 
 
-def _run_and_report(store, run_id: int, job: str | None, *, parallel: bool, as_json: bool, teacher=None) -> int:
+def _run_and_report(store, run_id: int, job: str | None, *, parallel: bool, as_json: bool, teacher=None,
+                    dist=None) -> int:
     from core.__main__ import run_with_bar
     from pruning.train import run_job
 
-    run_with_bar(job, lambda bar: run_job(store, run_id, bar, exclusive=not parallel, teacher=teacher))
+    run_with_bar(job, lambda bar: run_job(store, run_id, bar, exclusive=not parallel, teacher=teacher, dist=dist))
     run = store.get(run_id)
     if as_json:
         print(json.dumps({"id": run.id, "status": run.status, "step": run.step, "total": run.total,
@@ -255,7 +263,24 @@ def _run_and_report(store, run_id: int, job: str | None, *, parallel: bool, as_j
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Create a run from the options (or take run --run ID from the store) and train it here."""
+    """Create a run from the options (or take run --run ID from the store) and train it here.
+
+    Under torchrun every process runs this: rank 0 does all of the above and reports; the other ranks
+    only follow it (`pruning.train.run_job`) and print nothing."""
+    from pruning import distributed
+    from pruning.train import run_job
+
+    dist = distributed.init()
+    try:
+        if not dist.main:
+            run_job(None, None, dist=dist)
+            return 0
+        return _train_main(args, dist)
+    finally:
+        distributed.close()
+
+
+def _train_main(args: argparse.Namespace, dist) -> int:
     from core.__main__ import load_or_prepare
     from pruning.runs import RunStore
     from pruning.train import TrainConfig, load_splits
@@ -266,15 +291,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given or args.run_dir is not None:
             names = ", ".join([_config_flag(k) for k in given] + (["--run-dir"] if args.run_dir else []))
             raise ValueError(f"--run ID takes its configuration from the run store; drop {names}.")
-        return _run_and_report(store, args.run, args.job, parallel=args.parallel, as_json=args.json)
+        return _run_and_report(store, args.run, args.job, parallel=args.parallel, as_json=args.json, dist=dist)
     config = TrainConfig(**given).check()
     if args.run_dir is not None and args.run_dir.exists() and any(args.run_dir.iterdir()):
         raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; choose a new folder.")
     loaded = load_or_prepare(config.model)
-    load_splits(config.data, loaded.label_names)  # bad data fails here, before a run is recorded
+    teacher = loaded if config.teacher_spec == config.model else load_or_prepare(config.teacher_spec)
+    load_splits(config.data, teacher.label_names)  # bad data fails here, before a run is recorded
     run_id = store.create(config.to_dict(), args.run_dir)
     print(f"run {run_id} in {store.get(run_id).run_dir}", file=sys.stderr)
-    return _run_and_report(store, run_id, args.job, parallel=args.parallel, as_json=args.json, teacher=loaded)
+    return _run_and_report(store, run_id, args.job, parallel=args.parallel, as_json=args.json, teacher=teacher,
+                           dist=dist)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -388,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_options(tr)
     tr.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
                     help="new folder for checkpoints and the pruned model (default: under $HEADLAB_HOME/runs)")
-    tr.add_argument("--run", type=int, default=None, metavar="ID",
-                    help="train the existing run ID from the store (queued by the app, or to resume it)")
+    tr.add_argument("--run", "--run-id", type=int, default=None, metavar="ID", dest="run",
+                    help="train the existing run ID from the store (queued by the app, or to resume it); "
+                    "under torchrun spell it --run-id (torchrun takes --run for its own --run-path)")
     tr.add_argument("--parallel", action="store_true", help="do not wait for other running jobs")
     tr.add_argument("--json", action="store_true", help="print the run's record as JSON at the end")
     tr.add_argument("--job", help=argparse.SUPPRESS)
@@ -410,13 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "threads", 0) > 0:
             torch.set_num_threads(args.threads)
-        return args.func(args)
-    except (ModelError, DataError, ValueError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return run_command(args)
     finally:
         torch.set_num_threads(threads)  # main() may run inside another process (tests, the app)
 

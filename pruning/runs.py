@@ -436,18 +436,32 @@ def start_process(args: list[str], log: str | Path) -> subprocess.Popen:
                                 cwd=Path(__file__).resolve().parent.parent, env={**os.environ, BACKGROUND_ENV: "1"})
 
 
-def launch(store: RunStore, run_id: int, *, parallel: bool = False) -> subprocess.Popen:
-    """Start (or resume) run `run_id` in a background process (`python -m pruning train --run ID`),
-    logging to <run_dir>/train.log; `parallel` skips the one-run-at-a-time queue. The run is queued
-    for that process before this returns, so the next poll never sees it as not started."""
+def launch(store: RunStore, run_id: int, *, parallel: bool = False, processes: int = 1) -> subprocess.Popen:
+    """Start (or resume) run `run_id` in a background process (`python -m pruning train --run-id ID`),
+    logging to <run_dir>/train.log; `parallel` skips the one-run-at-a-time queue. With `processes`
+    > 1 the job runs data-parallel under torchrun (`launch_command` shows the command); the store
+    then watches the torchrun agent's pid. The run is queued for that process before this returns,
+    so the next poll never sees it as not started."""
     run = store.get(run_id)
     if run.active and pid_alive(run.pid):
         raise ValueError(f"Run {run_id} is already {run.status} (pid {run.pid}).")
     if run.status == "done":
         raise ValueError(f"Run {run_id} is already done; start a new run instead.")
-    args = ["pruning", "train", "--run", str(run_id)] + (["--parallel"] if parallel else [])
     if store.db.resolve() != (headlab_home() / "runs.sqlite").resolve():
         raise ValueError("launch() runs jobs of the store in $HEADLAB_HOME only.")
+    args = launch_command(run_id, parallel=parallel, processes=processes, executable=True)[2:]
     proc = start_process(args, run.run_dir / "train.log")
     store.enqueue(run_id, pid=proc.pid)
     return proc
+
+
+def launch_command(run_id: int, *, parallel: bool = False, processes: int = 1, executable: bool = False) -> list[str]:
+    """The command `launch` runs for run `run_id`: `python -m pruning train --run-id ID [--parallel]`,
+    or with `processes` > 1 `torchrun --standalone --nproc_per_node=N -m pruning train --run-id ID`
+    (`executable`: this interpreter's path instead of `python` / `torchrun`)."""
+    from pruning.distributed import torchrun_command
+
+    args = ["pruning", "train", "--run-id", str(run_id)] + (["--parallel"] if parallel else [])
+    if processes == 1:
+        return [sys.executable if executable else "python", "-m", *args]
+    return torchrun_command(args, processes, executable=executable)

@@ -27,17 +27,36 @@ its latency at batch 1 and 32 timed interleaved with the dense teacher, expected
 target, lambda_1 / lambda_2, the loss terms, and units alive per layer; plus the gate snapshot. The
 last eval uses the full dev split. Checkpoints every `checkpoint_every` evals, at the end of the gate
 phase and on a stop request. The final model is exported with `pruning.export.save_pruned` to
-<run_dir>/model.
+<run_dir>/model. Each eval step also records the `device`, torch `threads` and `processes` its figures
+came from.
+
+Devices: `device` auto (CUDA when present) | cpu | cuda; teacher, student, gates and batches live
+there, and on CUDA the forward passes run under bf16 autocast (losses in fp32). Before training,
+`pruning.memory` checks that the run fits the device's free memory (ValueError otherwise).
+
+Several processes (`torchrun --standalone --nproc_per_node=N -m pruning train ...`, see
+`pruning.distributed`): every step's global batch of `batch_size` examples is split into one
+contiguous shard per rank; the student is wrapped in DistributedDataParallel, and the gradients of
+the gates, the Lagrange multipliers and the layer matcher are averaged over the ranks after backward.
+Batch-mean loss terms are weighted by world * shard / batch, so the averaged gradient is the global
+batch's (a 2-process run follows the 1-process run up to dropout masks and float rounding). Gate
+noise is drawn from (seed, step) on every rank, so all ranks use the same gate sample, and gates
+and multipliers stay identical. Rank 0 alone queues the run, reads and writes the run store,
+checkpoints, exports and evaluates (evaluation is rank-0-only: the other ranks wait in a broadcast
+of the next eval step); a stop request is broadcast so that all ranks stop at the same step, and a
+resume loads rank 0's checkpoint on every rank, so the curve continues at the checkpoint's step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,8 +67,10 @@ from core.data import DataError, TaskSplits, TextDataset, task_splits
 from core.latency import compare, make_batch
 from core.models import Adapter, LoadedModel, load_model
 from core.summary import median_tokens
+from pruning import memory
 from pruning.baselines import BASELINES, baseline_state
 from pruning.distill import LayerMatcher, logit_kl
+from pruning.distributed import DEVICES, Dist, checksum, launcher_pid, resolve_device
 from pruning.export import save_pruned
 from pruning.gates import CoFiGates, GateShape, GateState, L0HeadGates
 from pruning.hooks import GateHooks
@@ -62,6 +83,7 @@ from pruning.surgery import prune, pruning_info
 METHODS = ("cofi", "l0", *BASELINES, "dense")
 LEARNED = ("cofi", "l0")
 LOSS_TERMS = ("task", "distill_ce", "distill_layer", "lagrangian", "l0")
+BATCH_TERMS = ("task", "distill_ce", "distill_layer")  # batch means: weighted by shard size across ranks
 LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
 FINAL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # ... and at the final full-dev evaluation
 MODEL_FILE = "model"  # the exported pruned model inside the run folder
@@ -106,6 +128,7 @@ class TrainConfig:
     score_examples: int = _opt(256, "relevance / importance: training examples the head scores average over")
     seed: int = _opt(0, "seed of batches, gate noise, dropout and baseline draws")
     threads: int = _opt(1, "torch threads (1 keeps the app responsive on 2 cores; 0 = torch's default)")
+    device: str = _opt("auto", "auto (CUDA when present) | cpu | cuda; bf16 autocast on CUDA")
 
     def check(self) -> TrainConfig:
         """Validate every field once (ValueError naming the field, the rule and the value); returns self."""
@@ -132,6 +155,8 @@ class TrainConfig:
             fail("teacher", "a string (blank: the model itself)")
         if self.method not in METHODS:
             fail("method", f"one of {', '.join(METHODS)}")
+        if self.device not in DEVICES:
+            fail("device", f"one of {', '.join(DEVICES)}")
         number("target_sparsity", 0.0, 1.0, open_high=True)
         number("l0_lambda", 0.0)
         for name in ("steps", "prefinetune_steps", "warmup_steps", "finetune_steps", "checkpoint_every",
@@ -174,6 +199,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def cli_args(self) -> list[str]:
+        """The `python -m pruning train` options that set this config (fields left at their default
+        are omitted), e.g. ["--method", "l0", "--steps", "100", "--no-distill"]."""
+        args = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        return args
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -247,15 +284,35 @@ def alive(state: GateState) -> dict[str, list[int] | int]:
 # ----------------------------------------------------------------------------- the runner
 
 
-class _Trainer:
-    """State of one run in this process: models, gates, optimizers, counters. Use through `train`."""
+@dataclass(frozen=True)
+class Job:
+    """What every process of a run needs from the run store; rank 0 reads it and tells the others."""
 
-    def __init__(self, config: TrainConfig, store: RunStore, run_id: int, progress: Progress | None,
-                 teacher: LoadedModel | None):
+    run_id: int
+    config: dict  # TrainConfig.to_dict()
+    run_dir: Path
+    attempt: int
+    resume: bool  # continue from the checkpoint in run_dir
+
+
+def gate_seed(seed: int, step: int) -> int:
+    """The torch seed of step `step`'s gate noise: the same on every rank, independent of how much
+    randomness dropout or evaluation consumed before."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+class _Trainer:
+    """State of one run in this process: models, gates, optimizers, counters. Use through `train`.
+
+    `store` is None on every rank but 0 (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, job: Job, store: RunStore | None, progress: Progress | None,
+                 teacher: LoadedModel | None, dist: Dist):
         self.c = config
-        self.store, self.run_id = store, run_id
-        run = store.get(run_id)
-        self.run_dir, self.attempt = run.run_dir, run.attempt
+        self.store, self.run_id = store, job.run_id
+        self.run_dir, self.attempt = job.run_dir, job.attempt
+        self.dist = dist
+        self.device = resolve_device(config.device, dist.local_rank)
         self.progress = progress or (lambda done, total, message: None)
         self.teacher = teacher if teacher is not None else load_model(config.teacher_spec)
         same = config.teacher_spec == config.model
@@ -272,6 +329,9 @@ class _Trainer:
         if len(splits.train) < config.batch_size:
             raise ValueError(f"The training split has {len(splits.train)} examples, fewer than batch_size "
                              f"{config.batch_size}.")
+        if config.batch_size < dist.world:
+            raise ValueError(f"batch_size {config.batch_size} is the global batch, split across {dist.world} "
+                             "processes; it must be at least the number of processes.")
         self.train_data, self.dev = splits.train, splits.dev
         self.dev_subset = splits.dev.subset(config.eval_examples, seed=config.seed)
         self.enc = encode(self.base.tokenizer, splits.train.texts, config.max_length)
@@ -288,11 +348,27 @@ class _Trainer:
         self.controller: LagrangianController | None = None
         self.matcher: LayerMatcher | None = None
         self.hooks: GateHooks | None = None
+        self.ddp: torch.nn.Module | None = None  # the student's model as trained (DDP-wrapped with several ranks)
         self.fixed: GateState | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.losses: dict[str, list[float]] = {}
         self.clock = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "setup_s": 0.0}
         self.gap, self.next_eval, self.evals = config.eval_every, 0, 0
+
+    def memory_budget(self) -> memory.MemoryEstimate:
+        """The memory this run needs per process vs what the device has free (`pruning.memory`).
+
+        On the CPU the models this process already loaded count as available (they are part of the
+        estimate), and the node's processes share the memory."""
+        held = {id(m.model): sum(p.numel() for p in m.model.parameters()) for m in (self.base, self.teacher)}
+        free = memory.available_bytes(self.device)
+        if free is not None and self.device.type == "cpu":
+            free += memory.FLOAT * sum(held.values())
+        longest = max(len(ids) for ids in self.enc.ids)  # tokens; the batch holding it is the peak
+        return memory.estimate(held[id(self.base.model)], held[id(self.teacher.model)], self.shape,
+                               math.ceil(self.c.batch_size / self.dist.world), longest,
+                               gated=self.c.method in LEARNED, device=str(self.device),
+                               processes=self.dist.local_world if self.device.type == "cpu" else 1, available=free)
 
     def _check_teacher(self) -> None:
         """A separate teacher must share the model's labels and vocabulary (and, for CoFi's layer
@@ -311,22 +387,29 @@ class _Trainer:
     # ------------------------------------------------------------------ setting up the phases
 
     def _trainable_copy(self) -> LoadedModel:
-        model = copy.deepcopy(self.base.model)
+        model = copy.deepcopy(self.base.model).to(self.device)
         model.train()
         model.requires_grad_(True)
         return dataclasses.replace(self.base, model=model, adapter=Adapter(model), notes=list(self.base.notes))
+
+    def _autocast(self):
+        """bf16 autocast on CUDA; nothing on the CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def setup_gates(self) -> None:
         """The gate phase: a trainable copy of the teacher with hooks, gates and their optimizers."""
         c = self.c
         self.student = self._trainable_copy()
-        self.gates = CoFiGates(self.student) if c.method == "cofi" else L0HeadGates(self.student)
+        self.gates = (CoFiGates(self.student) if c.method == "cofi" else L0HeadGates(self.student)).to(self.device)
         self.gates.train()
         self.hooks = GateHooks(self.student, GateState.dense(self.shape)).attach()
+        self.ddp = self.dist.wrap(self.student.model, self.device)
         params = list(self.student.model.parameters())
         if c.method == "cofi":
-            self.controller = LagrangianController()
-            self.matcher = LayerMatcher(self.shape.hidden)
+            self.controller = LagrangianController().to(self.device)
+            self.matcher = LayerMatcher(self.shape.hidden).to(self.device)
             params += list(self.matcher.parameters())
             self.optimizers["lambdas"] = self.controller.optimizer(c.lambda_lr)
         self.optimizers["model"] = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
@@ -339,8 +422,11 @@ class _Trainer:
             self.hooks.remove()
         source = self.student if self.student is not None else self.base
         self.student = prune(source, state.detach())
-        self.student.model.train()
+        self.student.model.to(self.device).train()
         self.student.model.requires_grad_(True)
+        info = pruning_info(self.student.model)
+        self.ddp = self.dist.wrap(self.student.model, self.device,
+                                  find_unused=bool(info is not None and info.plan.skipped_attention))
         self.fixed = state.detach()
         self.gates = self.controller = self.matcher = self.hooks = None
         self.optimizers = {"model": torch.optim.AdamW(self.student.model.parameters(), lr=self.c.lr, weight_decay=0.0)}
@@ -348,8 +434,11 @@ class _Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def batch(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The batch of `step`: epochs are reshuffled by (seed, epoch), so a resume sees the same batches."""
+    def batch(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        """This rank's shard of the global batch of `step` (on the device) and its loss weight
+        world * shard / batch (1 in a single process). Epochs are reshuffled by (seed, epoch), so a
+        resume sees the same batches. A rank whose shard is empty (a last batch smaller than the
+        number of ranks) runs the batch's first example with weight 0."""
         def epoch_batches(epoch: int) -> list[np.ndarray]:
             return list(sorted_batches(self.enc, self.c.batch_size, np.random.default_rng([self.c.seed, epoch])))
 
@@ -359,7 +448,11 @@ class _Trainer:
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, epoch_batches(epoch)
         idx = self._batches[index]
-        return collate([self.enc.ids[i] for i in idx], self.base.tokenizer.pad_token_id), self.labels[idx]
+        mine = idx[self.dist.shard(len(idx))]
+        weight = self.dist.world * len(mine) / len(idx)
+        mine = mine if len(mine) else idx[:1]
+        batch = collate([self.enc.ids[i] for i in mine], self.base.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}, self.labels[mine].to(self.device), weight
 
     def lr(self) -> float:
         """Constant in the gate phase; linear decay to 0 over the final fine-tune."""
@@ -369,42 +462,55 @@ class _Trainer:
         return self.c.lr * max(0.0, 1 - done / max(1, self.c.finetune_steps))
 
     def train_step(self) -> None:
+        """One optimizer step on this rank's shard; with several ranks the gradients and the logged loss
+        terms are those of the global batch (see the module docstring)."""
         c = self.c
-        batch, labels = self.batch(self.step)
+        batch, labels, weight = self.batch(self.step)
         for group in self.optimizers["model"].param_groups:
             group["lr"] = self.lr()
         terms: dict[str, torch.Tensor] = {}
         pruning = self.phase == "gates" and self.schedule.pruning(self.step)
         teacher_out = None
+        distill = c.method == "cofi" or c.distill
         if self.phase == "gates":
-            state = self.gates.sample() if pruning else GateState.dense(self.shape)
+            state = self.gate_sample() if pruning else GateState.dense(self.shape)
             self.hooks.update(state)
             layers = c.method == "cofi" and c.alpha_layer > 0
-            out = self.student.model(**batch, output_hidden_states=layers)
-            if c.method == "cofi" or c.distill:
-                with torch.no_grad():
-                    teacher_out = self.teacher.model(**batch, output_hidden_states=layers)
+            with self._autocast():
+                out = self.ddp(**batch, output_hidden_states=layers)
+                if distill:
+                    with torch.no_grad():
+                        teacher_out = self.teacher.model(**batch, output_hidden_states=layers)
             if c.method == "cofi":
-                terms["distill_ce"] = c.alpha_ce * logit_kl(out.logits, teacher_out.logits, c.temperature)
+                terms["distill_ce"] = c.alpha_ce * logit_kl(out.logits.float(), teacher_out.logits.float(),
+                                                            c.temperature)
                 if layers:
-                    loss, _ = self.matcher(out.hidden_states[1:], teacher_out.hidden_states[1:],
+                    loss, _ = self.matcher([h.float() for h in out.hidden_states[1:]],
+                                           [h.float() for h in teacher_out.hidden_states[1:]],
                                            alive=state.mha.detach() > 0, mask=batch["attention_mask"])
                     terms["distill_layer"] = c.alpha_layer * loss
                 if pruning:
                     terms["lagrangian"] = self.controller(expected_sparsity(self.gates), self.schedule.at(self.step))
             else:
-                self._task_terms(terms, out.logits, labels, teacher_out)
+                self._task_terms(terms, out.logits.float(), labels, teacher_out)
                 terms["l0"] = c.l0_lambda * self.gates.penalty()
         else:
-            out = self.student.model(**batch)
-            if c.method == "cofi" or c.distill:
-                with torch.no_grad():
-                    teacher_out = self.teacher.model(**batch)
-            self._task_terms(terms, out.logits, labels, teacher_out)
+            with self._autocast():
+                out = self.ddp(**batch)
+                if distill:
+                    with torch.no_grad():
+                        teacher_out = self.teacher.model(**batch)
+            self._task_terms(terms, out.logits.float(), labels, teacher_out)
+        if self.dist.world > 1:
+            terms = {k: v * weight if k in BATCH_TERMS else v for k, v in terms.items()}
         loss = torch.stack(list(terms.values())).sum()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the student's gradients over the ranks here
+        shared = [p.grad for m in (self.gates, self.controller, self.matcher) if m is not None
+                  for p in m.parameters() if p.grad is not None]
+        logged = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).float()
+        self.dist.all_mean_([*shared, logged])
         torch.nn.utils.clip_grad_norm_(self.student.model.parameters(), 1.0)
         self.optimizers["model"].step()
         if pruning:
@@ -412,8 +518,15 @@ class _Trainer:
             if "lambdas" in self.optimizers:
                 self.optimizers["lambdas"].step()
             self.gates.clamp_()
-        for name, value in (("loss", loss), *terms.items()):
-            self.losses.setdefault(name, []).append(float(value.detach()))
+        for name, value in zip(("loss", *terms), logged.tolist()):
+            self.losses.setdefault(name, []).append(value)
+
+    def gate_sample(self) -> GateState:
+        """A train-time gate sample drawn from `gate_seed(seed, step)` (the global RNG is left as it was)."""
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type=self.device.type):
+            torch.manual_seed(gate_seed(self.c.seed, self.step))
+            return self.gates.sample()
 
     def _task_terms(self, terms: dict, logits: torch.Tensor, labels: torch.Tensor, teacher_out) -> None:
         """CE, mixed (1 - alpha_ce) : alpha_ce with T^2 KL when a teacher output is given."""
@@ -441,8 +554,25 @@ class _Trainer:
             self._dense_figures[key] = figures(self.teacher, data, median_tokens(self.teacher, data.texts))
         return self._dense_figures[key]
 
-    def evaluate(self, final: bool = False) -> dict:
-        """Measure the snapshot, record metrics and gates; adapt the eval cadence. Returns the metrics."""
+    def evaluate(self, final: bool = False) -> dict | None:
+        """Rank 0 measures the snapshot, records metrics and gates and adapts the eval cadence, which it
+        then tells the other ranks (they wait here meanwhile). With several ranks, every rank's checksum
+        of its gates, multipliers, layer matcher and student weights is gathered first and recorded as
+        `replica_checksums` (None in a single process); RuntimeError if the ranks differ. Returns the
+        metrics (None on other ranks)."""
+        replicas = None
+        if self.dist.world > 1:
+            replicas = self.dist.gather(checksum([self.gates, self.controller, self.matcher, self.student.model]))
+        if replicas and len(set(replicas)) > 1:
+            raise RuntimeError(f"The processes' gates, multipliers or weights diverged at step {self.step} "
+                               f"(checksums {replicas}).")
+        metrics = self._measure(final, replicas) if self.dist.main else None
+        self.losses = {}
+        self.evals += 1
+        self.gap, self.next_eval = self.dist.broadcast((self.gap, self.next_eval))
+        return metrics
+
+    def _measure(self, final: bool, replicas: list[int] | None) -> dict:
         start = time.perf_counter()
         state = self.current_state()
         data = self.dev if final else self.dev_subset
@@ -459,7 +589,6 @@ class _Trainer:
         expected = float(expected_sparsity(self.gates).detach()) if self.phase == "gates" else cmp.sparsity
         lambdas = self.controller.values() if self.controller is not None else (None, None)
         losses = {f"loss_{k}" if k != "loss" else k: float(np.mean(v)) for k, v in self.losses.items() if v}
-        self.losses = {}
         metrics = {
             "phase": self.phase, "final": final, "examples": len(data), "method": self.c.method,
             "accuracy": cmp.pruned.accuracy, "dense_accuracy": cmp.dense.accuracy,
@@ -474,10 +603,11 @@ class _Trainer:
             **{f"loss_{k}": None for k in LOSS_TERMS}, "loss": None, **losses,
             **alive(state), "heads_total": self.shape.heads, "units_total": self.shape.intermediate,
             "hidden_total": self.shape.hidden, "note": cmp.note,
+            "device": str(self.device), "threads": torch.get_num_threads(), "processes": self.dist.world,
+            "replica_checksums": replicas,
         }
         seconds = time.perf_counter() - start
         self.clock["eval_s"] += seconds
-        self.evals += 1
         # eval_s <= budget * (gap * step_s + eval_s)  <=>  gap >= eval_s (1 - budget) / (budget * step_s)
         step_s = self.clock["train_s"] / max(1, self.step)
         if step_s > 0:
@@ -493,6 +623,9 @@ class _Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint(self) -> None:
+        """Rank 0 saves everything a resume needs to <run_dir>/checkpoint.pt (other ranks: nothing)."""
+        if not self.dist.main:
+            return
         start = time.perf_counter()
         payload = {
             "run_id": self.run_id, "step": self.step, "phase": self.phase, "config": self.c.to_dict(),
@@ -509,8 +642,9 @@ class _Trainer:
         self.clock["checkpoint_s"] += time.perf_counter() - start
 
     def restore(self, payload: dict) -> None:
-        """Rebuild the state saved by `checkpoint` (ValueError if it belongs to another config)."""
-        if payload.get("config") != self.c.to_dict():
+        """Rebuild the state saved by `checkpoint` (ValueError if it belongs to another config; fields
+        added since it was written count at their defaults)."""
+        if {**self.c.to_dict(), **payload.get("config", {})} != self.c.to_dict():
             raise ValueError(f"The checkpoint in {self.run_dir} was written for another configuration; "
                              "start a new run instead.")
         try:
@@ -544,30 +678,37 @@ class _Trainer:
         if self.c.method == "dense":
             self.setup_finetune(GateState.dense(self.shape))
             return
-        self.progress(0, 1, f"scoring heads ({self.c.method})")
-        rows = self.train_data.subset(self.c.score_examples, seed=self.c.seed)
-        state = baseline_state(self.c.method, self.base, rows.texts, rows.labels, self.c.target_sparsity,
-                               seed=self.c.seed, progress=self.progress)
-        self.setup_finetune(state)
+        state = None
+        if self.dist.main:  # scored once, on the CPU copy of the model, and sent to the other ranks
+            self.progress(0, 1, f"scoring heads ({self.c.method})")
+            rows = self.train_data.subset(self.c.score_examples, seed=self.c.seed)
+            state = baseline_state(self.c.method, self.base, rows.texts, rows.labels, self.c.target_sparsity,
+                                   seed=self.c.seed, progress=self.progress)
+        self.setup_finetune(self.dist.broadcast(state))
 
     def stop_requested(self) -> bool:
+        """Rank 0 reads the stop flag (at most once a second) and tells every rank, every step."""
+        stop = False
         now = time.monotonic()
-        if now - getattr(self, "_stop_checked", 0.0) < 1.0:
-            return False
-        self._stop_checked = now
-        return self.store.stop_requested(self.run_id)
+        if self.dist.main and now - getattr(self, "_stop_checked", 0.0) >= 1.0:
+            self._stop_checked = now
+            stop = self.store.stop_requested(self.run_id)
+        return self.dist.flag(stop)
 
     def run(self, resume: bool) -> str:
         """Train to the end or to a stop request; returns "done" or "stopped"."""
         c = self.c
         start = time.perf_counter()
         torch.manual_seed(c.seed)
-        if resume:
-            self.restore(load_checkpoint(self.run_dir))
-            self.store.supersede_after(self.run_id, self.step)
+        if resume:  # rank 0 reads the checkpoint; every rank restores the same state from it
+            self.restore(self.dist.broadcast(load_checkpoint(self.run_dir) if self.dist.main else None))
+            if self.dist.main:
+                self.store.supersede_after(self.run_id, self.step)
         else:
-            self.store.supersede_after(self.run_id, -1)  # an earlier attempt left no checkpoint: start over
+            if self.dist.main:  # an earlier attempt left no checkpoint: start over
+                self.store.supersede_after(self.run_id, -1)
             self.start()
+        self.teacher.model.to(self.device)  # after the baselines scored heads on the CPU copy
         self.clock["setup_s"] += time.perf_counter() - start
         total = c.total_steps
         if not resume:
@@ -576,6 +717,8 @@ class _Trainer:
         while self.step < total:
             if self.stop_requested():
                 self.checkpoint()
+                if self.dist.main:  # the store's step is the checkpoint's (heartbeats are throttled)
+                    self.store.heartbeat(self.run_id, step=self.step, total=total, message=self.message())
                 return "stopped"
             started = time.perf_counter()
             self.train_step()
@@ -593,9 +736,10 @@ class _Trainer:
             self.setup_finetune(self.current_state())
         self.progress(total, total, "final evaluation on the full dev split")
         final = self.evaluate(final=True)
-        out = save_pruned(self.student, self.run_dir / MODEL_FILE, overwrite=True)
-        final["export"] = str(out)
-        self.store.finish(self.run_id, "done", result=final)
+        if self.dist.main:
+            self.student.model.cpu()
+            final["export"] = str(save_pruned(self.student, self.run_dir / MODEL_FILE, overwrite=True))
+            self.store.finish(self.run_id, "done", result=final)
         return "done"
 
     def report(self, total: int) -> None:
@@ -603,7 +747,7 @@ class _Trainer:
         message = self.message()
         self.progress(self.step, total, message)
         now = time.monotonic()
-        if now - getattr(self, "_reported", 0.0) >= 0.5 or self.step == total:
+        if self.dist.main and (now - getattr(self, "_reported", 0.0) >= 0.5 or self.step == total):
             self._reported = now
             self.store.heartbeat(self.run_id, step=self.step, total=total, message=message)
 
@@ -617,47 +761,74 @@ class _Trainer:
         return text
 
 
-def train(config: TrainConfig, store: RunStore, run_id: int, progress: Progress | None = None, *,
-          resume: bool = False, teacher: LoadedModel | None = None) -> str:
-    """Run the training of `run_id` (already claimed as running in `store`) in this process.
+def train(config: TrainConfig, store: RunStore | None, job: Job, progress: Progress | None = None, *,
+          teacher: LoadedModel | None = None, dist: Dist | None = None) -> str:
+    """Run the training of `job` (already claimed as running in `store`) in this process.
 
-    `resume` continues from the run folder's checkpoint (ValueError if it is missing or corrupt).
-    `teacher` may pass the already loaded `config.teacher_spec`. Ends the run in the store as done, stopped
-    (a stop request: checkpointed first) or failed (the error recorded, then re-raised); Ctrl-C marks it
-    interrupted. Returns "done" or "stopped".
+    `job.resume` continues from the run folder's checkpoint (ValueError if it is missing or corrupt).
+    `teacher` may pass the already loaded `config.teacher_spec`. Before training starts the memory
+    budget is checked (`pruning.memory`; ValueError if the run cannot fit). Rank 0 ends the run in
+    the store as done, stopped (a stop request: checkpointed first) or failed (the error recorded,
+    then re-raised); Ctrl-C marks it interrupted. With several processes (`dist`), every rank calls
+    this with the same job, `store` only on rank 0; rank 0 loads its models and checks the memory
+    before the others load theirs. Returns "done" or "stopped".
     """
+    dist = dist or Dist()
     config.check()
     threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        with Heartbeat(store, run_id):
-            trainer = _Trainer(config, store, run_id, progress, teacher)
-            status = trainer.run(resume)
-        if status == "stopped":
-            store.finish(run_id, "stopped")
+        with Heartbeat(store, job.run_id) if dist.main else contextlib.nullcontext():
+            trainer = None
+            if dist.main:
+                trainer = _Trainer(config, job, store, progress, teacher, dist)
+                memory.check(trainer.memory_budget())
+            dist.barrier()
+            trainer = trainer or _Trainer(config, job, None, None, teacher, dist)
+            status = trainer.run(job.resume)
+        if status == "stopped" and dist.main:
+            store.finish(job.run_id, "stopped")
         return status
     except KeyboardInterrupt:
-        store.finish(run_id, "interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+        if dist.main:
+            store.finish(job.run_id, "interrupted", error="interrupted (Ctrl-C or SIGTERM)")
         raise
     except BaseException as exc:
-        store.finish(run_id, "failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+        if dist.main:
+            store.finish(job.run_id, "failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         raise
     finally:
         torch.set_num_threads(threads)
 
 
-def run_job(store: RunStore, run_id: int, progress: Progress | None = None, *, exclusive: bool = True,
-            teacher: LoadedModel | None = None) -> str:
+WAITING = "waiting"  # what rank 0 tells the other ranks while the run waits in the queue
+
+
+def run_job(store: RunStore | None, run_id: int | None, progress: Progress | None = None, *,
+            exclusive: bool = True, teacher: LoadedModel | None = None, dist: Dist | None = None) -> str:
     """Start or resume run `run_id` in this process: queue it, wait for its turn, then `train`.
 
     A run with a checkpoint in its folder resumes from it; otherwise it starts from step 0. Returns
-    "done", "stopped" (also when stopped while still queued).
+    "done", "stopped" (also when stopped while still queued). With several processes (`dist`) only
+    rank 0 passes the store and the run id: it queues the run for the torchrun agent's pid and
+    claims it, telling the other ranks every poll that it still waits, then the `Job`.
     """
-    run = store.enqueue(run_id)
-    config = TrainConfig.from_dict(run.config)
-    wait = (lambda message: progress(0, 1, message)) if progress else None
-    if not store.wait_turn(run_id, exclusive=exclusive, on_wait=wait):
+    dist = dist or Dist()
+    job = None
+    if dist.main:
+        run = store.enqueue(run_id, pid=launcher_pid())
+
+        def waiting(message: str) -> None:
+            dist.broadcast(WAITING)
+            if progress:
+                progress(0, 1, message)
+
+        if store.wait_turn(run_id, exclusive=exclusive, on_wait=waiting):
+            job = Job(run_id=run_id, config=run.config, run_dir=run.run_dir, attempt=run.attempt,
+                      resume=(run.run_dir / CHECKPOINT).exists())
+    while (job := dist.broadcast(job)) == WAITING:
+        pass
+    if job is None:
         return "stopped"
-    resume = (run.run_dir / CHECKPOINT).exists()
-    return train(config, store, run_id, progress, resume=resume, teacher=teacher)
+    return train(TrainConfig.from_dict(job.config), store, job, progress, teacher=teacher, dist=dist)
