@@ -25,8 +25,7 @@ per-process total times the processes on the node; on CUDA each process has its 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,16 +58,14 @@ class MemoryEstimate:
     def fits(self) -> bool:
         return self.available is None or self.needed <= self.available
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def message(self) -> str:
         """One line saying what does not fit and what to change."""
         parts = f"weights, gradients, AdamW and snapshot {self.weights / GIB:.1f} GiB, teacher " \
                 f"{self.teacher / GIB:.1f} GiB, activations {self.activations / GIB:.1f} GiB for {self.batch} " \
-                f"examples x {self.seq_len} tokens"
-        who = f" x {self.processes} processes" if self.processes > 1 else ""
-        return (f"Training needs about {self.needed / GIB:.1f} GiB on {self.device} ({parts}; per process{who}) "
+                f"examples x {self.seq_len} tokens, runtime and 20% slack"
+        if self.processes > 1:
+            parts += f"; {self.total / GIB:.1f} GiB per process x {self.processes} processes"
+        return (f"Training needs about {self.needed / GIB:.1f} GiB on {self.device} ({parts}) "
                 f"but only {(self.available or 0) / GIB:.1f} GiB are available; lower batch_size or max_length, "
                 "use fewer processes or a smaller model.")
 
@@ -90,7 +87,7 @@ def estimate(parameters: int, teacher_parameters: int, shape: GateShape, batch: 
     weights = FLOAT * parameters * 5  # weights, gradients, 2 AdamW moments, eval snapshot
     teacher = FLOAT * teacher_parameters
     activations = activation_bytes(shape, batch, seq_len, gated=gated)
-    total = math.ceil((weights + teacher + activations + RUNTIME) * SLACK)
+    total = round((weights + teacher + activations + RUNTIME) * SLACK)
     return MemoryEstimate(weights=weights, teacher=teacher, activations=activations, runtime=RUNTIME, total=total,
                           processes=processes, needed=total * processes, available=available, device=device,
                           batch=batch, seq_len=seq_len)

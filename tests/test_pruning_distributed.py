@@ -19,7 +19,7 @@ import torch
 
 from pruning.distributed import Dist, torchrun_command
 from pruning.gates import GROUPS
-from pruning.runs import RunStore, load_checkpoint
+from pruning.runs import RunStore, launch, launch_command, load_checkpoint
 from pruning.train import TrainConfig, run_job
 from tests.conftest import make_tiny
 
@@ -74,13 +74,16 @@ def test_shards_cover_the_batch_once():
     assert Dist().shard(5) == slice(0, 5) and Dist().broadcast("x") == "x" and Dist().gather(3) == [3]
 
 
-def test_two_processes_follow_one_and_resume_on_the_same_curve(no_dropout, reviews, tmp_path):
+def test_two_processes_follow_one_and_resume_on_the_same_curve(no_dropout, reviews, tmp_path, monkeypatch):
+    """A 2-process CoFi run (torchrun by hand, stopped after step 10, resumed by `runs.launch` with 2
+    processes) against an uninterrupted 1-process run of the same config."""
     config = TrainConfig(model=str(no_dropout), data=str(reviews), **CONFIG).check()
     single = RunStore(tmp_path / "one" / "runs.sqlite")
     one = single.create(config.to_dict())
     assert run_job(single, one) == "done"
 
     home = tmp_path / "two"
+    monkeypatch.setenv("HEADLAB_HOME", str(home))
     proc = torchrun(["train", *config.cli_args()], home)
     deadline, db = time.time() + 60, home / "runs.sqlite"
     while time.time() < deadline and proc.poll() is None:
@@ -97,9 +100,10 @@ def test_two_processes_follow_one_and_resume_on_the_same_curve(no_dropout, revie
     assert run.status == "stopped" and 10 <= stopped_at == run.step < 80, (run.status, run.step)
     assert run.pid == proc.pid  # the store watched the torchrun agent
 
-    resumed = torchrun(["train", "--run-id", str(run.id)], home)
-    out, err = resumed.communicate(timeout=90)
-    assert resumed.returncode == 0, err[-3000:]
+    resumed = launch(store, run.id, processes=2)  # what the app runs: torchrun ... train --run-id ID
+    assert resumed.wait(timeout=90) == 0, (run.run_dir / "train.log").read_text()[-3000:]
+    assert launch_command(run.id, processes=2) == ["torchrun", "--standalone", "--nproc_per_node=2", "-m",
+                                                   "pruning", "train", "--run-id", str(run.id)]
     run = store.get(run.id)
     assert (run.status, run.step, run.attempt) == ("done", 80, 2)
 
