@@ -217,6 +217,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per `TrainConfig` field (default None = the config's default), help from its metadata."""
     from dataclasses import MISSING, fields
 
+    from pruning.distributed import DEVICES
     from pruning.train import METHODS, TrainConfig
 
     for f in fields(TrainConfig):
@@ -224,6 +225,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         kwargs: dict = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": None}
         if f.name == "method":
             kwargs["choices"] = METHODS
+        if f.name == "device":
+            kwargs["choices"] = DEVICES
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

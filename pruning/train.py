@@ -41,7 +41,8 @@ the gates, the Lagrange multipliers and the layer matcher are averaged over the 
 Batch-mean loss terms are weighted by world * shard / batch, so the averaged gradient is the global
 batch's (a 2-process run follows the 1-process run up to dropout masks and float rounding). Gate
 noise is drawn from (seed, step) on every rank, so all ranks use the same gate sample, and gates
-and multipliers stay identical. Rank 0 alone queues the run, reads and writes the run store,
+and multipliers stay identical (checked at every eval step: each rank's checksum is recorded as
+`replica_checksums`, and a difference fails the run). Rank 0 alone queues the run, reads and writes the run store,
 checkpoints, exports and evaluates (evaluation is rank-0-only: the other ranks wait in a broadcast
 of the next eval step); a stop request is broadcast so that all ranks stop at the same step, and a
 resume loads rank 0's checkpoint on every rank, so the curve continues at the checkpoint's step.

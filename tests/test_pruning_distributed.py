@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning.distributed import Dist, torchrun_command
+from pruning.distributed import Dist, resolve_device, torchrun_command
 from pruning.gates import GROUPS
 from pruning.runs import RunStore, launch, launch_command, load_checkpoint
 from pruning.train import TrainConfig, run_job
@@ -72,6 +72,15 @@ def test_shards_cover_the_batch_once():
         rows = [list(range(n))[Dist(rank=r, world=3).shard(n)] for r in range(3)]
         assert sum(rows, []) == list(range(n)) and max(map(len, rows)) - min(map(len, rows)) <= 1
     assert Dist().shard(5) == slice(0, 5) and Dist().broadcast("x") == "x" and Dist().gather(3) == [3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_one_clear_error():
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'device' parameter is 'cuda' but this torch build sees no CUDA"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="'device' parameter must be one of auto, cpu, cuda"):
+        resolve_device("gpu")
 
 
 def test_two_processes_follow_one_and_resume_on_the_same_curve(no_dropout, reviews, tmp_path, monkeypatch):
