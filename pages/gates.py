@@ -12,29 +12,18 @@ import streamlit as st
 
 from analysis.heads import report_dir
 from core.jobs import cancel_job, job_state
-from core.models import ModelNotPrepared
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
 from ui import gates as g
 from ui.charts import gate_grid, history_chart
 from ui.export import export_folder, export_panel
 from ui.jobs import ensure_job, wait_for
-from ui.loaders import get_data, get_model
+from ui.loaders import session_model_and_dev
 
 COLOURS = {"relevance": "LRP relevance", "importance": "Michel importance", "confidence": "confidence",
            "roles": "role"}
 
 st.title("Gates")
-spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
-try:
-    loaded = get_model(spec)
-except ModelNotPrepared as exc:
-    st.info(f"{exc} Open the Model page to prepare it.")
-    st.stop()
-if loaded is None:
-    st.stop()
-data = get_data(data_spec, "dev", loaded.label_names)
-if data is None:
-    st.stop()
+spec, data_spec, loaded, data = session_model_and_dev()
 if st.session_state.get("gates_model") != loaded.fingerprint:  # another model: its own gates
     incoming = st.session_state.pop("gates_from_run", None)  # "open in Gates" from the Prune page
     st.session_state.update(gates=incoming or ManualGates(), gates_undo=[], gates_history=[],

@@ -6,7 +6,6 @@ import pandas as pd
 import streamlit as st
 
 from analysis.heads import report_dir
-from core.models import ModelNotPrepared
 from ui.charts import (
     attention_heatmap,
     attention_lines,
@@ -18,7 +17,7 @@ from ui.charts import (
 )
 from ui.heads import cached_report, explain, sentence_attention
 from ui.jobs import ensure_job, wait_for
-from ui.loaders import get_data, get_model
+from ui.loaders import session_model_and_dev
 
 METRICS = {
     "relevance": "LRP relevance (mean share of |relevance|, per example summing to 1)",
@@ -30,17 +29,7 @@ METRICS = {
 }
 
 st.title("Heads")
-spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
-try:
-    loaded = get_model(spec)
-except ModelNotPrepared as exc:
-    st.info(f"{exc} Open the Model page to prepare it.")
-    st.stop()
-if loaded is None:
-    st.stop()
-data = get_data(data_spec, "dev", loaded.label_names)
-if data is None:
-    st.stop()
+spec, data_spec, loaded, data = session_model_and_dev()
 
 left, right = st.columns(2)
 limit = left.select_slider("Sentences analysed (seeded subset)", [100, 250, 500, 1000], value=500, key="heads_limit")

@@ -61,3 +61,18 @@ def save_upload(upload) -> Path:
     if not path.exists():
         path.write_bytes(data)
     return path
+
+
+def session_model_and_dev() -> tuple[str, str, LoadedModel, TextDataset]:
+    """(model spec, data spec, model, dev split) chosen on the Model page; stops the page with a message
+    when the model is not prepared or either cannot be loaded."""
+    spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
+    try:
+        loaded = get_model(spec)
+    except ModelNotPrepared as exc:
+        st.info(f"{exc} Open the Model page to prepare it.")
+        st.stop()
+    data = get_data(data_spec, "dev", loaded.label_names) if loaded is not None else None
+    if data is None:
+        st.stop()
+    return spec, data_spec, loaded, data
