@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from pruning.distributed import DEVICES, torchrun_command
 from pruning.live import ManualGates
-from pruning.runs import RunStore, launch
+from pruning.runs import RunStore, launch, launch_command
 from pruning.train import METHODS, TrainConfig
 from ui.charts import gate_grid, pareto_chart
 from ui.export import export_folder, export_panel
@@ -42,8 +45,13 @@ with st.expander("New run", expanded=not store.list()):
         alpha_layer = c2.slider("Distillation weight (layers)", 0.0, 1.0, TrainConfig.alpha_layer,
                                 help=HELP["alpha_layer"])
         threads = c3.number_input("Threads", 0, 64, TrainConfig.threads, help=HELP["threads"])
-        teacher = st.text_input("Teacher (blank: the model itself)", "", help=HELP["teacher"] + ". E.g. `default` "
+        c1, c2, c3 = st.columns(3)
+        teacher = c1.text_input("Teacher (blank: the model itself)", "", help=HELP["teacher"] + ". E.g. `default` "
                                 "with model `minilm-l3` and method dense: the small-dense comparison.")
+        device = c2.selectbox("Device", DEVICES, help=HELP["device"])
+        processes = c3.number_input("Processes (torchrun)", 1, 64, 1, help="Data-parallel processes on this machine "
+                                    "(DistributedDataParallel; batch size is the global batch). The command is shown "
+                                    "below the run, to run it on a cluster by hand.")
         st.caption(f"Model `{spec}`, data `{data_spec}` (chosen on the Model page). One run trains at a time; "
                    "runs started meanwhile wait in the queue.")
         if st.form_submit_button("Start run"):
@@ -52,10 +60,10 @@ with st.expander("New run", expanded=not store.list()):
                                      target_sparsity=target,
                                      l0_lambda=l0_lambda, steps=int(steps), finetune_steps=int(finetune_steps),
                                      warmup_steps=min(int(warmup), int(steps)), alpha_ce=alpha_ce,
-                                     alpha_layer=alpha_layer, threads=int(threads)).check()
+                                     alpha_layer=alpha_layer, threads=int(threads), device=device).check()
                 run_id = store.create(config.to_dict())
-                launch(store, run_id)
-                st.session_state["prune_run"] = run_id
+                launch(store, run_id, processes=int(processes))
+                st.session_state.update(prune_run=run_id, **{f"processes_{run_id}": int(processes)})
             except ValueError as exc:
                 st.error(str(exc))
 
@@ -101,13 +109,13 @@ def live(run_id: int) -> None:
     last = rows.iloc[-1]
     st.caption(f"Last eval (step {int(last['step'])}): {last.get('note', '')} Accuracy {last['accuracy']:.1%} "
                f"(dense {last['dense_accuracy']:.1%}), batch 32 {last['speedup_b32']:.2f}× faster, sparsity "
-               f"{last['sparsity']:.1%}.")
+               f"{last['sparsity']:.1%}. Measured on {last.get('device', 'cpu')} with {last.get('threads', '?')} "
+               f"thread(s) per process, {last.get('processes', 1)} process(es).")
 
 
-run_id = st.selectbox("Run", [r.id for r in runs], index=None if "prune_run" not in st.session_state else
-                      [r.id for r in runs].index(st.session_state["prune_run"]),
+run_id = st.selectbox("Run", [r.id for r in runs], index=None,
                       format_func=lambda i: f"{i}: {store.get(i).config.get('method')} "
-                                            f"{store.get(i).config.get('target_sparsity')}", key="prune_run_pick",
+                                            f"{store.get(i).config.get('target_sparsity')}", key="prune_run",
                       placeholder="choose a run")
 if run_id is None:
     st.dataframe(_runs_table(), hide_index=True, width="stretch")
@@ -116,13 +124,22 @@ run = store.get(run_id)
 c1, c2, c3 = st.columns(3)
 if c1.button("Stop", disabled=not run.active, width="stretch"):
     store.request_stop(run_id)
+metrics = store.metrics(run_id)
+processes = st.session_state.get(f"processes_{run_id}") or (metrics[-1].get("processes") or 1 if metrics else 1)
 if c2.button("Resume", disabled=run.active or run.status == "done", width="stretch"):
-    launch(store, run_id)
+    launch(store, run_id, processes=processes)
 if c3.button("Delete", disabled=run.active, width="stretch"):
     store.delete(run_id)
     st.session_state.pop("prune_run", None)
     st.rerun()
 live(run_id)
+with st.expander("Command line"):
+    st.caption("What the page ran (resume uses the same), and the same configuration as a fresh run, e.g. on a "
+               "cluster node (replace `--standalone` by torchrun's `--nnodes` / `--rdzv-endpoint` options):")
+    st.code(shlex.join(launch_command(run_id, processes=processes)), language="bash")
+    fresh = ["pruning", "train", *TrainConfig.from_dict(run.config).cli_args()]
+    st.code(shlex.join(torchrun_command(fresh, processes) if processes > 1 else ["python", "-m", *fresh]),
+            language="bash")
 
 steps = store.gate_steps(run_id)
 if steps:

@@ -222,10 +222,29 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     run_until(at, finished, timeout=300)
     table = at.dataframe[0].value
     assert table.loc[0, "status"] == "done" and table.loc[0, "method"] == "random"
-    assert any(c.value.startswith("Last eval") for c in at.caption)
+    assert any(c.value.startswith("Last eval") and "Measured on cpu" in c.value for c in at.caption)
+    commands = [c.value for c in at.code]
+    assert commands[0] == f"python -m pruning train --run-id {table.loc[0, 'id']}"
+    assert commands[1].startswith("python -m pruning train --model ") and "--method random" in commands[1]
     next(b for b in at.button if b.label.startswith("Export run")).click().run()
     run_until(at, lambda a: any(s.value.startswith("Saved") for s in a.success), timeout=180)
     exported = fresh_home / "exports" / f"run-{table.loc[0, 'id']}-random"
     assert (exported / "model.onnx").is_file() and (exported / "pruning.json").is_file()
+
+    # the same baseline data-parallel in 2 processes (torchrun, gloo): the page shows the torchrun command
+    at.selectbox[0].set_value("random")
+    at.number_input[2].set_value(4)
+    next(n for n in at.number_input if n.label.startswith("Processes")).set_value(2)
+    next(b for b in at.button if b.label == "Start run").click().run()
+    second = at.session_state["prune_run"]
+    assert second != table.loc[0, "id"]
+    run_until(at, lambda a: a.dataframe[0].value.set_index("id").loc[second, "status"] == "done", timeout=300)
+    assert at.code[0].value == f"torchrun --standalone --nproc_per_node=2 -m pruning train --run-id {second}"
+    assert any("2 process(es)" in c.value for c in at.caption if c.value.startswith("Last eval"))
+    next(b for b in at.button if b.label == "Delete").click().run()
+    assert not at.exception, at.exception
+    assert list(at.dataframe[0].value["id"]) == [table.loc[0, "id"]] and at.selectbox(key="prune_run").value is None
+
+    at.selectbox(key="prune_run").set_value(table.loc[0, "id"]).run()
     next(b for b in at.button if b.label.startswith("Open step")).click().run()
     assert not at.exception, at.exception
