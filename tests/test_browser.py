@@ -32,10 +32,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """`streamlit run app.py` on a free port with a fresh HEADLAB_HOME (prepared models linked in)."""
-    home = tmp_path_factory.mktemp("home")
-    link_prepared(home)
+def home(tmp_path_factory) -> Path:
+    """The app's fresh HEADLAB_HOME (prepared models linked in)."""
+    return link_prepared(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="module")
+def app_url(home):
+    """`streamlit run app.py` on a free port with a fresh HEADLAB_HOME."""
     port = free_port()
     env = {**os.environ, "HEADLAB_HOME": str(home)}
     proc = subprocess.Popen(
@@ -122,3 +126,42 @@ def test_gates_page_toggles_a_head_and_figures_change_in_a_real_browser(app_url,
     assert not page.locator('[data-testid="stException"]').count()
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "gates_page.png"))
+
+
+def test_prune_page_curves_grow_while_a_run_trains_in_a_real_browser(app_url, home, page, tmp_path):
+    """A CoFi run started from the CLI trains in the background; the page's curves gain points by themselves
+    (the fragment redraws every second), then the Stop button stops the run."""
+    from pruning.runs import RunStore
+    from tests.conftest import make_tiny
+
+    model = make_tiny(tmp_path / "tiny")
+    data = tmp_path / "easy.csv"
+    data.write_text("text,label\n" + "".join(f"a great film {i},pos\nan awful film {i},neg\n" for i in range(200)))
+    train = subprocess.Popen(
+        [sys.executable, "-m", "pruning", "train", "--model", str(model), "--data", str(data), "--method", "cofi",
+         "--steps", "20000", "--prefinetune-steps", "5", "--warmup-steps", "2000", "--finetune-steps", "0",
+         "--batch-size", "8", "--eval-every", "40", "--eval-budget", "1", "--eval-examples", "16"],
+        cwd=ROOT, env={**os.environ, "HEADLAB_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        page.set_viewport_size({"width": 1400, "height": 2200})
+        page.goto(app_url)
+        page.locator('[data-testid="stSidebarNav"]').get_by_text("Prune").click()
+        page.locator('[data-testid="stSelectbox"]').filter(has_text="Run").click(timeout=120_000)
+        page.get_by_role("option").first.click()
+        page.get_by_text("Last eval").wait_for(timeout=120_000)
+        # points of the first curve as plotly drew them (its `data` holds base64 arrays; `_fullData` decoded ones)
+        points = ("() => { const e = document.querySelector('.js-plotly-plot'); "
+                  "return e?._fullData?.[0]?.x?.length ?? 0 }")
+        page.wait_for_function(f"({points})() > 0", timeout=60_000)
+        first = page.evaluate(points)
+        page.wait_for_function(f"({points})() >= {first + 2}", timeout=120_000)  # no reload, no click
+        page.screenshot(path=str(ARTIFACTS / "prune_page.png"))
+        page.locator('[data-testid="stButton"]').get_by_role("button", name="Stop", exact=True).click()
+        assert train.wait(timeout=60) == 0
+        store = RunStore(home / "runs.sqlite")
+        run = store.list()[0]
+        assert run.status == "stopped" and 0 < run.step < run.total
+        assert not page.locator('[data-testid="stException"]').count()
+    finally:
+        if train.poll() is None:
+            train.kill()
