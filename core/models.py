@@ -296,9 +296,10 @@ def _weight_keys(weights: Path) -> list[str]:
         raise ModelError(f"{weights} is corrupt or unreadable ({type(exc).__name__}: {exc}).") from exc
 
 
-def _fingerprint(path: Path, weights: Path) -> str:
-    """Short stable id of a model folder: hash of config + weight file size and head/tail bytes."""
-    digest = hashlib.sha1((path / "config.json").read_bytes())
+def folder_fingerprint(path: Path, weights: Path, extra: tuple[str, ...] = ()) -> str:
+    """Short stable id of a model folder: hash of config.json (+ the `extra` files in it) and the weight
+    file's size and head/tail bytes (config.json's for a non-safetensors weight file)."""
+    digest = hashlib.sha1(b"".join((path / name).read_bytes() for name in ("config.json", *extra)))
     target = weights if weights.suffix == ".safetensors" else path / "config.json"
     size = target.stat().st_size
     with open(target, "rb") as f:
@@ -369,6 +370,6 @@ def load_model(
     names = [str(id2label[i]) for i in range(model.config.num_labels)]
     return LoadedModel(
         model=model, tokenizer=tokenizer, adapter=Adapter(model), source=spec, path=path,
-        label_names=names, has_classifier=has_classifier, fingerprint=_fingerprint(path, weights),
+        label_names=names, has_classifier=has_classifier, fingerprint=folder_fingerprint(path, weights),
         notes=notes,
     )

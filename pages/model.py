@@ -27,7 +27,7 @@ choice = st.radio("Model", list(MODEL_CHOICES), key="model_choice")
 spec = MODEL_CHOICES[choice] or st.text_input("Model folder", key="model_path",
                                              placeholder="/path/to/a/save_pretrained/folder").strip()
 if not spec:
-    st.info("Enter the path of a local Hugging Face model folder (BERT, RoBERTa, MiniLM or ELECTRA).")
+    st.info("Enter the path of a local Hugging Face model folder (BERT, RoBERTa, MiniLM, ELECTRA or MPNet).")
     st.stop()
 
 try:

@@ -105,6 +105,8 @@ def live(run_id: int) -> None:
         if present:
             fig = px.line(rows, x="step", y=present, markers=True, title=title)
             fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
+            if title == "accuracy":
+                fig.update_yaxes(range=[0, 1], tickformat=".0%")
             cols[i % 2].plotly_chart(fig, key=f"curve-{title}")
     last = rows.iloc[-1]
     st.caption(f"Last eval (step {int(last['step'])}): {last.get('note', '')} Accuracy {last['accuracy']:.1%} "

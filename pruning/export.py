@@ -16,7 +16,6 @@ says, then loads the safetensors with strict key and shape checks. No pickles an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -105,19 +104,6 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
 # ----------------------------------------------------------------------------- load
 
 
-def _fingerprint(path: Path) -> str:
-    """Short id of a pruned folder: sha1 of config, pruning.json and the weight file's size, head and tail."""
-    digest = hashlib.sha1((path / "config.json").read_bytes() + (path / PRUNING_FILE).read_bytes())
-    weights = path / "model.safetensors"
-    size = weights.stat().st_size
-    with open(weights, "rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        digest.update(f.read())
-    digest.update(str(size).encode())
-    return digest.hexdigest()[:12]
-
-
 def load_pruned(path: str | Path, *, attn_implementation: str = "eager", source: str | None = None):
     """Load a folder written by `save_pruned` as a `core.models.LoadedModel` in eval mode.
 
@@ -126,7 +112,7 @@ def load_pruned(path: str | Path, *, attn_implementation: str = "eager", source:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from core.models import Adapter, LoadedModel, ModelError, inspect_folder
+    from core.models import Adapter, LoadedModel, ModelError, folder_fingerprint, inspect_folder
 
     path = Path(path).expanduser()
     config, weights, has_classifier = inspect_folder(path)
@@ -170,7 +156,8 @@ def load_pruned(path: str | Path, *, attn_implementation: str = "eager", source:
     names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
     return LoadedModel(
         model=model, tokenizer=tokenizer, adapter=Adapter(model), source=source or str(path), path=path,
-        label_names=names, has_classifier=has_classifier, fingerprint=_fingerprint(path),
+        label_names=names, has_classifier=has_classifier,
+        fingerprint=folder_fingerprint(path, weights, (PRUNING_FILE,)),
         notes=[f"Pruned: {plan.describe(shape)}."],
     )
 

@@ -95,16 +95,23 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
     pruned = figures(pruned_model, data, seq_len, progress)
     if progress:
         progress(0, 1, "timing batch 1 and 32")
-    for batch_size, (n_rounds, repeats) in (rounds or {1: (3, 3), 32: (2, 1)}).items():
-        batch = make_batch(loaded.tokenizer, typical_texts(loaded, data.texts, batch_size), batch_size,
-                           loaded.max_length)
-        # Both models just ran (evaluation, earlier calls); at batch 32 a warm-up call costs more than it buys.
-        timed = compare({"dense": loaded.model, "pruned": pruned_model.model}, batch, rounds=n_rounds,
-                        repeats_per_round=repeats, warmup=batch_size == 1)
-        setattr(base, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
-        setattr(pruned, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
+    # Both models just ran (evaluation, earlier calls); at batch 32 a warm-up call costs more than it buys.
+    time_pair(loaded, pruned_model, data.texts, base, pruned, rounds or {1: (3, 3), 32: (2, 1)}, warm_b32=False)
     return Comparison(dense=base, pruned=pruned, sparsity=exact_sparsity(state), seq_len=seq_len,
                       seconds=time.perf_counter() - start, note=pruned_model.notes[-1])
+
+
+def time_pair(dense: LoadedModel, pruned: LoadedModel, texts: list[str], dense_figures: Figures,
+              pruned_figures: Figures, rounds: dict[int, tuple[int, int]], *, warm_b32: bool = True) -> None:
+    """Time `pruned` against `dense` interleaved (`core.latency.compare`) on a batch of typical `texts`
+    at each batch size of `rounds` = {batch size: (rounds, repeats per round)}; writes the medians (ms)
+    into the figures' latency_b<batch size>_ms. `warm_b32`: warm up before the larger batches too."""
+    for batch_size, (n_rounds, repeats) in rounds.items():
+        batch = make_batch(dense.tokenizer, typical_texts(dense, texts, batch_size), batch_size, dense.max_length)
+        timed = compare({"dense": dense.model, "pruned": pruned.model}, batch, rounds=n_rounds,
+                        repeats_per_round=repeats, warmup=batch_size == 1 or warm_b32)
+        setattr(dense_figures, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
+        setattr(pruned_figures, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
 
 
 def typical_texts(loaded: LoadedModel, texts: list[str], n: int) -> list[str]:

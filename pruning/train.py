@@ -65,7 +65,6 @@ import torch.nn.functional as F
 
 from core.batching import collate, encode, sorted_batches
 from core.data import DataError, TaskSplits, TextDataset, task_splits
-from core.latency import compare, make_batch
 from core.models import Adapter, LoadedModel, load_model
 from core.summary import median_tokens
 from pruning import memory
@@ -76,7 +75,7 @@ from pruning.export import save_pruned
 from pruning.gates import CoFiGates, GateShape, GateState, L0HeadGates
 from pruning.hooks import GateHooks
 from pruning.lagrangian import LagrangianController, TargetSchedule
-from pruning.live import Comparison, Figures, figures, typical_texts
+from pruning.live import Comparison, Figures, figures, time_pair
 from pruning.runs import CHECKPOINT, Heartbeat, RunStore, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pruning.size import exact_sparsity, expected_sparsity
 from pruning.surgery import prune, pruning_info
@@ -264,12 +263,7 @@ def measure_snapshot(dense: LoadedModel, pruned: LoadedModel, data: TextDataset,
     seq_len = median_tokens(dense, data.texts)
     base = Figures(**{**asdict(dense_figures), "latency_b1_ms": None, "latency_b32_ms": None})
     small = figures(pruned, data, seq_len)
-    for batch_size, (n_rounds, repeats) in rounds.items():
-        batch = make_batch(dense.tokenizer, typical_texts(dense, data.texts, batch_size), batch_size, dense.max_length)
-        timed = compare({"dense": dense.model, "pruned": pruned.model}, batch, rounds=n_rounds,
-                        repeats_per_round=repeats)
-        setattr(base, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
-        setattr(small, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
+    time_pair(dense, pruned, data.texts, base, small, rounds)
     return Comparison(dense=base, pruned=small, sparsity=exact_sparsity(state), seq_len=seq_len,
                       seconds=time.perf_counter() - start, note=pruned.notes[-1] if pruned.notes else "")
 
