@@ -61,6 +61,16 @@ def tiny_copy(tiny_dir, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
 
 
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory) -> Path:
+    """120 labeled rows (96 train, 12 dev once split 80/10/10) with the tiny model's label names."""
+    rows = ["text,label"] + [f'"a {w} film number {i}",{lab}' for i in range(60)
+                             for w, lab in (("great", "pos"), ("awful", "neg"))]
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 @pytest.fixture
 def reviews_csv(tmp_path) -> Path:
     """A small labeled CSV with the tiny model's label names."""

@@ -47,7 +47,6 @@ REUSED = {
     export: ("pruned", "saved", "test_folder_contents", "test_round_trip_gives_the_same_logits",
              "test_onnx_matches_torch", "test_unpruned_model_is_refused"),
     roles: ("test_capture_attention_unpads_and_flags_truncation",),
-    train: ("reviews",),
 }
 for _module, _names in REUSED.items():
     globals().update({name: getattr(_module, name) for name in _names})

@@ -51,16 +51,6 @@ def no_dropout(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def reviews(tmp_path_factory) -> Path:
-    """120 labeled rows (96 train, 12 dev) with the tiny model's label names."""
-    rows = ["text,label"] + [f'"a {w} film number {i}",{lab}' for i in range(60)
-                             for w, lab in (("great", "pos"), ("awful", "neg"))]
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def torchrun(args: list[str], home: Path) -> subprocess.Popen:
     return subprocess.Popen(torchrun_command(["pruning", *args], 2, executable=True), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -146,16 +146,6 @@ SMALL = dict(batch_size=8, eval_every=10, eval_budget=1.0, eval_examples=8, chec
 
 
 @pytest.fixture(scope="module")
-def reviews(tmp_path_factory) -> Path:
-    """120 labeled rows (96 train, 12 dev) with the tiny model's label names."""
-    rows = ["text,label"] + [f'"a {w} film number {i}",{lab}' for i in range(60)
-                             for w, lab in (("great", "pos"), ("awful", "neg"))]
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_dir):
     return load_model(str(tiny_dir))
 
