@@ -68,9 +68,22 @@ with st.expander("New run", expanded=not store.list()):
                 st.error(str(exc))
 
 runs = store.list()
-if not runs:
-    st.info("No runs yet: configure one above. Runs are kept in the run store and survive restarts.")
-    st.stop()
+
+
+def rerun_if_runs_changed() -> None:
+    """Runs started elsewhere (the CLI, another tab) or deleted: rerun the page so the run picker sees them."""
+    if [r.id for r in store.list()] != [r.id for r in runs]:
+        st.rerun()
+
+
+@st.fragment(run_every=2.0)
+def overview() -> None:
+    """The runs table (or the empty-store hint), polled while no run is selected."""
+    rerun_if_runs_changed()
+    if runs:
+        st.dataframe(_runs_table(), hide_index=True, width="stretch")
+    else:
+        st.info("No runs yet: configure one above. Runs are kept in the run store and survive restarts.")
 
 
 def _runs_table() -> pd.DataFrame:
@@ -88,6 +101,7 @@ def _runs_table() -> pd.DataFrame:
 @st.fragment(run_every=1.0)
 def live(run_id: int) -> None:
     """Everything that changes while a run trains, redrawn every second without rerunning the page."""
+    rerun_if_runs_changed()
     st.dataframe(_runs_table(), hide_index=True, width="stretch")
     run = store.get(run_id)
     if run.active:
@@ -120,7 +134,7 @@ run_id = st.selectbox("Run", [r.id for r in runs], index=None,
                                             f"{store.get(i).config.get('target_sparsity')}", key="prune_run",
                       placeholder="choose a run")
 if run_id is None:
-    st.dataframe(_runs_table(), hide_index=True, width="stretch")
+    overview()
     st.stop()
 run = store.get(run_id)
 c1, c2, c3 = st.columns(3)

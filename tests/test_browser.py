@@ -129,24 +129,27 @@ def test_gates_page_toggles_a_head_and_figures_change_in_a_real_browser(app_url,
 
 
 def test_prune_page_curves_grow_while_a_run_trains_in_a_real_browser(app_url, home, page, tmp_path):
-    """A CoFi run started from the CLI trains in the background; the page's curves gain points by themselves
-    (the fragment redraws every second), then the Stop button stops the run."""
+    """The Prune page is open on an empty run store; a CoFi run started from the CLI appears by itself, and
+    once picked its curves gain points by themselves (the fragment redraws every second); then the page's
+    Stop button stops the run."""
     from pruning.runs import RunStore
     from tests.conftest import make_tiny
 
     model = make_tiny(tmp_path / "tiny")
     data = tmp_path / "easy.csv"
     data.write_text("text,label\n" + "".join(f"a great film {i},pos\nan awful film {i},neg\n" for i in range(200)))
+    page.set_viewport_size({"width": 1400, "height": 2200})
+    page.goto(app_url)
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Prune").click()
+    page.get_by_text("No runs yet").wait_for(timeout=120_000)
     train = subprocess.Popen(
         [sys.executable, "-m", "pruning", "train", "--model", str(model), "--data", str(data), "--method", "cofi",
          "--steps", "20000", "--prefinetune-steps", "5", "--warmup-steps", "2000", "--finetune-steps", "0",
          "--batch-size", "8", "--eval-every", "40", "--eval-budget", "1", "--eval-examples", "16"],
         cwd=ROOT, env={**os.environ, "HEADLAB_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        page.set_viewport_size({"width": 1400, "height": 2200})
-        page.goto(app_url)
-        page.locator('[data-testid="stSidebarNav"]').get_by_text("Prune").click()
-        page.locator('[data-testid="stSelectbox"]').filter(has_text="Run").click(timeout=120_000)
+        page.locator('[data-testid="stDataFrame"]').wait_for(timeout=120_000)  # the page polls the store
+        page.locator('[data-testid="stSelectbox"]').filter(has_text="Run").click()
         page.get_by_role("option").first.click()
         page.get_by_text("Last eval").wait_for(timeout=120_000)
         # points of the first curve as plotly drew them (its `data` holds base64 arrays; `_fullData` decoded ones)
