@@ -46,7 +46,8 @@ class HeadsReport:
     @classmethod
     def load(cls, folder: Path) -> HeadsReport:
         extra = json.loads((folder / "examples.json").read_text())
-        table = pd.read_csv(folder / "heads.csv", keep_default_na=False, na_values=[""])
+        # an empty roles column reads as all-NaN floats: read it as text
+        table = pd.read_csv(folder / "heads.csv", keep_default_na=False, na_values=[""], dtype={"roles": str})
         table["roles"] = table["roles"].fillna("")
         return cls(table, extra["examples"], extra["meta"])
 
