@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from core.models import Adapter
+from core.adapter import Adapter
 
 CONSERVATIVE_ATTENTION = "headlab_conservative"
 _ZERO = 1e-6  # |x| below this counts as zero in the identity rule's act(x)/x

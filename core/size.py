@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.models import Adapter
+from core.adapter import Adapter
 
 
 @dataclass

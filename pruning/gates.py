@@ -37,58 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.adapter import GateShape
+
 GROUPS = ("head", "mha", "intermediate", "ffn", "hidden")
 CRITERIA = ("magnitude", "random")
 GAMMA, ZETA = -0.1, 1.1  # hard-concrete stretch interval
 LOG_ALPHA_RANGE = (math.log(0.01), math.log(100.0))  # CoFi clamps log_alpha here after every step
-
-
-# ----------------------------------------------------------------------------- shapes
-
-
-@dataclass(frozen=True)
-class GateShape:
-    """Sizes of an unpruned encoder: `layers` x `heads` heads of `head_dim`, FFN width, hidden size."""
-
-    layers: int
-    heads: int
-    head_dim: int
-    intermediate: int  # d_ff
-    hidden: int  # d
-
-    @classmethod
-    def of(cls, arch) -> GateShape:
-        """Shape of a `LoadedModel`, `Adapter`, transformers model or GateShape (read from weight shapes).
-
-        Raises ValueError for a physically pruned model (layers of unequal width): gate the original.
-        """
-        if isinstance(arch, GateShape):
-            return arch
-        adapter = as_adapter(arch)
-        layers = len(adapter.layers)
-        if getattr(adapter.model, "headlab_pruning", None) is not None:
-            raise ValueError("This model is already physically pruned; gates apply to the original (unpruned) model.")
-        heads = {adapter.num_heads(i) for i in range(layers)}
-        units = {adapter.ffn_in(i).weight.shape[0] for i in range(layers)}
-        hidden = adapter.attention_output(0).weight.shape[0]  # rows of W_O = hidden size d
-        if len(heads) != 1 or len(units) != 1:
-            raise ValueError("Gates need layers of equal width (an unpruned model). "
-                             f"Got heads per layer {sorted(heads)} and FFN widths {sorted(units)}.")
-        return cls(layers=layers, heads=heads.pop(), head_dim=adapter.head_dim(0), intermediate=units.pop(),
-                   hidden=hidden)
-
-
-def as_adapter(arch):
-    """The `core.models.Adapter` of a LoadedModel, an Adapter, or a bare transformers model."""
-    from core.models import Adapter  # local import: keep gates importable without transformers loaded
-
-    if isinstance(arch, Adapter):
-        return arch
-    if hasattr(arch, "adapter"):
-        return arch.adapter
-    if isinstance(arch, nn.Module) and hasattr(arch, "base_model"):
-        return Adapter(arch)
-    raise ValueError(f"Expected a LoadedModel, an Adapter or a transformers model. Got {type(arch).__name__}.")
 
 
 # ----------------------------------------------------------------------------- gate state

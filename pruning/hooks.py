@@ -29,7 +29,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from pruning.gates import GateShape, GateState, as_adapter
+from core.adapter import GateShape, as_adapter
+from pruning.gates import GateState
 
 
 class GateHooks:

@@ -26,11 +26,11 @@ per-process total times the processes on the node; on CUDA each process has its 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from pruning.gates import GateShape
+from core.adapter import GateShape
+from core.weights import available_memory
 
 FLOAT = 4  # bytes per fp32 number
 RUNTIME = 512 * 2**20  # bytes per process outside the tensors counted here
@@ -95,20 +95,10 @@ def estimate(parameters: int, teacher_parameters: int, shape: GateShape, batch: 
 
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on `device` in bytes: CUDA's free memory on that GPU, or the CPU's MemAvailable
-    (psutil when installed, else /proc/meminfo); None when the platform does not say."""
+    (`core.weights.available_memory`); None when the platform does not say."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-    except ImportError:
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-        except OSError:
-            return None
-        return None
-    return int(psutil.virtual_memory().available)
+    return available_memory()
 
 
 def check(memory: MemoryEstimate) -> MemoryEstimate:

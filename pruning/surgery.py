@@ -5,281 +5,21 @@
 1. fold soft gate values into the weights (head gates into W_O's columns, mha and hidden gates into
    W_O's rows and bias, intermediate gates into the FFN output's columns, ffn and hidden gates into
    its rows and bias, hidden gates into the embedding tables and every LayerNorm's weight and bias);
-2. slice every module (`apply_plan`): Q/K/V rows and W_O columns of closed heads, FFN units,
-   hidden dims everywhere the stream is read or written (embeddings, Q/K/V/FFN-in columns,
-   W_O/FFN-out rows, every LayerNorm, the pooler's input or a RoBERTa-style head's first dense).
-
-Sublayers with nothing left. A layer whose heads are all closed, or whose mha gate is 0, runs no
-attention: its self-attention gets 0 heads (`remove_all_heads`) and hands W_O an empty (B, T, 0)
-context, so W_O (now d x 0) outputs just its bias and the unchanged `BertSelfOutput` (MPNet:
-`MPNetAttention`) computes `LN(x + c)` with c = mha * hidden * b_O (the W_O bias still passes when
-only the heads are closed; c = 0 when mha = 0). That is exactly what the gated model computes (the
-gate zeroes the dense output *including* its bias; the residual goes through the LayerNorm). An FFN
-with no unit left or ffn = 0 needs no special module: d_ff' = 0 gives `LN(x + ffn * hidden * b_out)`
-the same way. Module names, state-dict keys and hooks on W_O / the FFN output dense (analysis,
-gating) keep working; `core.size.encoder_flops` reads 0 FLOPs for the empty parts.
-
-MPNet's relative position bias. One (buckets, H) table, shared by all layers, gives a bias
-(B, H, T, T) that the encoder computes once and adds to every layer's scores. Heads are pruned per
-layer, so the table cannot be sliced: it stays whole, and a layer that keeps H' < H heads selects
-its heads' planes by index (`keep_heads`, a non-persistent `bias_heads` buffer rebuilt from the plan
-on load). Exact, and it costs one index_select per layer; the table is 32 x H parameters.
-
-The pruned model keeps the original `config` (its sizes are stale; read weight shapes instead) and
-carries a `PruningInfo` as `model.headlab_pruning` (the plan and the gate state, for export).
+2. slice every module as the gate state's plan says (`core.structure.apply_plan`, which also
+   describes how sublayers with nothing left and MPNet's shared position bias are handled).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import warnings
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from pruning.gates import GateShape, GateState, as_adapter
-
-# ----------------------------------------------------------------------------- plan
-
-
-@dataclass
-class PruningPlan:
-    """What survives, in the original model's 0-based numbering (all lists sorted)."""
-
-    heads: list[list[int]]  # kept heads per layer; [] = attention sublayer skipped
-    units: list[list[int]]  # kept FFN units per layer; [] = FFN sublayer skipped
-    hidden: list[int]  # kept hidden dims
-
-    @property
-    def skipped_attention(self) -> list[int]:
-        """Layers whose attention sublayer is only LN(x + c)."""
-        return [layer for layer, kept in enumerate(self.heads) if not kept]
-
-    @property
-    def skipped_ffn(self) -> list[int]:
-        """Layers whose FFN sublayer is only LN(x + c)."""
-        return [layer for layer, kept in enumerate(self.units) if not kept]
-
-    @classmethod
-    def from_state(cls, state: GateState) -> PruningPlan:
-        """Units with a non-zero gate survive; a zero mha / ffn gate removes the whole sublayer."""
-        s = state.detach()
-        heads = [torch.nonzero(s.head[lay] > 0).flatten().tolist() if s.mha[lay] > 0 else []
-                 for lay in range(s.head.shape[0])]
-        units = [torch.nonzero(s.intermediate[lay] > 0).flatten().tolist() if s.ffn[lay] > 0 else []
-                 for lay in range(s.head.shape[0])]
-        hidden = torch.nonzero(s.hidden > 0).flatten().tolist()
-        if not hidden:
-            raise ValueError("The gate state closes every hidden dim; keep at least one.")
-        return cls(heads=heads, units=units, hidden=hidden)
-
-    def to_dict(self) -> dict:
-        return {"kept_heads": self.heads, "kept_units": self.units, "kept_hidden": self.hidden,
-                "skipped_attention": self.skipped_attention, "skipped_ffn": self.skipped_ffn}
-
-    @classmethod
-    def from_dict(cls, data: dict, shape: GateShape) -> PruningPlan:
-        """Read `to_dict` output, checking every index against the original `shape` (ValueError)."""
-        try:
-            heads, units, hidden = data["kept_heads"], data["kept_units"], data["kept_hidden"]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"pruning plan lacks {exc}") from exc
-
-        def check(values, limit: int, what: str) -> list[int]:
-            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                       for v in values):
-                raise ValueError(f"{what} must be a list of integers")
-            if values != sorted(set(values)) or (values and not 0 <= values[0] <= values[-1] < limit):
-                raise ValueError(f"{what} must be sorted, unique indices in 0..{limit - 1}")
-            return values
-
-        for name, rows in (("kept_heads", heads), ("kept_units", units)):
-            if not isinstance(rows, list) or len(rows) != shape.layers:
-                raise ValueError(f"{name} must list {shape.layers} layers")
-        plan = cls(heads=[check(r, shape.heads, f"kept_heads[{i}]") for i, r in enumerate(heads)],
-                   units=[check(r, shape.intermediate, f"kept_units[{i}]") for i, r in enumerate(units)],
-                   hidden=check(hidden, shape.hidden, "kept_hidden"))
-        if not plan.hidden:
-            raise ValueError("kept_hidden is empty")
-        return plan
-
-    def describe(self, shape: GateShape) -> str:
-        """One line, e.g. "kept 60/72 heads, 4608/9216 FFN units, 384/384 hidden dims; skipped attention in 1 layer"."""
-        text = (f"kept {sum(map(len, self.heads))}/{shape.layers * shape.heads} heads, "
-                f"{sum(map(len, self.units))}/{shape.layers * shape.intermediate} FFN units, "
-                f"{len(self.hidden)}/{shape.hidden} hidden dims")
-        skipped = [f"{what} in layer(s) {', '.join(map(str, layers))}"
-                   for what, layers in (("attention", self.skipped_attention), ("FFN", self.skipped_ffn)) if layers]
-        return text + (f"; skipped {' and '.join(skipped)}" if skipped else "")
-
-
-@dataclass
-class PruningInfo:
-    """Attached to a pruned model as `model.headlab_pruning`: enough to save and rebuild it."""
-
-    plan: PruningPlan
-    state: GateState  # the gates that were folded in
-    original: GateShape  # sizes of the unpruned model
-
-
-def pruning_info(model: nn.Module) -> PruningInfo | None:
-    """The `PruningInfo` of a physically pruned model, None for an unpruned one."""
-    return getattr(model, "headlab_pruning", None)
-
-
-# ----------------------------------------------------------------------------- modules
-
-
-def _linear(in_features: int, out_features: int, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A Linear holding copies of `weight` (out, in) and `bias` (out,), built without random init."""
-    with warnings.catch_warnings():  # zero-width layers: "Initializing zero-element tensors is a no-op"
-        warnings.simplefilter("ignore", UserWarning)
-        layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None,
-                                         device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
-
-
-def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear keeping output `rows` and input `cols` (index tensors; None keeps all).
-
-    Like `transformers.pytorch_utils.prune_linear_layer`, but both dims in one copy, no random
-    re-init and empty indices allowed (zero-width layers of skipped sublayers).
-    """
-    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    if rows is not None:
-        w = w.index_select(0, rows)
-        b = None if b is None else b.index_select(0, rows)
-    if cols is not None:
-        w = w.index_select(1, cols)
-    return _linear(w.shape[1], w.shape[0], w, b)
-
-
-def slice_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
-    """A LayerNorm over the kept dims only (weight and bias sliced, same eps)."""
-    new = nn.LayerNorm(keep.numel(), eps=norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(norm.weight.detach()[keep])
-        new.bias.copy_(norm.bias.detach()[keep])
-    return new
-
-
-class _NoHeads:
-    """Forward of a self-attention whose heads were all removed (mixed into the model's own class).
-
-    A real self-attention cannot run with 0 heads (its reshape to (B, T, -1, d_h) is ambiguous for an
-    empty tensor). This one runs its zero-width Q/K/V projections (no cost; hooks on them fire as
-    usual) and returns the empty context (B, T, 0) — passed through W_O first when W_O lives inside
-    the self-attention (MPNet), giving W_O's bias (B, T, d) — and empty probabilities (B, 0, T, T), so
-    `output_attentions` still yields one entry per layer (a layer with 0 heads).
-    """
-
-    _projections: tuple[str, str, str]  # attribute names of Q, K, V
-    _inner_output: str | None  # attribute name of W_O when it is part of this module, else None
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        query, key, value = (getattr(self, name) for name in self._projections)
-        query(hidden_states)
-        key(hidden_states)
-        out = value(hidden_states)  # (B, T, 0)
-        if self._inner_output is not None:
-            out = getattr(self, self._inner_output)(out)  # (B, T, d): the bias
-        batch, tokens = hidden_states.shape[:2]
-        return out, hidden_states.new_zeros(batch, 0, tokens, tokens)
-
-
-class _SharedBiasSubset:
-    """Forward of an MPNet self-attention that kept only some heads (mixed into the model's own class).
-
-    MPNet adds one relative position bias (B, H, T, T), computed once per forward from a (buckets, H)
-    table, to the scores of every layer. The table stays whole (it is shared and tiny); each pruned
-    layer picks its own heads' planes with its non-persistent buffer `bias_heads` (H',) (original
-    head indices), so the kept heads see exactly the bias they saw before.
-    """
-
-    bias_heads: torch.Tensor
-
-    def forward(self, hidden_states, attention_mask=None, position_bias=None, *args, **kwargs):
-        if position_bias is not None:
-            position_bias = position_bias.index_select(1, self.bias_heads)  # (B, H', T, T)
-        return super().forward(hidden_states, attention_mask, position_bias, *args, **kwargs)
-
-
-_SUBCLASSES: dict[tuple[type, type, tuple], type] = {}
-
-
-def _mix_in(module: nn.Module, mixin: type, **attributes) -> None:
-    """Make `module` an instance of a subclass of its own class with `mixin` first, in place.
-
-    The subclass (`NoHeadsBertSelfAttention`, ...) keeps isinstance checks (transformers' output
-    recording, the adapter) true; `attributes` become class attributes. Subclasses are cached.
-    """
-    cls = type(module)
-    if issubclass(cls, mixin):
-        return
-    key = (mixin, cls, tuple(sorted(attributes.items())))
-    if key not in _SUBCLASSES:
-        name = f"{mixin.__name__.strip('_')}{cls.__name__}"
-        _SUBCLASSES[key] = type(name, (mixin, cls), {"__module__": __name__, **attributes})
-    module.__class__ = _SUBCLASSES[key]
-
-
-def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Indices (H' * d_h,) of the Q/K/V rows (= W_O columns) of `heads` (H',); empty for no head."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
-
-
-def remove_all_heads(adapter, layer: int, hidden: int) -> None:
-    """Turn the self-attention of `layer` into one with 0 heads, in place; Q/K/V become 0 x `hidden`."""
-    layout = adapter.layout
-    inner_output = layout.attention_output.removeprefix(f"{layout.self_attention}.")
-    _mix_in(adapter.self_attention(layer), _NoHeads, _projections=(layout.query, layout.key, layout.value),
-            _inner_output=None if inner_output == layout.attention_output else inner_output)
-    for name in ("query", "key", "value"):
-        adapter.set_part(layer, name, _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0)))
-    self_attention = adapter.self_attention(layer)
-    self_attention.num_attention_heads, self_attention.all_head_size = 0, 0
-
-
-def keep_heads(adapter, layer: int, heads: torch.Tensor, cols: torch.Tensor | None) -> None:
-    """Slice the Q/K/V rows of `layer` to the `heads` (H',) it keeps (and their input to `cols`), in place.
-
-    With a relative position bias shared by all layers (MPNet) a layer that loses heads selects its
-    heads' bias planes (`_SharedBiasSubset`); the shared table is not touched.
-    """
-    dh = adapter.head_dim(layer)
-    rows = head_rows(heads, dh)
-    for name in ("query", "key", "value"):
-        adapter.set_part(layer, name, slice_linear(adapter.part(layer, name), rows=rows, cols=cols))
-    self_attention = adapter.self_attention(layer)
-    bias = adapter.relative_bias
-    if bias is not None and heads.numel() < bias.weight.shape[1]:
-        _mix_in(self_attention, _SharedBiasSubset)
-        self_attention.register_buffer("bias_heads", heads.to(bias.weight.device), persistent=False)
-    self_attention.num_attention_heads = heads.numel()
-    self_attention.all_head_size = heads.numel() * dh
-
-
-# ----------------------------------------------------------------------------- surgery
-
-
-def _stream_reader(model: nn.Module) -> tuple[nn.Module, str]:
-    """(parent, attribute) of the Linear that reads the encoder's output stream for classification."""
-    pooler = getattr(model.base_model, "pooler", None)
-    if pooler is not None and isinstance(getattr(pooler, "dense", None), nn.Linear):
-        return pooler, "dense"
-    head = getattr(model, "classifier", None)
-    if head is not None and isinstance(getattr(head, "dense", None), nn.Linear):  # RoBERTa / ELECTRA heads
-        return head, "dense"
-    if isinstance(head, nn.Linear):
-        return model, "classifier"
-    raise ValueError(f"Cannot find the layer reading the hidden stream of {type(model).__name__}; "
-                     "hidden-dim pruning supports BERT / RoBERTa / ELECTRA / MPNet classifiers.")
+from core.adapter import Adapter, GateShape, as_adapter
+from core.loaded import LoadedModel
+from core.structure import PruningInfo, PruningPlan, apply_plan
+from pruning.gates import GateState
 
 
 @torch.no_grad()
@@ -312,47 +52,6 @@ def fold_gates(arch, state: GateState) -> None:
             norm.bias.mul_(z)
 
 
-@torch.no_grad()
-def apply_plan(arch, plan: PruningPlan) -> None:
-    """Slice the modules of `arch` (an unpruned model, changed in place!) to the units `plan` keeps.
-
-    Weights are copied as they are (fold the gates first). Also used to rebuild the architecture of
-    a saved pruned model before loading its weights.
-    """
-    a = as_adapter(arch)
-    shape = GateShape.of(a)
-    dh = shape.head_dim
-    keep = torch.as_tensor(plan.hidden, dtype=torch.long)  # (d',)
-    all_hidden = len(plan.hidden) == shape.hidden
-    cols = None if all_hidden else keep
-    if not all_hidden:
-        if hasattr(a.base, "embeddings_project"):
-            raise ValueError("Hidden-dim pruning is not supported for models with an embedding projection (ELECTRA).")
-        emb = a.base.embeddings
-        for name, old in a.embedding_tables.items():
-            new = torch.nn.utils.skip_init(nn.Embedding, old.num_embeddings, keep.numel(), padding_idx=old.padding_idx,
-                                           device=old.weight.device, dtype=old.weight.dtype)
-            new.weight.copy_(old.weight.index_select(1, keep))
-            setattr(emb, name, new)
-        emb.LayerNorm = slice_norm(emb.LayerNorm, keep)
-        parent, attr = _stream_reader(a.model)
-        setattr(parent, attr, slice_linear(getattr(parent, attr), cols=keep))
-    for layer in range(len(a.layers)):
-        heads = torch.as_tensor(plan.heads[layer], dtype=torch.long)
-        rows = head_rows(heads, dh)
-        if heads.numel() == 0:
-            remove_all_heads(a, layer, keep.numel())
-        else:
-            keep_heads(a, layer, heads, cols)
-        a.set_part(layer, "attention_output", slice_linear(a.attention_output(layer), rows=cols, cols=rows))
-        units = torch.as_tensor(plan.units[layer], dtype=torch.long)  # maybe empty: the FFN adds only its bias
-        a.set_part(layer, "ffn_in", slice_linear(a.ffn_in(layer), rows=units, cols=cols))
-        a.set_part(layer, "ffn_out", slice_linear(a.ffn_out(layer), rows=cols, cols=units))
-        if cols is not None:
-            for norm in ("attention_norm", "ffn_norm"):
-                a.set_part(layer, norm, slice_norm(a.part(layer, norm), keep))
-
-
 def prune(loaded, state: GateState):
     """A physically pruned copy of `loaded` (a `core.models.LoadedModel`) that computes what
     `pruning.hooks.gated(loaded, state)` computes (to float rounding, ~1e-6).
@@ -361,8 +60,6 @@ def prune(loaded, state: GateState):
     docstring for sublayers left empty). `loaded` is not changed. Returns a new `LoadedModel`
     sharing the tokenizer, with `model.headlab_pruning` set and a one-line note of what was kept.
     """
-    from core.models import Adapter, LoadedModel
-
     shape = GateShape.of(loaded)  # ValueError for an already pruned model
     if not isinstance(state, GateState):
         raise ValueError(f"The 'state' parameter of prune() must be a GateState. Got {type(state).__name__} instead.")
@@ -384,7 +81,7 @@ def prune(loaded, state: GateState):
     adapter = Adapter(model)
     fold_gates(adapter, state)
     apply_plan(adapter, plan)
-    model.headlab_pruning = PruningInfo(plan=plan, state=state, original=shape)
+    model.headlab_pruning = PruningInfo(plan=plan, gate_state=state.to_dict(), original=shape)
     digest = hashlib.sha1(f"{loaded.fingerprint}:{state.to_json()}".encode()).hexdigest()[:12]
     return LoadedModel(
         model=model, tokenizer=loaded.tokenizer, adapter=adapter, source=f"{loaded.source} (pruned)",

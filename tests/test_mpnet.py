@@ -27,13 +27,15 @@ from conftest import make_tiny
 
 from analysis.conservative import conservative
 from analysis.relevance import HeadRelevance
-from core.models import MPNET_LAYOUT, ModelError, load_model
+from core.adapter import MPNET_LAYOUT
+from core.models import ModelError, load_model
 from core.paths import packages_dir
 from core.prepare import MPNET_FILES, MPNET_FOLDER, MPNET_PARTS, base_encoder_dir
-from pruning.export import load_pruned
+from core.pruned import load_pruned
+from core.structure import pruning_info
 from pruning.gates import GateState
 from pruning.runs import RunStore
-from pruning.surgery import prune, pruning_info
+from pruning.surgery import prune
 
 # Fixtures and tests of the BERT suites, collected here (so that they get this module's `tiny_dir`).
 REUSED = {

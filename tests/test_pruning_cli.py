@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from core.pruned import PRUNING_FILE, load_pruned
 from pruning.__main__ import main, parse_heads
-from pruning.export import ONNX_FILE, PRUNING_FILE, load_pruned
+from pruning.export import ONNX_FILE
 
 
 def apply(*args: str) -> int:

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from core.models import load_model
+from core.pruned import load_pruned
+from core.structure import pruning_info
 from pruning.__main__ import main
 from pruning.baselines import BASELINES, baseline_state, head_scores
 from pruning.distill import LayerMatcher, align_layers, logit_kl, masked_mse, teacher_layers
-from pruning.export import load_pruned
 from pruning.gates import CoFiGates, GateShape, GateState
 from pruning.lagrangian import LagrangianController, TargetSchedule, lagrangian_loss
 from pruning.runs import CHECKPOINT, RunStore, launch, load_checkpoint
 from pruning.size import exact_sparsity, expected_sparsity
-from pruning.surgery import pruning_info
 from pruning.train import TrainConfig, load_splits, run_job
 from tests.conftest import make_tiny
 

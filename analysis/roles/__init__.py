@@ -1,0 +1,18 @@
+"""Voita et al. (2019) head roles: `scoring` (pure, on word-level attention), `examples` (sentences and
+words per head), `driver` (attention capture, spaCy parses, wordfreq frequencies on a real model)."""
+
+from analysis.roles.driver import (
+           SPACY_MODEL,
+           RoleAnalysis,
+           analyse_roles,
+           build_view,
+           head_roles,
+           load_parser,
+           word_zipf,
+)
+from analysis.roles.examples import parse_role, top_attended_words, typical_sentences
+from analysis.roles.scoring import DIRECTIONS, RELATIONS, SentenceView, choices, score_heads
+
+__all__ = ["DIRECTIONS", "RELATIONS", "SPACY_MODEL", "RoleAnalysis", "SentenceView", "analyse_roles", "build_view",
+           "choices", "head_roles", "load_parser", "parse_role", "score_heads", "top_attended_words",
+           "typical_sentences", "word_zipf"]

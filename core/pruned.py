@@ -1,0 +1,102 @@
+"""Load a physically pruned model saved by HeadLab (`pruning.export.save_pruned`).
+
+A pruned folder holds:
+
+    config.json        the *original* model's config (sizes before pruning)
+    model.safetensors  the pruned weights (state-dict names as in transformers; zero-width tensors for
+                       skipped sublayers)
+    pruning.json       kept heads / FFN units / hidden dims, skipped sublayers, the gate state
+    tokenizer files    as saved by the tokenizer
+    model.onnx         optional, logits for (input_ids, attention_mask) with dynamic batch and length
+
+`save_pretrained`/`from_pretrained` cannot round-trip such a model (size mismatch), so `load_pruned`
+builds the original architecture from config.json (never remote code) on the meta device, checks the
+plan against it and the sliced architecture's tensors against the weights file, then builds it for
+real, slices it as pruning.json says and loads the safetensors strictly. No pickles anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from core.adapter import Adapter, GateShape
+from core.errors import ModelError
+from core.folder import folder_fingerprint, inspect_folder
+from core.loaded import LoadedModel
+from core.structure import PruningInfo, PruningPlan, apply_plan
+from core.weights import meta_model
+
+PRUNING_FILE = "pruning.json"
+FORMAT = 1  # version of pruning.json
+
+
+def check_gate_state(record: dict, shape: GateShape) -> None:
+    """ValueError unless `record` (a GateState's `to_dict()`) has the sizes of `shape`: head (L, H),
+    mha (L,), intermediate (L, d_ff), ffn (L,), hidden (d,)."""
+    sizes = {"head": (shape.layers, shape.heads), "mha": (shape.layers,),
+             "intermediate": (shape.layers, shape.intermediate), "ffn": (shape.layers,), "hidden": (shape.hidden,)}
+    for name, size in sizes.items():
+        got = np.asarray(record[name], dtype=np.float32).shape
+        if got != size:
+            raise ValueError(f"gate_state {name} has sizes {got}, the config describes {size}")
+
+
+def load_pruned(path: str | Path, *, attn_implementation: str = "eager", source: str | None = None):
+    """Load a folder written by `pruning.export.save_pruned` as a `LoadedModel` in eval mode.
+
+    Raises `ModelError` (one line) for a bad folder: missing/garbled pruning.json, indices
+    out of range, weights whose names or shapes do not match the pruned architecture.
+    """
+    path = Path(path).expanduser()
+    folder = inspect_folder(path)
+    config, weights, has_classifier = folder.config, folder.weights, folder.has_classifier
+    if weights.name != "model.safetensors":
+        raise ModelError(f"{path}: a pruned folder must hold a single model.safetensors.")
+    try:
+        record = json.loads((path / PRUNING_FILE).read_text())
+        if record.get("format") != FORMAT:
+            raise ValueError(f"unknown format {record.get('format')!r} (expected {FORMAT})")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path}/{PRUNING_FILE} cannot be read ({exc}).") from exc
+
+    def original() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForSequenceClassification.from_config(
+                config, trust_remote_code=False, attn_implementation=attn_implementation)
+
+    try:
+        shape = GateShape.of(meta_model(original))
+        plan = PruningPlan.from_dict(record, shape)
+        check_gate_state(record["gate_state"], shape)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}/{PRUNING_FILE} does not fit {path}/config.json ({exc}).") from exc
+
+    def pruned() -> nn.Module:
+        model = original()
+        apply_plan(model, plan)
+        return model
+
+    folder.check(pruned)  # names and shapes against the weights file, and the memory, before building
+    model = pruned()
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.eval()
+    model.headlab_pruning = PruningInfo(plan=plan, gate_state=record["gate_state"], original=shape)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: tokenizer could not be loaded ({type(exc).__name__}: {exc}).") from exc
+    names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, adapter=Adapter(model), source=source or str(path), path=path,
+        label_names=names, has_classifier=has_classifier,
+        fingerprint=folder_fingerprint(path, weights, (PRUNING_FILE,)),
+        notes=[f"Pruned: {plan.describe(shape)}."],
+    )
