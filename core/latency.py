@@ -4,6 +4,10 @@ Models are timed on the device their weights are on (the batch is moved there); 
 timed call is bracketed by `torch.cuda.synchronize`, so a time covers the kernels, not just their
 launch. Absolute times drift 20-40% between processes on small CPU machines; compare models measured
 in the same process (see `compare`), never against a number from another run.
+
+Every timed batch is built by `make_batch` from texts of typical length (`typical_texts`): those whose
+token counts are closest to the data's median, so one long outlier (say, in the first row) never
+sets the padded length of the batch that is timed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 import torch
 
 from core.batching import collate, encode
+
+LENGTH_SAMPLE = 2000  # texts, evenly spaced over the data (not its first rows), whose lengths define "typical"
 
 
 @dataclass
@@ -62,11 +68,35 @@ def _summarise(times: list[float], batch: dict[str, torch.Tensor], model: torch.
     )
 
 
-def make_batch(tokenizer, texts: list[str], batch_size: int, max_length: int = 128) -> dict[str, torch.Tensor]:
-    """A batch of `batch_size` real texts (cycled if fewer), padded to its longest."""
+def length_sample(texts: list[str]) -> list[str]:
+    """At most `LENGTH_SAMPLE` of `texts`, evenly spaced over all of them, in their order."""
+    if len(texts) <= LENGTH_SAMPLE:
+        return list(texts)
+    return [texts[i] for i in np.linspace(0, len(texts) - 1, LENGTH_SAMPLE).round().astype(int)]
+
+
+def median_length(tokenizer, texts: list[str], max_length: int = 128) -> int:
+    """Median token count (special tokens included, cut at `max_length`) of `length_sample(texts)`."""
+    return int(np.median([len(ids) for ids in encode(tokenizer, length_sample(texts), max_length).ids]))
+
+
+def typical_texts(tokenizer, texts: list[str], n: int, max_length: int = 128) -> list[str]:
+    """The `n` texts of `length_sample(texts)` (all of them if fewer) whose token counts (special tokens
+    included, cut at `max_length`) are closest to their median, nearest first (ties: earlier first). A
+    batch of them pads to about the median length: its time is that of a typical batch."""
     if not texts:
         raise ValueError("Latency needs at least one text.")
-    picked = [texts[i % len(texts)] for i in range(batch_size)]
+    sample = length_sample(texts)
+    lengths = np.array([len(ids) for ids in encode(tokenizer, sample, max_length).ids])
+    order = np.argsort(np.abs(lengths - np.median(lengths)), kind="stable")
+    return [sample[i] for i in order[:n]]
+
+
+def make_batch(tokenizer, texts: list[str], batch_size: int, max_length: int = 128) -> dict[str, torch.Tensor]:
+    """A batch of `batch_size` texts of typical length (`typical_texts`; cycled if fewer), padded to
+    its longest: input_ids and attention_mask, (batch_size, tokens)."""
+    typical = typical_texts(tokenizer, texts, batch_size, max_length)
+    picked = [typical[i % len(typical)] for i in range(batch_size)]
     return collate(encode(tokenizer, picked, max_length).ids, tokenizer.pad_token_id)
 
 
@@ -92,7 +122,8 @@ def time_forward(model, batch: dict[str, torch.Tensor], *, warmup: int = 3, repe
 
 def measure(model, tokenizer, texts: list[str], batch_sizes: tuple[int, ...] = (1, 32), max_length: int = 128,
             **kwargs) -> dict[int, Latency]:
-    """Latency at each batch size on real texts: {batch_size: Latency}; `kwargs` go to `time_forward`."""
+    """Latency at each batch size on typical `texts` (`make_batch`): {batch_size: Latency}; `kwargs` go to
+    `time_forward`."""
     return {b: time_forward(model, make_batch(tokenizer, texts, b, max_length), **kwargs) for b in batch_sizes}
 
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from core.data import TextDataset
 from core.evaluate import Evaluation, Progress, evaluate
-from core.latency import Latency, measure
-from core.models import Architecture, LoadedModel
+from core.latency import Latency, measure, median_length
+from core.loaded import Architecture, LoadedModel
 from core.paths import headlab_home
 from core.size import EncoderFlops, encoder_flops
 
@@ -46,17 +46,17 @@ class ModelSummary:
 
 
 def median_tokens(loaded: LoadedModel, texts: list[str]) -> int:
-    """Median length in tokens of (up to 2,000 of) `texts`, special tokens included."""
-    ids = loaded.tokenizer(texts[:2000], truncation=True, max_length=loaded.max_length)["input_ids"]
-    return int(np.median([len(x) for x in ids]))
+    """Median length in tokens of `texts` (`core.latency.median_length`, up to `loaded.max_length`)."""
+    return median_length(loaded.tokenizer, texts, loaded.max_length)
 
 
 def summarise(loaded: LoadedModel, data: TextDataset, progress: Progress | None = None) -> ModelSummary:
-    """Evaluate on all of `data`, time batch 1 and 32 on its texts, count parameters and FLOPs."""
+    """Evaluate on all of `data`, time batch 1 and 32 on its texts of typical length, count parameters
+    and FLOPs (at the median length)."""
     evaluation = evaluate(loaded.model, loaded.tokenizer, data, max_length=loaded.max_length, progress=progress)
     if progress:
         progress(0, 1, "timing batch 1 and 32")
-    latency = measure(loaded.model, loaded.tokenizer, data.texts[:256], max_length=loaded.max_length)
+    latency = measure(loaded.model, loaded.tokenizer, data.texts, max_length=loaded.max_length)
     flops = encoder_flops(loaded.adapter, median_tokens(loaded, data.texts))
     return ModelSummary(loaded.architecture(), evaluation, latency, flops, os.getloadavg()[0])
 

@@ -163,9 +163,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         quality = {k: evaluate(m.model, m.tokenizer, data, max_length=m.max_length, progress=bar)
                    for k, m in models.items()}
         bar(0, 1, "timing batch 1 and 32")
-        texts = data.texts[:256]
         timing = {b: compare({k: m.model for k, m in models.items()},
-                             make_batch(loaded.tokenizer, texts, b, loaded.max_length)) for b in (1, 32)}
+                             make_batch(loaded.tokenizer, data.texts, b, loaded.max_length)) for b in (1, 32)}
         bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
         return quality, timing, save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
 
@@ -300,7 +299,7 @@ def _train_main(args: argparse.Namespace, dist) -> int:
         raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; choose a new folder.")
     loaded = load_or_prepare(config.model)
     teacher = loaded if config.teacher_spec == config.model else load_or_prepare(config.teacher_spec)
-    load_splits(config.data, teacher.label_names)  # bad data fails here, before a run is recorded
+    load_splits(config.data, teacher.label_names, **config.columns)  # bad data fails here, before a run is recorded
     run_id = store.create(config.to_dict(), args.run_dir)
     print(f"run {run_id} in {store.get(run_id).run_dir}", file=sys.stderr)
     return _run_and_report(store, run_id, args.job, parallel=args.parallel, as_json=args.json, teacher=teacher,

@@ -9,6 +9,10 @@ gates are pushed to close; lambda_2 only grows, penalising any gap in either dir
 
 The target ramps linearly (`TargetSchedule`): 0 during a short plain fine-tune (CoFi: 100 steps),
 then 0 -> final over a warm-up, then held. s-hat comes from `pruning.size.expected_sparsity`.
+A final target of 0 never starts pruning: there is nothing to remove, and gates trained towards it
+would still close units (s-hat cannot reach 0: the FFN unit gates start at P(open) = 0.83, and
+log_alpha's clamp at ln 100 leaves every gate P(closed) >= 0.2%, which CoFi's deterministic count
+rounds up to closed units in wide groups), so the model stays whole.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class TargetSchedule:
 
     `start`: steps of plain fine-tuning before pruning starts (target 0, no Lagrangian);
     `warmup`: steps over which the target rises linearly from 0 to `final`; afterwards `final`.
+    With `final` 0 pruning never starts (every step is plain fine-tuning).
     """
 
     final: float
@@ -42,8 +47,8 @@ class TargetSchedule:
                                  f"Got {value!r} instead.")
 
     def pruning(self, step: int) -> bool:
-        """True once pruning has started (step >= start)."""
-        return step >= self.start
+        """True once pruning has started (step >= start) towards a final target above 0."""
+        return self.final > 0 and step >= self.start
 
     def at(self, step: int) -> float:
         """Target at `step`: 0 before `start`, then linear to `final` over `warmup` steps (step start+warmup

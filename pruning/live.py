@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from core.data import TextDataset
@@ -104,23 +103,15 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
 def time_pair(dense: LoadedModel, pruned: LoadedModel, texts: list[str], dense_figures: Figures,
               pruned_figures: Figures, rounds: dict[int, tuple[int, int]], *, warm_b32: bool = True) -> None:
     """Time `pruned` against `dense` interleaved (`core.latency.compare`) on a batch of typical `texts`
-    at each batch size of `rounds` = {batch size: (rounds, repeats per round)}; writes the medians (ms)
-    into the figures' latency_b<batch size>_ms. `warm_b32`: warm up before the larger batches too."""
+    (`core.latency.make_batch`) at each batch size of `rounds` = {batch size: (rounds, repeats per
+    round)}; writes the medians (ms) into the figures' latency_b<batch size>_ms. `warm_b32`: warm up
+    before the larger batches too."""
     for batch_size, (n_rounds, repeats) in rounds.items():
-        batch = make_batch(dense.tokenizer, typical_texts(dense, texts, batch_size), batch_size, dense.max_length)
+        batch = make_batch(dense.tokenizer, texts, batch_size, dense.max_length)
         timed = compare({"dense": dense.model, "pruned": pruned.model}, batch, rounds=n_rounds,
                         repeats_per_round=repeats, warmup=batch_size == 1 or warm_b32)
         setattr(dense_figures, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
         setattr(pruned_figures, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
-
-
-def typical_texts(loaded: LoadedModel, texts: list[str], n: int) -> list[str]:
-    """The `n` texts whose token counts are closest to the median: a batch of them pads to about the
-    median length, so its latency is that of a typical batch (not of the one long outlier)."""
-    lengths = np.array([len(ids) for ids in loaded.tokenizer(texts, truncation=True,
-                                                             max_length=loaded.max_length)["input_ids"]])
-    order = np.argsort(np.abs(lengths - np.median(lengths)), kind="stable")
-    return [texts[i] for i in order[:n]]
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,15 @@ Checkpoints (`save_checkpoint` / `load_checkpoint`) are one `checkpoint.pt` per 
 atomically with `torch.save` and read with `weights_only=True`: tensors and plain types only (RNG
 states are stored as tensors). The run folder carries a `headlab_run.json` marker so that `delete`
 removes only folders the store created.
+
+Every checkpoint carries the sha256 of its payload (`payload_digest`), checked on load: damaged bytes
+inside a tensor, which torch would load silently, make the resume fail with one line instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -47,7 +51,7 @@ RESUMABLE = ("failed", "interrupted", "stopped")
 STALE_S = 120.0  # a queued/running run whose heartbeat is older than this is treated as dead
 CHECKPOINT = "checkpoint.pt"
 MARKER = "headlab_run.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: with the payload's sha256
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -383,15 +387,45 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def payload_digest(payload: dict) -> str:
+    """sha256 (hex) of a checkpoint payload: every tensor's dtype, shape and bytes and every other
+    value, dict keys in sorted order; the same before `torch.save` and after `torch.load`."""
+    digest = hashlib.sha256()
+    _feed(digest, payload)
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    """Add `value` (a tensor, dict, list / tuple or plain value) to `digest`, tagged by its kind."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {flat.dtype} {tuple(value.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())  # the bytes themselves, not a copy
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key in sorted(value, key=repr):
+            digest.update(f"{key!r}:".encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"list {len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
-    """Write `payload` (tensors, numbers, strings, lists, dicts only) to run_dir/checkpoint.pt atomically:
-    a temporary file is written and fsynced, then renamed over the old checkpoint."""
+    """Write `payload` (tensors, numbers, strings, lists, dicts only) to run_dir/checkpoint.pt atomically,
+    with its `payload_digest` as "sha256": a temporary file is written and fsynced, then renamed over
+    the old checkpoint."""
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINT
     tmp = run_dir / f".{CHECKPOINT}.partial-{os.getpid()}"
+    body = {"format": CHECKPOINT_FORMAT, **payload}
+    body["sha256"] = payload_digest(body)
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
+            torch.save(body, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -401,8 +435,8 @@ def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:
-    """Read run_dir/checkpoint.pt (weights_only). ValueError, one line, if it is missing, corrupt or of
-    another format."""
+    """Read run_dir/checkpoint.pt (weights_only) and check its sha256. ValueError, one line, if it is
+    missing, unreadable, of another format or corrupt (checksum mismatch); the file is left as it is."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise ValueError(f"No checkpoint in {Path(run_dir)}: the run ended before its first checkpoint; "
@@ -414,7 +448,10 @@ def load_checkpoint(run_dir: str | Path) -> dict:
         raise ValueError(f"The checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {detail}); "
                          "delete the run or start a new one.") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "step" not in payload:
-        raise ValueError(f"The checkpoint {path} is not a HeadLab training checkpoint of format {CHECKPOINT_FORMAT}.")
+        raise ValueError(f"The checkpoint {path} is not a HeadLab training checkpoint of format {CHECKPOINT_FORMAT} "
+                         "(with a checksum); start a new run instead.")
+    if payload.pop("sha256", None) != payload_digest(payload):
+        raise ValueError(f"The checkpoint {path} is corrupt (checksum mismatch); delete the run or start a new one.")
     return payload
 
 

@@ -14,19 +14,23 @@ Methods (see /work/shared/METHODS.md):
                 bigger `teacher` with the same budget, the small-dense side of Zhu & Gupta 2017)
 
 Phases: the learned methods first train gates and weights for `steps` steps (CoFi: a plain fine-tune
-of `prefinetune_steps`, then the target ramps from 0 over `warmup_steps`); then the deterministic
+of `prefinetune_steps`, then the target ramps from 0 over `warmup_steps`; at target 0 the gates never
+learn and the model stays whole, `pruning.lagrangian.TargetSchedule`); then the deterministic
 gates are fixed, the model is sliced (`pruning.surgery.prune`) and the smaller model is fine-tuned for
 `finetune_steps` (CE, mixed with logit distillation when distilling). Baselines and `dense` only
 have the second phase. The teacher (distillation, and the dense reference that latency is timed
 against) is `model` itself unless `teacher` names another classifier with the same labels and
-vocabulary. Steps count across both phases; a resume continues the count.
+vocabulary. Steps count across both phases; a resume continues the count. A data file's texts and
+labels come from `text_column` / `label_column` (auto-detected when blank) for training, the dev
+evaluations and the baselines' scores alike.
 
 At every eval step (adaptive cadence: at least `eval_every` steps apart and at most `eval_budget` of
 the wall time) the run store receives accuracy on a dev subset of the physically pruned snapshot,
 its latency at batch 1 and 32 timed interleaved with the dense teacher, expected / exact sparsity and
 target, lambda_1 / lambda_2, the loss terms, and units alive per layer; plus the gate snapshot. The
 last eval uses the full dev split. Checkpoints every `checkpoint_every` evals, at the end of the gate
-phase and on a stop request. The final model is exported with `pruning.export.save_pruned` to
+phase and on a stop request (the store's stop flag, or SIGTERM / Ctrl-C to the training process:
+`StopSignals`). The final model is exported with `pruning.export.save_pruned` to
 <run_dir>/model. Each eval step also records the `device`, torch `threads` and `processes` its figures
 came from.
 
@@ -54,6 +58,8 @@ import contextlib
 import copy
 import dataclasses
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -63,9 +69,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.adapter import Adapter
 from core.batching import collate, encode, sorted_batches
 from core.data import DataError, TaskSplits, TextDataset, task_splits
-from core.models import Adapter, LoadedModel, load_model
+from core.loaded import LoadedModel
+from core.models import load_model
+from core.structure import pruning_info
 from core.summary import median_tokens
 from pruning import memory
 from pruning.baselines import BASELINES, baseline_state
@@ -78,7 +87,7 @@ from pruning.lagrangian import LagrangianController, TargetSchedule
 from pruning.live import Comparison, Figures, figures, time_pair
 from pruning.runs import CHECKPOINT, Heartbeat, RunStore, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pruning.size import exact_sparsity, expected_sparsity
-from pruning.surgery import prune, pruning_info
+from pruning.surgery import prune
 
 METHODS = ("cofi", "l0", *BASELINES, "dense")
 LEARNED = ("cofi", "l0")
@@ -105,6 +114,8 @@ class TrainConfig:
     model: str = _opt("default", "default | minilm-l3 | folder of a fine-tuned classifier (also the teacher)")
     teacher: str = _opt("", "distillation teacher and latency reference (blank: the model itself); same labels")
     data: str = _opt("default", "default (Rotten Tomatoes) | CSV/TSV/JSONL file, split 80/10/10 (seeded)")
+    text_column: str = _opt("", "data file: the column holding the texts (blank: auto-detected, 'text' first)")
+    label_column: str = _opt("", "data file: the column holding the labels (blank: auto-detected, 'label' first)")
     method: str = _opt("cofi", "cofi | l0 | relevance | importance | random | dense (fine-tune, no pruning)")
     target_sparsity: float = _opt(0.6, "fraction of the encoder's weights to remove (cofi and the baselines)")
     l0_lambda: float = _opt(0.02, "l0: weight of sum_h P(head open) in the loss (larger closes more heads)")
@@ -153,6 +164,11 @@ class TrainConfig:
                 fail(name, "a non-empty string")
         if not isinstance(self.teacher, str):
             fail("teacher", "a string (blank: the model itself)")
+        for name in ("text_column", "label_column"):
+            if not isinstance(getattr(self, name), str):
+                fail(name, "a column name of the data file (blank: auto-detected)")
+            if getattr(self, name).strip() and self.data.strip().lower() == "default":
+                fail(name, "blank for data 'default' (its columns are fixed)")
         if self.method not in METHODS:
             fail("method", f"one of {', '.join(METHODS)}")
         if self.device not in DEVICES:
@@ -187,6 +203,11 @@ class TrainConfig:
     def teacher_spec(self) -> str:
         """The teacher's model spec: `teacher`, or `model` when blank."""
         return self.teacher.strip() or self.model
+
+    @property
+    def columns(self) -> dict[str, str | None]:
+        """The data's text_column / label_column for `load_splits` (None: auto-detected)."""
+        return {"text_column": self.text_column.strip() or None, "label_column": self.label_column.strip() or None}
 
     @property
     def gate_steps(self) -> int:
@@ -228,10 +249,12 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def load_splits(spec: str, label_names: list[str]) -> TaskSplits:
-    """Train/dev/test of `spec` (see `core.data.task_splits`) with labels renumbered to the model's
-    `label_names` (DataError if the data has a label the model does not know)."""
-    splits = task_splits(spec)
+def load_splits(spec: str, label_names: list[str], *, text_column: str | None = None,
+                label_column: str | None = None) -> TaskSplits:
+    """Train/dev/test of `spec` (see `core.data.task_splits`; a file's texts and labels from the named
+    columns, auto-detected when None) with labels renumbered to the model's `label_names` (DataError
+    if the data has a label the model does not know, or a named column does not exist)."""
+    splits = task_splits(spec, text_column=text_column, label_column=label_column)
     names = splits.train.label_names
     if names == list(label_names):
         return splits
@@ -259,7 +282,7 @@ def measure_snapshot(dense: LoadedModel, pruned: LoadedModel, data: TextDataset,
     """
     start = time.perf_counter()
     info = pruning_info(pruned.model)
-    state = info.state if info is not None else GateState.dense(GateShape.of(pruned))
+    state = GateState.from_dict(info.gate_state) if info is not None else GateState.dense(GateShape.of(pruned))
     seq_len = median_tokens(dense, data.texts)
     base = Figures(**{**asdict(dense_figures), "latency_b1_ms": None, "latency_b32_ms": None})
     small = figures(pruned, data, seq_len)
@@ -290,6 +313,34 @@ class Job:
     resume: bool  # continue from the checkpoint in run_dir
 
 
+class StopSignals:
+    """While active, SIGTERM and SIGINT (Ctrl-C) ask the run to stop instead of killing the process: the
+    loop checkpoints at the next step boundary and the run ends as stopped. A second signal interrupts
+    at once (KeyboardInterrupt). The previous handlers come back on exit. Handlers can only be set in
+    the main thread; elsewhere this does nothing (a stop request through the store still works)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None  # the first signal's number
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+
+
 def gate_seed(seed: int, step: int) -> int:
     """The torch seed of step `step`'s gate noise: the same on every rank, independent of how much
     randomness dropout or evaluation consumed before."""
@@ -302,8 +353,9 @@ class _Trainer:
     `store` is None on every rank but 0 (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, job: Job, store: RunStore | None, progress: Progress | None,
-                 teacher: LoadedModel | None, dist: Dist):
+                 teacher: LoadedModel | None, dist: Dist, signals: StopSignals):
         self.c = config
+        self.signals = signals
         self.store, self.run_id = store, job.run_id
         self.run_dir, self.attempt = job.run_dir, job.attempt
         self.dist = dist
@@ -320,7 +372,7 @@ class _Trainer:
         if not same:
             self._check_teacher()
         self.teacher.model.eval()
-        splits = load_splits(config.data, self.teacher.label_names)
+        splits = load_splits(config.data, self.teacher.label_names, **config.columns)
         if len(splits.train) < config.batch_size:
             raise ValueError(f"The training split has {len(splits.train)} examples, fewer than batch_size "
                              f"{config.batch_size}.")
@@ -331,9 +383,8 @@ class _Trainer:
         self.dev_subset = splits.dev.subset(config.eval_examples, seed=config.seed)
         self.enc = encode(self.base.tokenizer, splits.train.texts, config.max_length)
         self.labels = torch.tensor(splits.train.labels)
-        self.schedule = TargetSchedule(config.target_sparsity if config.method == "cofi" else 0.0,
-                                       start=config.prefinetune_steps if config.method == "cofi" else 0,
-                                       warmup=config.warmup_steps if config.method == "cofi" else 0)
+        self.schedule = TargetSchedule(config.target_sparsity, start=config.prefinetune_steps,
+                                       warmup=config.warmup_steps) if config.method == "cofi" else None
         self._epoch, self._batches = -1, []
         self._dense_figures: dict[str, Figures] = {}
         # state that checkpoints carry
@@ -464,7 +515,7 @@ class _Trainer:
         for group in self.optimizers["model"].param_groups:
             group["lr"] = self.lr()
         terms: dict[str, torch.Tensor] = {}
-        pruning = self.phase == "gates" and self.schedule.pruning(self.step)
+        pruning = self.pruning()
         teacher_out = None
         distill = c.method == "cofi" or c.distill
         if self.phase == "gates":
@@ -534,11 +585,19 @@ class _Trainer:
 
     # ------------------------------------------------------------------ eval steps
 
+    def pruning(self) -> bool:
+        """True while the gates learn (at the current step): l0 in all of its gate phase, cofi once its
+        target schedule prunes (never at target 0: the model stays whole)."""
+        if self.phase != "gates":
+            return False
+        return self.c.method == "l0" or self.schedule.pruning(self.step)
+
     def current_state(self) -> GateState:
-        """The deterministic gates now: learned gates' eval rule, or the fixed state."""
+        """The deterministic gates now: learned gates' eval rule while they learn, the dense state before
+        (or without) pruning, or the fixed state of the final fine-tune."""
         if self.phase == "finetune":
             return self.fixed
-        if not self.schedule.pruning(self.step):
+        if not self.pruning():
             return GateState.dense(self.shape)
         return self.gates.deterministic()
 
@@ -581,7 +640,7 @@ class _Trainer:
                                    FINAL_ROUNDS if final else LIVE_ROUNDS)
         finally:
             self.student.model.train()
-        expected = float(expected_sparsity(self.gates).detach()) if self.phase == "gates" else cmp.sparsity
+        expected = float(expected_sparsity(self.gates).detach()) if self.pruning() else cmp.sparsity
         lambdas = self.controller.values() if self.controller is not None else (None, None)
         losses = {f"loss_{k}" if k != "loss" else k: float(np.mean(v)) for k, v in self.losses.items() if v}
         metrics = {
@@ -682,10 +741,11 @@ class _Trainer:
         self.setup_finetune(self.dist.broadcast(state))
 
     def stop_requested(self) -> bool:
-        """Rank 0 reads the stop flag (at most once a second) and tells every rank, every step."""
-        stop = False
+        """Rank 0 looks for SIGTERM / SIGINT (every step) and reads the stop flag (at most once a second),
+        and tells every rank, every step."""
+        stop = self.signals.received is not None
         now = time.monotonic()
-        if self.dist.main and now - getattr(self, "_stop_checked", 0.0) >= 1.0:
+        if not stop and self.dist.main and now - getattr(self, "_stop_checked", 0.0) >= 1.0:
             self._stop_checked = now
             stop = self.store.stop_requested(self.run_id)
         return self.dist.flag(stop)
@@ -763,8 +823,9 @@ def train(config: TrainConfig, store: RunStore | None, job: Job, progress: Progr
     `job.resume` continues from the run folder's checkpoint (ValueError if it is missing or corrupt).
     `teacher` may pass the already loaded `config.teacher_spec`. Before training starts the memory
     budget is checked (`pruning.memory`; ValueError if the run cannot fit). Rank 0 ends the run in
-    the store as done, stopped (a stop request: checkpointed first) or failed (the error recorded,
-    then re-raised); Ctrl-C marks it interrupted. With several processes (`dist`), every rank calls
+    the store as done, stopped (a stop request, SIGTERM or Ctrl-C (`StopSignals`): checkpointed at
+    the next step boundary first) or failed (the error recorded, then re-raised); a second signal
+    interrupts at once and marks it interrupted. With several processes (`dist`), every rank calls
     this with the same job, `store` only on rank 0; rank 0 loads its models and checks the memory
     before the others load theirs. Returns "done" or "stopped".
     """
@@ -774,20 +835,20 @@ def train(config: TrainConfig, store: RunStore | None, job: Job, progress: Progr
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        with Heartbeat(store, job.run_id) if dist.main else contextlib.nullcontext():
+        with StopSignals() as signals, Heartbeat(store, job.run_id) if dist.main else contextlib.nullcontext():
             trainer = None
             if dist.main:
-                trainer = _Trainer(config, job, store, progress, teacher, dist)
+                trainer = _Trainer(config, job, store, progress, teacher, dist, signals)
                 memory.check(trainer.memory_budget())
             dist.barrier()
-            trainer = trainer or _Trainer(config, job, None, None, teacher, dist)
+            trainer = trainer or _Trainer(config, job, None, None, teacher, dist, signals)
             status = trainer.run(job.resume)
         if status == "stopped" and dist.main:
             store.finish(job.run_id, "stopped")
         return status
     except KeyboardInterrupt:
         if dist.main:
-            store.finish(job.run_id, "interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+            store.finish(job.run_id, "interrupted", error="interrupted (a second Ctrl-C or SIGTERM)")
         raise
     except BaseException as exc:
         if dist.main:

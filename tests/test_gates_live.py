@@ -9,9 +9,10 @@ import torch
 
 from core.data import load_data
 from core.evaluate import evaluate
+from core.latency import typical_texts
 from core.models import load_model
 from pruning.hooks import gated
-from pruning.live import ManualGates, compare_state, heads_without_role, least_relevant_heads, typical_texts
+from pruning.live import ManualGates, compare_state, heads_without_role, least_relevant_heads
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_presets_from_a_heads_report():
 
 def test_typical_texts_pick_median_lengths(tiny):
     texts = ["a", "a b c d e f g h i j k l m n o p", "a b c", "a b d", "a b e"]
-    assert sorted(typical_texts(tiny, texts, 3)) == ["a b c", "a b d", "a b e"]
+    assert sorted(typical_texts(tiny.tokenizer, texts, 3)) == ["a b c", "a b d", "a b e"]
 
 
 def test_comparison_matches_the_gated_model(tiny, reviews_csv):
