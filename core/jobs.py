@@ -2,7 +2,8 @@
 
 Long work never runs inside a Streamlit rerun: the page starts `python -m core ...` as a separate
 process, which reports here; the page reads the row on each poll. A job whose process is gone
-without finishing is reported as interrupted, never left "running" forever.
+without finishing is reported as failed with the error its log shows (an `error: ...` line, the last
+line of a traceback), or as interrupted if the log shows none; never left "running" forever.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.messages import quote
 from core.paths import headlab_home
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, done INTEGER, total INTEGER, message TEXT,
     pid INTEGER, started REAL, heartbeat REAL, error TEXT)"""
 STALE_S = 120.0  # a running job that has not reported for this long is treated as dead
+START = "=== HeadLab job started"  # begins each start's part of a job's log
+LOG_TAIL = 1 << 16  # bytes at the end of a log searched for its error line
+ERROR_LIMIT = 300  # characters of a log's error line shown
 
 
 @dataclass
@@ -94,16 +99,43 @@ class JobReporter:
                         ("failed" if error else "done", error, time.time(), self.name))
 
 
+def job_log(name: str) -> Path:
+    """The log file of job `name`: what its process printed, every start appended."""
+    return headlab_home() / "logs" / f"{name}.log"
+
+
+def log_error(name: str) -> str | None:
+    """The last error line job `name` logged since its latest start: an `error: ...` line (without the
+    prefix) or the last line of a Python traceback, cut to `ERROR_LIMIT` characters; None if none."""
+    path = job_log(name)
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - LOG_TAIL))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = tail.rsplit(START, 1)[-1].splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error: "):
+            return quote(lines[i].removeprefix("error: "), ERROR_LIMIT)
+        if lines[i].startswith("Traceback (most recent call last):"):
+            ends = [line for line in lines[i + 1:] if line.strip() and not line[0].isspace()]
+            return quote(ends[-1], ERROR_LIMIT) if ends else None
+    return None
+
+
 def job_state(name: str, db: Path | None = None) -> JobState | None:
-    """The job's row, with a dead or silent 'running' job reported as 'interrupted'."""
+    """The job's row. A dead or silent 'running' job reads as 'failed' with its log's error line
+    (`log_error`), or as 'interrupted' if the log has none."""
     with _connect(db) as con:
         row = con.execute("SELECT * FROM jobs WHERE name=?", (name,)).fetchone()
     if row is None:
         return None
     state = JobState(*row)
     if state.status == "running" and (not pid_alive(state.pid) or time.time() - state.heartbeat > STALE_S):
-        state.status = "interrupted"
-        state.error = state.error or "the job's process ended without finishing"
+        logged = state.error or log_error(name)
+        state.status = "failed" if logged else "interrupted"
+        state.error = logged or "the job's process ended without finishing"
     return state
 
 
@@ -115,9 +147,11 @@ def start_job(name: str, args: list[str], db: Path | None = None) -> subprocess.
     state = job_state(name, db)
     if state and state.status == "running":
         raise RuntimeError(f"Job '{name}' is already running (pid {state.pid}).")
-    logs = headlab_home() / "logs"
-    logs.mkdir(exist_ok=True)
-    with open(logs / f"{name}.log", "ab") as log:
+    log_path = job_log(name)
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n{START} {time.strftime('%Y-%m-%d %H:%M:%S')}: python -m {' '.join(args)}\n".encode())
+        log.flush()  # before the child's output
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 cwd=Path(__file__).resolve().parent.parent, env={**os.environ, BACKGROUND_ENV: "1"})

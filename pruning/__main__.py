@@ -35,7 +35,9 @@ import torch
 from core.__main__ import run_command
 from core.data import load_data
 from core.evaluate import evaluate
+from core.folders import check_target, write_text_atomically
 from core.latency import compare, make_batch
+from core.messages import quote
 from core.size import encoder_flops
 from core.summary import median_tokens
 from pruning.gates import CRITERIA, GateState
@@ -53,7 +55,7 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
         match = _PAIR.match(item)
         if not match:
             raise ValueError(f"--prune-heads takes comma-separated LAYER:HEAD pairs (0-based), e.g. 0:1,3:2. "
-                             f"Got {item.strip()!r} in {text!r}.")
+                             f"Got '{quote(item.strip())}' in '{quote(text)}'.")
         pairs.append((int(match[1]), int(match[2])))
     return pairs
 
@@ -130,24 +132,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     record = json.dumps({"examples": len(data), "data": data.name, **result.as_dict()}, indent=1)
     if args.out is None:
         print(record)
-        return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".partial")
-    tmp.write_text(record)
-    tmp.replace(args.out)
+    else:
+        write_text_atomically(args.out, record)
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from core.__main__ import load_or_prepare, run_with_bar
-    from pruning.export import save_pruned
+    from pruning.export import WRITER, save_pruned
     from pruning.surgery import prune
 
     heads = parse_heads(args.prune_heads)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 1 (0 = torch's default). Got {args.threads}.")
-    if args.out.exists() and not args.overwrite:
-        raise ValueError(f"{args.out} already exists; choose another --out folder or add --overwrite.")
+    check_target(args.out, written_by=WRITER, overwrite=args.overwrite)  # fail before the slow part
     loaded = load_or_prepare(args.model)
     data = load_data(args.data, split="dev", label_names=loaded.label_names)
     if args.limit:
@@ -284,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_main(args: argparse.Namespace, dist) -> int:
     from core.__main__ import load_or_prepare
-    from pruning.runs import RunStore
+    from pruning.runs import WRITER, RunStore
     from pruning.train import TrainConfig, load_splits
 
     store = RunStore()
@@ -295,8 +293,8 @@ def _train_main(args: argparse.Namespace, dist) -> int:
             raise ValueError(f"--run ID takes its configuration from the run store; drop {names}.")
         return _run_and_report(store, args.run, args.job, parallel=args.parallel, as_json=args.json, dist=dist)
     config = TrainConfig(**given).check()
-    if args.run_dir is not None and args.run_dir.exists() and any(args.run_dir.iterdir()):
-        raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; choose a new folder.")
+    if args.run_dir is not None:
+        check_target(args.run_dir, written_by=WRITER)  # fail before loading models
     loaded = load_or_prepare(config.model)
     teacher = loaded if config.teacher_spec == config.model else load_or_prepare(config.teacher_spec)
     load_splits(config.data, teacher.label_names, **config.columns)  # bad data fails here, before a run is recorded
@@ -359,12 +357,13 @@ def _export_run(store, args: argparse.Namespace) -> int:
     """Copy a finished run's pruned, fine-tuned model to --out (a folder HeadLab loads back), with --onnx
     also model.onnx checked against torch."""
     from core.__main__ import run_with_bar
-    from pruning.export import load_pruned, save_pruned
+    from pruning.export import WRITER, load_pruned, save_pruned
     from pruning.train import MODEL_FILE
 
     run = store.get(args.id)
     if args.out is None:
         raise ValueError("runs export needs --out DIR (a new folder for the model).")
+    check_target(args.out, written_by=WRITER, overwrite=args.overwrite)
     source = run.run_dir / MODEL_FILE
     if run.status != "done" or not source.exists():
         raise ValueError(f"Run {run.id} is {run.status}: only a finished run has a final model to export.")
@@ -399,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples")
     ap.add_argument("--out", type=Path, required=True, help="new folder for the pruned model")
     ap.add_argument("--onnx", action="store_true", help="also export model.onnx (checked against torch)")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it is an export HeadLab wrote")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: torch's default)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ru.add_argument("id", type=int, nargs="?", default=None, help="run ID (stop, resume, delete, export)")
     ru.add_argument("--out", type=Path, default=None, metavar="DIR", help="export: new folder for the final model")
     ru.add_argument("--onnx", action="store_true", help="export: also write model.onnx (checked against torch)")
-    ru.add_argument("--overwrite", action="store_true", help="export: replace --out if it exists")
+    ru.add_argument("--overwrite", action="store_true", help="export: replace --out if it is an export HeadLab wrote")
     ru.add_argument("--background", action="store_true", help="resume: run in a detached process")
     ru.add_argument("--parallel", action="store_true", help="resume: do not wait for other running jobs")
     ru.add_argument("--json", action="store_true", help="print JSON")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -27,16 +26,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.folders import FolderExists, atomic_folder
+from core.messages import quote
 from pruning.gates import GateShape, GateState
 from pruning.surgery import PruningInfo, PruningPlan, apply_plan, pruning_info
 
 PRUNING_FILE = "pruning.json"
 ONNX_FILE = "model.onnx"
 FORMAT = 1  # version of pruning.json
-
-
-class ExportExists(ValueError):
-    """The export folder already exists and `overwrite` was not given."""
+WRITER = "pruning.export.save_pruned"  # names the writer in an export's marker (core.folders)
+ExportExists = FolderExists  # what `save_pruned` raises for an existing folder without `overwrite`
 
 
 def is_pruned_folder(path: str | Path) -> bool:
@@ -49,7 +48,7 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ValueError("The export name must be a non-empty folder name.")
     if "/" in name or "\\" in name or os.sep in name or name in (".", "..") or "\0" in name:
-        raise ValueError(f"The export name must be a plain folder name without path separators. Got {name!r}.")
+        raise ValueError(f"The export name must be a plain folder name without path separators. Got '{quote(name)}'.")
     return name.strip()
 
 
@@ -59,23 +58,19 @@ def check_name(name: str) -> str:
 def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool = False) -> Path:
     """Write the pruned `loaded` (from `pruning.surgery.prune` or `load_pruned`) to the folder `out`.
 
-    Raises `ExportExists` if `out` exists and `overwrite` is False (nothing is written), ValueError
-    for a model that is not pruned. The folder is written under a temporary name and renamed at the
-    end, so a crash never leaves a half-written export. With `onnx`, also writes model.onnx and
-    checks onnxruntime against torch (ValueError if logits differ by more than 1e-4).
-    Returns the folder.
+    The folder is written whole under a temporary name and renamed into place
+    (`core.folders.atomic_folder`): a failure never leaves a half-written export, and an existing
+    `out` stays as it was. Raises `ExportExists` if `out` is a non-empty folder and `overwrite` is
+    False, `core.folders.FolderError` if `out` is a file or a folder `save_pruned` did not write
+    (replaced only with `overwrite`, never a user's folder), ValueError for a model that is not
+    pruned. With `onnx`, also writes model.onnx and checks onnxruntime against torch (ValueError if
+    logits differ by more than 1e-4). Returns the folder.
     """
     info = pruning_info(loaded.model)
     if info is None:
         raise ValueError("save_pruned() needs a physically pruned model: call pruning.surgery.prune() first.")
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise ExportExists(f"{out} already exists; choose another folder or overwrite it (nothing was written).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, written_by=WRITER, overwrite=overwrite) as tmp:
         loaded.model.config.save_pretrained(tmp)
         tensors = {k: v.detach().contiguous() for k, v in loaded.model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -93,11 +88,6 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
             diff = onnx_max_diff(loaded, tmp / ONNX_FILE)
             if diff > 1e-4:
                 raise ValueError(f"The ONNX export differs from torch by {diff:.2e} (> 1e-4) in logits.")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

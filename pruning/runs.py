@@ -17,8 +17,8 @@ lets the oldest waiting run go first.
 
 Checkpoints (`save_checkpoint` / `load_checkpoint`) are one `checkpoint.pt` per run folder written
 atomically with `torch.save` and read with `weights_only=True`: tensors and plain types only (RNG
-states are stored as tensors). The run folder carries a `headlab_run.json` marker so that `delete`
-removes only folders the store created.
+states are stored as tensors). The run folder is created with a `core.folders` marker naming the run
+and its store, so that `delete` removes only folders the store created.
 
 Every checkpoint carries the sha256 of its payload (`payload_digest`), checked on load: damaged bytes
 inside a tensor, which torch would load silently, make the resume fail with one line instead.
@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from core.folders import check_target, new_folder, remove_owned
 from core.jobs import pid_alive
 from core.paths import headlab_home
 from pruning.gates import GateState
@@ -50,7 +50,7 @@ STATUSES = ("queued", "running", "done", "failed", "interrupted", "stopped")
 RESUMABLE = ("failed", "interrupted", "stopped")
 STALE_S = 120.0  # a queued/running run whose heartbeat is older than this is treated as dead
 CHECKPOINT = "checkpoint.pt"
-MARKER = "headlab_run.json"
+WRITER = "pruning.runs"  # names the store in a run folder's marker (core.folders)
 CHECKPOINT_FORMAT = 2  # 2: with the payload's sha256
 
 SCHEMA = (
@@ -132,12 +132,11 @@ class RunStore:
         """Add a queued run with `config` (JSON-able dict); its folder is `run_dir` (default
         <store folder>/runs/run-<id>-<date>-<time>-<pid>), created with a marker file. Returns the new id.
 
-        Raises ValueError if `run_dir` exists and is not empty (a run never writes into a foreign folder).
+        Raises `core.folders.FolderError` (a ValueError) if `run_dir` is a file or a non-empty folder
+        (a run never writes into a foreign folder).
         """
         if run_dir is not None:
-            run_dir = Path(run_dir).expanduser().resolve()
-            if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-                raise ValueError(f"The run folder {run_dir} already exists and is not empty; choose a new one.")
+            run_dir = check_target(Path(run_dir).expanduser().resolve(), written_by=WRITER)
         text = json.dumps(config)
         with self._transaction() as con:
             cur = con.execute("INSERT INTO runs (config, status, created, run_dir) VALUES (?, 'queued', ?, '')",
@@ -146,8 +145,7 @@ class RunStore:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             folder = run_dir or (self.db.parent / "runs" / f"run-{run_id}-{stamp}-{os.getpid()}").resolve()
             con.execute("UPDATE runs SET run_dir=? WHERE id=?", (str(folder), run_id))
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MARKER).write_text(json.dumps({"run_id": run_id, "store": str(self.db.resolve())}))
+        new_folder(folder, written_by=WRITER, run_id=run_id, store=str(self.db.resolve()))
         return run_id
 
     def _row(self, con: sqlite3.Connection, run_id: int) -> Run:
@@ -278,12 +276,7 @@ class RunStore:
                 raise ValueError(f"Run {run_id} is {run.status} (pid {run.pid}); stop it before deleting it.")
             for table, key in (("metrics", "run_id"), ("gates", "run_id"), ("runs", "id")):
                 con.execute(f"DELETE FROM {table} WHERE {key}=?", (run_id,))
-        try:
-            marker = json.loads((run.run_dir / MARKER).read_text())
-        except (OSError, ValueError):
-            return
-        if marker.get("run_id") == run_id:
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+        remove_owned(run.run_dir, written_by=WRITER, run_id=run_id, store=str(self.db.resolve()))
 
     # ------------------------------------------------------------------ metrics and gates
 

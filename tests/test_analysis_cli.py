@@ -89,7 +89,7 @@ def test_heads_report_round_trip(tiny_dir, reviews_csv, tmp_path):
     pd.testing.assert_frame_equal(again.table, report.table, check_dtype=False)
     assert again.examples == report.examples and again.meta == report.meta
     report.save(folder)  # saving over an existing report replaces it whole
-    assert sorted(p.name for p in folder.iterdir()) == ["examples.json", "heads.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["examples.json", "headlab.json", "heads.csv"]
 
 
 def test_explanation_sums_to_the_logit_up_to_bias(tiny_dir):

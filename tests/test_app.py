@@ -170,7 +170,7 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
     assert exported.architecture().heads < 12 and "kept 48/72 heads" in exported.notes[-1]
     assert (fresh_home / "exports" / "l6-48heads" / "model.onnx").stat().st_size > 1e6
     at.slider[0].set_value(0.5).run()  # another state under the same name: refused, nothing overwritten
-    assert any("already exists" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert any("already exists" in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_gates_page_on_the_second_real_model(fresh_home):

@@ -90,9 +90,8 @@ def test_refuses_to_overwrite(pruned, saved):
     assert (saved / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_overwrite_replaces(pruned, tmp_path):
-    out = tmp_path / "p"
-    out.mkdir()
+def test_overwrite_replaces_an_export(pruned, tmp_path):
+    out = save_pruned(pruned, tmp_path / "p")
     (out / "stale.txt").write_text("old")
     save_pruned(pruned, out, overwrite=True)
     assert not (out / "stale.txt").exists() and is_pruned_folder(out)

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
+from core.folders import MARKER
 from pruning import runs
 from pruning.gates import GateShape, GateState
-from pruning.runs import MARKER, RunStore, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pruning.runs import RunStore, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 torch.set_num_threads(1)
 SHAPE = GateShape(layers=2, heads=4, head_dim=8, intermediate=64, hidden=32)

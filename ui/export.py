@@ -6,9 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.folders import FolderError, check_target
 from core.jobs import job_state
 from core.paths import headlab_home
-from pruning.export import check_name
+from pruning.export import WRITER, check_name
 from ui.jobs import ensure_job, wait_for
 
 HELP = ("Physically smaller safetensors folder that HeadLab loads back, plus model.onnx for onnxruntime, "
@@ -31,11 +32,15 @@ def export_folder(default: str, key: str) -> Path | None:
 
 def export_panel(out: Path, job: str, args: list[str], label: str, *, disabled: bool = False) -> None:
     """A button starting `python -m <args>` as job `job` (which writes the folder `out`), its progress, then
-    the sizes written. Refuses an existing `out` that this job did not write (nothing is overwritten)."""
+    the sizes written. Refuses, with one error line, an `out` that this job did not write and that is not
+    free (`core.folders.check_target`: nothing is overwritten)."""
     state = job_state(job)
-    if out.exists() and state is None:
-        st.warning(f"{out} already exists: choose another name (nothing is overwritten).")
-    elif state is None:
+    if state is None:
+        try:
+            check_target(out, written_by=WRITER)
+        except FolderError as exc:
+            st.error(str(exc))
+            return
         if st.button(label, disabled=disabled, help=HELP):
             ensure_job(job, args)
             st.rerun()
