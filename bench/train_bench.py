@@ -43,21 +43,30 @@ import time
 
 import torch
 
+from pruning.config import TrainConfig
+from pruning.loop import run_job
+from pruning.methods import methods
 from pruning.runs import RunStore
-from pruning.train import METHODS, TrainConfig, run_job
 
 DEFAULT_CONFIGS = "cofi-0.6,cofi-0.9,l0,random-l0,relevance-0.6,importance-0.6,random-0.6,random-0.9,small-dense"
 
 
-def parse_config(name: str, base: TrainConfig, budget: str, done: dict[str, dict]) -> TrainConfig:
+def for_method(settings: dict, method: str) -> TrainConfig:
+    """A config of `method` from bench-wide `settings`: the common fields, plus those of the method's own
+    options it has (a gate-phase length means nothing to a one-shot method, for example)."""
+    names = set(TrainConfig.common_fields()) | {f.name for f in dataclasses.fields(methods()[method].Options)}
+    return TrainConfig.build(**{k: v for k, v in {**settings, "method": method}.items() if k in names})
+
+
+def parse_config(name: str, base: dict, budget: str, done: dict[str, dict]) -> TrainConfig:
     """"cofi-0.6" -> base with method cofi, target 0.6; "l0" -> method l0; "small-dense", "random-l0" (see
     the module docstring). `done`: results of the runs so far, by name."""
     if name == "small-dense":
-        changes: dict = {"method": "dense", "model": "minilm-l3", "teacher": base.model}
+        changes: dict = {"method": "dense", "model": "minilm-l3", "teacher": base["model"]}
     else:
         method, _, target = name.partition("-")
-        if method not in METHODS:
-            raise SystemExit(f"error: unknown configuration {name!r}; methods are {', '.join(METHODS)}")
+        if method not in methods():
+            raise SystemExit(f"error: unknown configuration {name!r}; methods are {', '.join(methods())}")
         changes = {"method": method}
         if target == "l0":
             if "l0" not in done:
@@ -65,9 +74,9 @@ def parse_config(name: str, base: TrainConfig, budget: str, done: dict[str, dict
             changes["target_sparsity"] = round(done["l0"]["sparsity"], 4)
         elif target:
             changes["target_sparsity"] = float(target)
-    if changes["method"] not in ("cofi", "l0") and budget == "matched":
-        changes["finetune_steps"] = base.steps + base.finetune_steps
-    return dataclasses.replace(base, **changes).check()
+    if not methods()[changes["method"]].learned and budget == "matched":
+        changes["finetune_steps"] = base["steps"] + base["finetune_steps"]
+    return for_method({**base, **changes}, changes["method"]).check()
 
 
 class Printer:
@@ -98,15 +107,17 @@ def main() -> None:
                         help="do not wait for runs of other processes (e.g. a second bench with other configs)")
     args = parser.parse_args()
 
-    base = TrainConfig(model=args.model, threads=args.threads)
+    cofi = methods()["cofi"].Options()
+    base = {**dataclasses.asdict(TrainConfig(model=args.model, threads=args.threads)), **dataclasses.asdict(cofi)}
+    del base["options"]
     changes = {k: v for k, v in (("steps", args.steps), ("finetune_steps", args.finetune_steps),
                                  ("l0_lambda", args.l0_lambda)) if v is not None}
     if args.quick:
         changes = {"steps": 60, "prefinetune_steps": 5, "warmup_steps": 30, "finetune_steps": 20, **changes}
     elif "steps" in changes:  # keep the schedule's proportions
-        changes.setdefault("prefinetune_steps", min(base.prefinetune_steps, changes["steps"] // 10))
+        changes.setdefault("prefinetune_steps", min(cofi.prefinetune_steps, changes["steps"] // 10))
         changes.setdefault("warmup_steps", changes["steps"] // 2)
-    base = dataclasses.replace(base, **changes)
+    base = {**base, **changes}
     torch.set_num_threads(args.threads)
     store = RunStore()
     rows, done = [], {}
@@ -144,7 +155,7 @@ def main() -> None:
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table))
     load = os.getloadavg()
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads; config {dataclasses.asdict(base)}; load average at the end "
+          f"{args.threads} threads; settings {base}; load average at the end "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 

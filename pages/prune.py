@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import fields
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from pruning.distributed import DEVICES, torchrun_command
+from pruning.config import TrainConfig
+from pruning.distributed import torchrun_command
 from pruning.live import ManualGates
+from pruning.methods import methods
+from pruning.record import StepRecord
 from pruning.runs import RunStore, launch, launch_command
-from pruning.train import METHODS, TrainConfig
 from ui.charts import gate_grid, pareto_chart
 from ui.export import export_folder, export_panel
+from ui.settings import settings_inputs
 
-HELP = {f.name: f.metadata.get("help", "") for f in TrainConfig.__dataclass_fields__.values()}
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+COMMON = ("steps", "finetune_steps", "alpha_ce", "distill", "threads", "device")  # run settings on the form
 CURVES = {
     "accuracy": ["accuracy", "dense_accuracy"],
     "speedup (batch 32 / batch 1, measured)": ["speedup_b32", "speedup_b1", "flop_speedup"],
     "sparsity": ["expected_sparsity", "sparsity", "target"],
-    "losses": ["loss_task", "loss_distill_ce", "loss_distill_layer", "loss_lagrangian", "loss_l0"],
-    "Lagrange multipliers": ["lambda_1", "lambda_2"],
+    "losses": None,  # every loss term the method logs (loss_<name>)
+    "method's figures": None,  # e.g. CoFi's Lagrange multipliers lambda_1, lambda_2
 }
 
 st.title("Prune")
@@ -29,38 +34,26 @@ spec, data_spec = st.session_state.get("model_spec", "default"), st.session_stat
 store = RunStore()
 
 with st.expander("New run", expanded=not store.list()):
+    known = methods()
+    method = st.selectbox("Method", list(known), key="prune_method", format_func=lambda m: f"{m}: {known[m].summary}")
+    cls = known[method]
     with st.form("new_run"):
+        st.caption(f"**{method}** options")
+        options = settings_inputs(fields(cls.Options), key=f"opt_{method}")
+        st.caption("Run")
+        common = settings_inputs([FIELDS[name] for name in COMMON if cls.learned or name != "steps"], key="run")
         c1, c2, c3 = st.columns(3)
-        method = c1.selectbox("Method", METHODS, help=HELP["method"])
-        target = c2.slider("Target sparsity", 0.1, 0.95, 0.6, 0.05, help=HELP["target_sparsity"])
-        l0_lambda = c3.number_input("λ (L0)", 0.0, 10.0, TrainConfig.l0_lambda, help=HELP["l0_lambda"])
-        c1, c2, c3 = st.columns(3)
-        steps = c1.number_input("Gate steps", 1, 20000, TrainConfig.steps, help=HELP["steps"])
-        finetune_steps = c2.number_input("Fine-tune steps", 0, 20000, TrainConfig.finetune_steps,
-                                         help=HELP["finetune_steps"])
-        warmup = c3.number_input("Target warm-up steps", 0, 20000, TrainConfig.warmup_steps,
-                                 help=HELP["warmup_steps"])
-        c1, c2, c3 = st.columns(3)
-        alpha_ce = c1.slider("Distillation weight (logits)", 0.0, 1.0, TrainConfig.alpha_ce, help=HELP["alpha_ce"])
-        alpha_layer = c2.slider("Distillation weight (layers)", 0.0, 1.0, TrainConfig.alpha_layer,
-                                help=HELP["alpha_layer"])
-        threads = c3.number_input("Threads", 0, 64, TrainConfig.threads, help=HELP["threads"])
-        c1, c2, c3 = st.columns(3)
-        teacher = c1.text_input("Teacher (blank: the model itself)", "", help=HELP["teacher"] + ". E.g. `default` "
-                                "with model `minilm-l3` and method dense: the small-dense comparison.")
-        device = c2.selectbox("Device", DEVICES, help=HELP["device"])
-        processes = c3.number_input("Processes (torchrun)", 1, 64, 1, help="Data-parallel processes on this machine "
+        teacher = c1.text_input("Teacher (blank: the model itself)", "", help=FIELDS["teacher"].metadata["help"] +
+                                ". E.g. `default` with model `minilm-l3` and method dense: the small-dense comparison.")
+        processes = c2.number_input("Processes (torchrun)", 1, 64, 1, help="Data-parallel processes on this machine "
                                     "(DistributedDataParallel; batch size is the global batch). The command is shown "
                                     "below the run, to run it on a cluster by hand.")
         st.caption(f"Model `{spec}`, data `{data_spec}` (chosen on the Model page). One run trains at a time; "
                    "runs started meanwhile wait in the queue.")
         if st.form_submit_button("Start run"):
             try:
-                config = TrainConfig(model=spec, teacher=teacher.strip(), data=data_spec, method=method,
-                                     target_sparsity=target,
-                                     l0_lambda=l0_lambda, steps=int(steps), finetune_steps=int(finetune_steps),
-                                     warmup_steps=min(int(warmup), int(steps)), alpha_ce=alpha_ce,
-                                     alpha_layer=alpha_layer, threads=int(threads), device=device).check()
+                config = TrainConfig.build(model=spec, teacher=teacher.strip(), data=data_spec, method=method,
+                                           **common, **options).check()
                 run_id = store.create(config.to_dict())
                 launch(store, run_id, processes=int(processes))
                 st.session_state.update(prune_run=run_id, **{f"processes_{run_id}": int(processes)})
@@ -92,7 +85,7 @@ def _runs_table() -> pd.DataFrame:
         res = r.result or {}
         rows.append({"id": r.id, "status": r.status, "method": r.config.get("method"),
                      "model": r.config.get("model"), "teacher": r.config.get("teacher") or r.config.get("model"),
-                     "target": r.config.get("target_sparsity") if r.config.get("method") != "dense" else None,
+                     "target": TrainConfig.target_of(r.config),
                      "step": f"{r.step}/{r.total}", "accuracy": res.get("accuracy"),
                      "speedup b32": res.get("speedup_b32"), "message": r.error or r.message})
     return pd.DataFrame(rows)
@@ -109,13 +102,16 @@ def live(run_id: int) -> None:
                                                        f"(step {run.step}/{run.total})")
     elif run.status in ("failed", "interrupted"):
         st.error(f"Run {run.id} {run.status}: {run.error}")
-    rows = pd.DataFrame(store.metrics(run_id))
-    if rows.empty:
+    records = [StepRecord.from_dict(m) for m in store.metrics(run_id)]
+    if not records:
         st.caption("Waiting for the first eval step...")
         return
+    rows = pd.DataFrame([r.row() for r in records])
+    dynamic = {"losses": sorted({f"loss_{k}" for r in records for k in r.losses}),
+               "method's figures": sorted({k for r in records for k in r.method_figures})}
     cols = st.columns(2)
     for i, (title, keys) in enumerate(CURVES.items()):
-        present = [k for k in keys if k in rows and rows[k].notna().any()]
+        present = [k for k in keys or dynamic[title] if k in rows and rows[k].notna().any()]
         if present:
             fig = px.line(rows, x="step", y=present, markers=True, title=title)
             fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
@@ -131,7 +127,7 @@ def live(run_id: int) -> None:
 
 run_id = st.selectbox("Run", [r.id for r in runs], index=None,
                       format_func=lambda i: f"{i}: {store.get(i).config.get('method')} "
-                                            f"{store.get(i).config.get('target_sparsity')}", key="prune_run",
+                                            f"{TrainConfig.target_of(store.get(i).config) or ''}", key="prune_run",
                       placeholder="choose a run")
 if run_id is None:
     overview()
@@ -185,7 +181,7 @@ finished = [r for r in runs if r.status == "done" and r.result]
 if finished:
     st.subheader("Pareto")
     pareto = pd.DataFrame([{"label": f"{r.id}: {r.config.get('method')}" + (
-        f" {r.config.get('target_sparsity')}" if r.config.get("method") not in ("l0", "dense") else ""),
+        f" {TrainConfig.target_of(r.config)}" if TrainConfig.target_of(r.config) is not None else ""),
         "method": r.config.get("method"), "model": r.config.get("model"),
         "teacher": r.config.get("teacher") or r.config.get("model"), "accuracy": r.result.get("accuracy"),
         "dense_accuracy": r.result.get("dense_accuracy"), "speedup_b32": r.result.get("speedup_b32"),

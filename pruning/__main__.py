@@ -13,7 +13,7 @@ manages the runs:
     python -m pruning train --model default --method cofi --target-sparsity 0.6 --steps 400
     python -m pruning runs resume 3 --background
 
-`train` also runs in several processes under PyTorch's launcher (data-parallel, see `pruning.train`);
+`train` also runs in several processes under PyTorch's launcher (data-parallel, see `pruning.loop`);
 `--run-id ID` (the spelling of `--run ID` that torchrun leaves alone) trains or resumes a run of the
 store the same way:
 
@@ -210,31 +210,73 @@ def _config_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One option per `TrainConfig` field (default None = the config's default), help from its metadata."""
-    from dataclasses import MISSING, fields
+def _train_fields() -> dict[str, tuple[object, str]]:
+    """Every setting `train` takes: TrainConfig's fields and each registered method's options, as
+    name -> (field, help); an option several methods share is listed once, naming them."""
+    from dataclasses import fields
 
-    from pruning.distributed import DEVICES
-    from pruning.train import METHODS, TrainConfig
+    from pruning.config import TrainConfig
+    from pruning.methods import methods
 
+    found: dict[str, tuple[object, str]] = {}
     for f in fields(TrainConfig):
+        if f.name != "options":
+            found[f.name] = (f, f.metadata.get("help", ""))
+    owners: dict[str, list[str]] = {}
+    for name, cls in methods().items():
+        for f in fields(cls.Options):
+            owners.setdefault(f.name, []).append(name)
+            found.setdefault(f.name, (f, f.metadata.get("help", "")))
+    for name, who in owners.items():
+        f, text = found[name]
+        found[name] = (f, f"{', '.join(who)}: {text}")
+    return found
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per training setting (default None = the config's or the method's default)."""
+    from dataclasses import MISSING
+
+    from pruning.methods import methods
+
+    for name, (f, text) in _train_fields().items():
         default = f.default if f.default is not MISSING else None
-        kwargs: dict = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": None}
-        if f.name == "method":
-            kwargs["choices"] = METHODS
-        if f.name == "device":
-            kwargs["choices"] = DEVICES
+        kwargs: dict = {"help": f"{text} (default: {default})", "default": None}
+        if name == "method":
+            kwargs["choices"] = list(methods())
+        elif "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = type(default)
-            kwargs["metavar"] = f.name.split("_")[-1].upper()
-        parser.add_argument(_config_flag(f.name), dest=f"cfg_{f.name}", **kwargs)
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        parser.add_argument(_config_flag(name), dest=f"cfg_{name}", **kwargs)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """The registered methods, each with its options, defaults and help."""
+    from dataclasses import fields
+
+    from pruning.methods import methods
+
+    for name, cls in methods().items():
+        print(f"{name}: {cls.summary}")
+        for f in fields(cls.Options):
+            print(f"    {_config_flag(f.name)} (default {f.default}): {f.metadata.get('help', '')}")
+    return 0
 
 
 def _given_config(args: argparse.Namespace) -> dict:
     """The TrainConfig fields set on the command line."""
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+def _target_text(config: dict) -> str:
+    from pruning.config import TrainConfig
+
+    target = TrainConfig.target_of(config)
+    return "-" if target is None else f"{target:.2f}"
 
 
 def _summary(run) -> str:
@@ -250,7 +292,7 @@ def _summary(run) -> str:
 def _run_and_report(store, run_id: int, job: str | None, *, parallel: bool, as_json: bool, teacher=None,
                     dist=None) -> int:
     from core.__main__ import run_with_bar
-    from pruning.train import run_job
+    from pruning.loop import run_job
 
     run_with_bar(job, lambda bar: run_job(store, run_id, bar, exclusive=not parallel, teacher=teacher, dist=dist))
     run = store.get(run_id)
@@ -266,9 +308,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Create a run from the options (or take run --run ID from the store) and train it here.
 
     Under torchrun every process runs this: rank 0 does all of the above and reports; the other ranks
-    only follow it (`pruning.train.run_job`) and print nothing."""
+    only follow it (`pruning.loop.run_job`) and print nothing."""
     from pruning import distributed
-    from pruning.train import run_job
+    from pruning.loop import run_job
 
     dist = distributed.init()
     try:
@@ -282,8 +324,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_main(args: argparse.Namespace, dist) -> int:
     from core.__main__ import load_or_prepare
+    from pruning.config import TrainConfig
     from pruning.runs import WRITER, RunStore
-    from pruning.train import TrainConfig, load_splits
+    from pruning.session import load_splits
 
     store = RunStore()
     given = _given_config(args)
@@ -292,7 +335,7 @@ def _train_main(args: argparse.Namespace, dist) -> int:
             names = ", ".join([_config_flag(k) for k in given] + (["--run-dir"] if args.run_dir else []))
             raise ValueError(f"--run ID takes its configuration from the run store; drop {names}.")
         return _run_and_report(store, args.run, args.job, parallel=args.parallel, as_json=args.json, dist=dist)
-    config = TrainConfig(**given).check()
+    config = TrainConfig.build(**given).check()
     if args.run_dir is not None:
         check_target(args.run_dir, written_by=WRITER)  # fail before loading models
     loaded = load_or_prepare(config.model)
@@ -322,7 +365,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         rows = [("id", "status", "method", "target", "step", "accuracy", "speedup b32", "created", "error")]
         for r in runs:
             res = r.result or {}
-            rows.append((str(r.id), r.status, r.config.get("method", "?"), f"{r.config.get('target_sparsity', 0):.2f}",
+            rows.append((str(r.id), r.status, r.config.get("method", "?"), _target_text(r.config),
                          f"{r.step}/{r.total}", f"{res['accuracy']:.4f}" if "accuracy" in res else "-",
                          f"{res['speedup_b32']:.2f}x" if res.get("speedup_b32") else "-",
                          time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), (r.error or "")[:60]))
@@ -357,8 +400,9 @@ def _export_run(store, args: argparse.Namespace) -> int:
     """Copy a finished run's pruned, fine-tuned model to --out (a folder HeadLab loads back), with --onnx
     also model.onnx checked against torch."""
     from core.__main__ import run_with_bar
-    from pruning.export import WRITER, load_pruned, save_pruned
-    from pruning.train import MODEL_FILE
+    from core.pruned import load_pruned
+    from pruning.export import WRITER, save_pruned
+    from pruning.loop import MODEL_FILE
 
     run = store.get(args.id)
     if args.out is None:
@@ -423,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--json", action="store_true", help="print the run's record as JSON at the end")
     tr.add_argument("--job", help=argparse.SUPPRESS)
     tr.set_defaults(func=cmd_train)
+    me = sub.add_parser("methods", help="the pruning methods `train` knows, with their options and defaults")
+    me.set_defaults(func=cmd_methods)
     ru = sub.add_parser("runs", help="list, stop, resume or delete training runs")
     ru.add_argument("action", choices=["list", "stop", "resume", "delete", "export"])
     ru.add_argument("id", type=int, nargs="?", default=None, help="run ID (stop, resume, delete, export)")

@@ -23,17 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from core.folders import FolderExists, atomic_folder
 from core.messages import quote
-from pruning.gates import GateShape, GateState
-from pruning.surgery import PruningInfo, PruningPlan, apply_plan, pruning_info
+from core.pruned import FORMAT, PRUNING_FILE
+from core.structure import pruning_info
 
-PRUNING_FILE = "pruning.json"
 ONNX_FILE = "model.onnx"
-FORMAT = 1  # version of pruning.json
 WRITER = "pruning.export.save_pruned"  # names the writer in an export's marker (core.folders)
 ExportExists = FolderExists  # what `save_pruned` raises for an existing folder without `overwrite`
 
@@ -79,7 +77,7 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
             "format": FORMAT,
             **info.plan.to_dict(),
             "original": vars(info.original),
-            "gate_state": info.state.to_dict(),
+            "gate_state": info.gate_state,
             "source": loaded.source,
         }
         (tmp / PRUNING_FILE).write_text(json.dumps(record))
@@ -89,67 +87,6 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
             if diff > 1e-4:
                 raise ValueError(f"The ONNX export differs from torch by {diff:.2e} (> 1e-4) in logits.")
     return out
-
-
-# ----------------------------------------------------------------------------- load
-
-
-def load_pruned(path: str | Path, *, attn_implementation: str = "eager", source: str | None = None):
-    """Load a folder written by `save_pruned` as a `core.models.LoadedModel` in eval mode.
-
-    Raises `core.models.ModelError` (one line) for a bad folder: missing/garbled pruning.json, indices
-    out of range, weights whose names or shapes do not match the pruned architecture.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from core.models import Adapter, LoadedModel, ModelError, folder_fingerprint, inspect_folder
-
-    path = Path(path).expanduser()
-    config, weights, has_classifier = inspect_folder(path)
-    if weights.name != "model.safetensors":
-        raise ModelError(f"{path}: a pruned folder must hold a single model.safetensors.")
-    try:
-        record = json.loads((path / PRUNING_FILE).read_text())
-        if record.get("format") != FORMAT:
-            raise ValueError(f"unknown format {record.get('format')!r} (expected {FORMAT})")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelError(f"{path}/{PRUNING_FILE} cannot be read ({exc}).") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForSequenceClassification.from_config(
-                config, trust_remote_code=False, attn_implementation=attn_implementation)
-        shape = GateShape.of(model)
-        plan = PruningPlan.from_dict(record, shape)
-        state = GateState.from_dict(record["gate_state"])
-        if not state.matches(shape):
-            raise ValueError(f"gate_state has sizes {state.shape}, the config describes {vars(shape)}")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}/{PRUNING_FILE} does not fit {path}/config.json ({exc}).") from exc
-    apply_plan(model, plan)
-    tensors = load_file(str(weights))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, expected {expected[wrong[0]]}")
-        raise ModelError(f"{weights} does not match the pruned architecture in {PRUNING_FILE}: {detail}.")
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    model.headlab_pruning = PruningInfo(plan=plan, state=state, original=shape)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise ModelError(f"{path}: tokenizer could not be loaded ({type(exc).__name__}: {exc}).") from exc
-    names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-    return LoadedModel(
-        model=model, tokenizer=tokenizer, adapter=Adapter(model), source=source or str(path), path=path,
-        label_names=names, has_classifier=has_classifier,
-        fingerprint=folder_fingerprint(path, weights, (PRUNING_FILE,)),
-        notes=[f"Pruned: {plan.describe(shape)}."],
-    )
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -175,7 +112,9 @@ def export_onnx(loaded, path: str | Path, *, opset: int = 17) -> Path:
 
     Uses the TorchScript exporter (`dynamo=False`): the torch.export one (`dynamo=True`) also works
     and gives the same logits on torch 2.13, but took 5 s instead of 0.3 s on the tiny test model and
-    prints progress to stdout, which would garble the CLI's table.
+    prints progress to stdout, which would garble the CLI's table. A model without any head never reads
+    the mask, and the tracer drops inputs nothing reads: the dropped ones are put back as (unused)
+    graph inputs, so every export takes the same two inputs.
     """
     path = Path(path)
     batch = loaded.tokenizer(_SAMPLE[:2], padding=True, return_tensors="pt")
@@ -187,7 +126,23 @@ def export_onnx(loaded, path: str | Path, *, opset: int = 17) -> Path:
         torch.onnx.export(module, (batch["input_ids"], batch["attention_mask"]), str(path),
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
+    _restore_inputs(path, axes, [name for name in axes if name != "logits"])
     return path
+
+
+def _restore_inputs(path: Path, axes: dict[str, dict[int, str]], names: list[str]) -> None:
+    """Add the `names` (int64 tensors with the symbolic `axes`) the exported graph lost back as inputs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    present = {i.name for i in model.graph.input}
+    lost = [name for name in names if name not in present]
+    if not lost:
+        return
+    for name in lost:
+        dims = [axes[name][k] for k in sorted(axes[name])]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, dims))
+    onnx.save(model, str(path))
 
 
 def onnx_session(path: str | Path, threads: int | None = None):

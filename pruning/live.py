@@ -8,20 +8,25 @@ encoder FLOPs and CoFi sparsity. Budget: ~1-2 s on 2 cores for the default model
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from core.adapter import GateShape
 from core.data import TextDataset
 from core.evaluate import Progress, evaluate
 from core.latency import compare, make_batch
-from core.models import LoadedModel
+from core.loaded import LoadedModel
 from core.size import encoder_flops
+from core.structure import pruning_info
 from core.summary import median_tokens
 from pruning.gates import GateState
 from pruning.size import exact_sparsity
 from pruning.surgery import prune
+
+QUICK_ROUNDS = {1: (3, 3), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size: ~2 s in all
 
 
 @dataclass
@@ -77,27 +82,43 @@ def figures(loaded: LoadedModel, data: TextDataset, seq_len: int, progress: Prog
                    encoder_parameters=arch.encoder_parameters, flops_attention=flops.attention, flops_ffn=flops.ffn)
 
 
-def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, dense: Figures | None = None,
-                  rounds: dict[int, tuple[int, int]] | None = None, progress: Progress | None = None) -> Comparison:
-    """Prune a copy of `loaded` by `state` and measure it against `loaded` on `data` (keep it small).
+def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, dense_figures: Figures | None = None,
+                   rounds: dict[int, tuple[int, int]] | None = None, *, warm_b32: bool = True,
+                   progress: Progress | None = None) -> Comparison:
+    """The one measuring path of HeadLab: an already sliced `pruned` model against `dense` on `data`.
 
-    `dense` may pass the dense model's figures from an earlier call (accuracy and sizes do not
-    change); its latencies are measured again here, interleaved with the pruned model's.
-    `rounds[batch_size] = (rounds, repeats_per_round)` of `core.latency.compare`; the default is
-    sized for ~2 s in all on 2 cores (a quick look; the Gates page refines in the background).
+    Accuracy of both on all of `data` (the dense model's from `dense_figures` when given: it does not
+    change), sizes and encoder FLOPs at the data's median length, latency at each batch size of `rounds`
+    = {batch size: (rounds, repeats per round)} timed interleaved in this process (`time_pair`).
+    Used by the Gates page (through `compare_state`), `pruning evaluate` / `apply` and every eval step of
+    a training run (`pruning.record.measure_step`).
     """
     start = time.perf_counter()
-    seq_len = median_tokens(loaded, data.texts)
-    pruned_model = prune(loaded, state)
-    base = dense if dense is not None else figures(loaded, data, seq_len, progress)
+    info = pruning_info(pruned.model)
+    state = GateState.from_dict(info.gate_state) if info is not None else GateState.dense(GateShape.of(pruned))
+    seq_len = median_tokens(dense, data.texts)
+    base = dense_figures if dense_figures is not None else figures(dense, data, seq_len, progress)
     base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None})
-    pruned = figures(pruned_model, data, seq_len, progress)
+    small = figures(pruned, data, seq_len, progress)
     if progress:
         progress(0, 1, "timing batch 1 and 32")
-    # Both models just ran (evaluation, earlier calls); at batch 32 a warm-up call costs more than it buys.
-    time_pair(loaded, pruned_model, data.texts, base, pruned, rounds or {1: (3, 3), 32: (2, 1)}, warm_b32=False)
-    return Comparison(dense=base, pruned=pruned, sparsity=exact_sparsity(state), seq_len=seq_len,
-                      seconds=time.perf_counter() - start, note=pruned_model.notes[-1])
+    time_pair(dense, pruned, data.texts, base, small, rounds or QUICK_ROUNDS, warm_b32=warm_b32)
+    return Comparison(dense=base, pruned=small, sparsity=exact_sparsity(state), seq_len=seq_len,
+                      seconds=time.perf_counter() - start, note=pruned.notes[-1] if pruned.notes else "")
+
+
+def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, dense: Figures | None = None,
+                  rounds: dict[int, tuple[int, int]] | None = None, progress: Progress | None = None) -> Comparison:
+    """Prune a copy of `loaded` by `state` and measure it against `loaded` on `data` (`measure_pruned`).
+
+    `dense` may pass the dense model's figures from an earlier call; its latencies are measured again,
+    interleaved with the pruned model's. The default `rounds` are sized for ~2 s in all on 2 cores (a
+    quick look; the Gates page refines in the background). Both models just ran (evaluation, earlier
+    calls), so batch 32 is not warmed up: a warm-up call there costs more than it buys.
+    """
+    start = time.perf_counter()
+    cmp = measure_pruned(loaded, prune(loaded, state), data, dense, rounds, warm_b32=False, progress=progress)
+    return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
 
 def time_pair(dense: LoadedModel, pruned: LoadedModel, texts: list[str], dense_figures: Figures,

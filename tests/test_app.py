@@ -200,6 +200,10 @@ def test_gates_page_on_the_second_real_model(fresh_home):
     assert "kept 34/36 heads, 4608/4608 FFN units" in at.caption[0].value
 
 
+def finetune_steps(at: AppTest):
+    return next(n for n in at.number_input if n.label == "Finetune steps")
+
+
 def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     from tests.conftest import make_tiny
 
@@ -211,8 +215,8 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     at.switch_page("pages/prune.py").run()
     assert not at.exception, at.exception
     assert any("No runs yet" in i.value for i in at.info)
-    at.selectbox[0].set_value("random")  # one-shot baseline: prune, then a short fine-tune
-    at.number_input[2].set_value(4)  # fine-tune steps (form values are sent with the submit)
+    at.selectbox(key="prune_method").set_value("random").run()  # one-shot baseline: prune, then a short fine-tune
+    finetune_steps(at).set_value(4)  # form values are sent with the submit
     next(b for b in at.button if b.label == "Start run").click().run()
     assert not at.exception, at.exception
 
@@ -232,8 +236,7 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     assert (exported / "model.onnx").is_file() and (exported / "pruning.json").is_file()
 
     # the same baseline data-parallel in 2 processes (torchrun, gloo): the page shows the torchrun command
-    at.selectbox[0].set_value("random")
-    at.number_input[2].set_value(4)
+    finetune_steps(at).set_value(4)
     next(n for n in at.number_input if n.label.startswith("Processes")).set_value(2)
     next(b for b in at.button if b.label == "Start run").click().run()
     second = at.session_state["prune_run"]

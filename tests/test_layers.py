@@ -36,7 +36,13 @@ def module_edges() -> dict[str, set[str]]:
                 elif isinstance(node, ast.Import):
                     targets |= {a.name for a in node.names}
             edges[name] = targets
-    return {name: {t for t in targets if t in edges and t != name} for name, targets in edges.items()}
+    # `from pkg import sub` of a submodule is an edge to the submodule (the package's own code is just
+    # its __init__, reached by every submodule import anyway); `from mod import name` is an edge to mod
+    resolved = {}
+    for name, targets in edges.items():
+        subs = {t for t in targets if t in edges and t.rpartition(".")[0] in targets}
+        resolved[name] = {t for t in targets if t in edges and t != name} - {t.rpartition(".")[0] for t in subs}
+    return resolved
 
 
 def test_no_import_points_up_a_layer():

@@ -171,7 +171,7 @@ def test_short_cofi_run_reaches_the_target_and_exports(tiny_dir, reviews, tmp_pa
     run_id, status = train.run_config(store, teacher, model=str(tiny_dir), data=str(reviews), method="cofi",
                                       target_sparsity=0.5, steps=120, prefinetune_steps=5, warmup_steps=50,
                                       finetune_steps=10)
-    gate_end = next(r for r in store.metrics(run_id) if r["step"] == 120)
+    gate_end = next(r for r in store.metrics(run_id) if r["step"] == 120)  # a StepRecord's dict
     assert status == "done" and abs(gate_end["expected_sparsity"] - 0.5) < 0.1
     final = store.get(run_id).result
     assert final["final"] and final["phase"] == "finetune" and final["parameters"] < final["dense_parameters"]

@@ -13,9 +13,9 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 from core.models import load_model
 from pruning import memory
 from pruning.__main__ import main
+from pruning.config import TrainConfig
 from pruning.gates import GateShape
 from pruning.runs import RunStore
-from pruning.train import TrainConfig
 from tests.conftest import MINILM_DIR
 
 torch.set_num_threads(1)

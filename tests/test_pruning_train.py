@@ -19,12 +19,15 @@ from core.pruned import load_pruned
 from core.structure import pruning_info
 from pruning.__main__ import main
 from pruning.baselines import BASELINES, baseline_state, head_scores
+from pruning.config import TrainConfig
 from pruning.distill import LayerMatcher, align_layers, logit_kl, masked_mse, teacher_layers
 from pruning.gates import CoFiGates, GateShape, GateState
 from pruning.lagrangian import LagrangianController, TargetSchedule, lagrangian_loss
+from pruning.loop import run_job
+from pruning.record import StepRecord
 from pruning.runs import CHECKPOINT, RunStore, launch, load_checkpoint
+from pruning.session import load_splits
 from pruning.size import exact_sparsity, expected_sparsity
-from pruning.train import TrainConfig, load_splits, run_job
 from tests.conftest import make_tiny
 
 torch.set_num_threads(1)
@@ -142,7 +145,8 @@ def test_layer_matcher_by_hand():
 # ----------------------------------------------------------------------------- training runs (tiny model)
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(batch_size=8, eval_every=10, eval_budget=1.0, eval_examples=8, checkpoint_every=1, score_examples=16)
+SMALL = dict(batch_size=8, eval_every=10, eval_budget=1.0, eval_examples=8, checkpoint_every=1)
+ONE_SHOT = dict(score_examples=16)  # an option of the one-shot methods
 
 
 @pytest.fixture(scope="module")
@@ -151,22 +155,31 @@ def tiny(tiny_dir):
 
 
 def run_config(store: RunStore, tiny, progress=None, **overrides) -> tuple[int, str]:
-    config = TrainConfig(**{**SMALL, **overrides})
+    config = TrainConfig.build(**{**SMALL, **overrides})
     run_id = store.create(config.to_dict())
     return run_id, run_job(store, run_id, progress, teacher=tiny)
 
 
 def test_config_validation_names_the_field():
     assert TrainConfig().check().total_steps == TrainConfig().steps + TrainConfig().finetune_steps
-    for bad, field_name in ((dict(target_sparsity=1.2), "target_sparsity"), (dict(method="magic"), "method"),
+    with pytest.raises(ValueError, match="'target_sparsity' parameter of method cofi"):
+        TrainConfig.build(target_sparsity=1.2).check()
+    with pytest.raises(ValueError, match="'method' parameter must be one of cofi, l0"):
+        TrainConfig(method="magic").check()
+    for bad, field_name in (
                             (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"), (dict(steps=0), "steps"),
                             (dict(distill="yes"), "distill"), (dict(alpha_ce=1.5), "alpha_ce")):
         with pytest.raises(ValueError, match=f"'{field_name}' parameter of TrainConfig"):
-            TrainConfig(**bad).check()
+            TrainConfig.build(**bad).check()
     with pytest.raises(ValueError, match="must not exceed steps"):
-        TrainConfig(steps=10, prefinetune_steps=5, warmup_steps=6).check()
-    with pytest.raises(ValueError, match="Unknown training config field"):
+        TrainConfig.build(steps=10, prefinetune_steps=5, warmup_steps=6).check()
+    with pytest.raises(ValueError, match="Method cofi has no option.* stepz"):
         TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="Method l0 has no option.* target_sparsity"):
+        TrainConfig.build(method="l0", target_sparsity=0.5).check()
+    flat = {**TrainConfig().to_dict(), "target_sparsity": 0.4}  # a run recorded before methods had options
+    del flat["options"]
+    assert TrainConfig.from_dict(flat) == TrainConfig.build(target_sparsity=0.4)
     assert TrainConfig.from_dict(TrainConfig(method="l0").to_dict()) == TrainConfig(method="l0")
 
 
@@ -180,14 +193,16 @@ def test_cofi_run_reaches_the_target_and_exports(tiny, tiny_dir, reviews, tmp_pa
     rows = store.metrics(run_id)
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 130 and 120 in steps
-    for key in ("accuracy", "dense_accuracy", "latency_b1_ms", "latency_b32_ms", "speedup_b32", "expected_sparsity",
-                "sparsity", "target", "lambda_1", "lambda_2", "loss_distill_ce", "loss_distill_layer",
-                "loss_lagrangian", "heads_alive", "units_alive", "hidden_alive", "eval_fraction"):
-        assert key in rows[-1], key
-    gate_end = next(r for r in rows if r["step"] == 120)
-    assert gate_end["phase"] == "gates" and gate_end["target"] == pytest.approx(0.5)
-    assert abs(gate_end["expected_sparsity"] - 0.5) < 0.1  # the Lagrangian, with distillation on, got there
-    assert gate_end["lambda_2"] > 0
+    records = [StepRecord.from_dict(r) for r in rows]
+    gate_end = next(r for r in records if r.step == 120)
+    assert gate_end.phase == "gates" and gate_end.target == pytest.approx(0.5)
+    assert abs(gate_end.expected_sparsity - 0.5) < 0.1  # the Lagrangian, with distillation on, got there
+    assert gate_end.method_figures["lambda_2"] > 0 and set(gate_end.losses) == {"distill_ce", "distill_layer",
+                                                                               "lagrangian"}
+    # the logged total is the sum of the terms (each a mean over the same steps)
+    assert gate_end.loss == pytest.approx(sum(gate_end.losses.values()), rel=1e-5)
+    assert records[-1].losses.keys() == {"task", "distill_ce"} and records[-1].method_figures == {}
+    assert 0 < records[-1].eval_fraction < 1 and len(records[-1].heads_alive) == 2
     final = run.result
     assert final["final"] and final["examples"] == 12 and final["phase"] == "finetune"
     assert final["sparsity"] > 0.2 and final["parameters"] < final["dense_parameters"]
@@ -205,7 +220,7 @@ def test_l0_gates_close_under_a_large_lambda(tiny, tiny_dir, reviews, tmp_path):
     keeping, _ = run_config(store, tiny, l0_lambda=0.0, **common)
     closed = store.get(closing).result
     assert sum(closed["heads_alive"]) <= 2, closed["heads_alive"]  # of 8
-    assert closed["expected_sparsity"] > 0.3 and closed["loss_l0"] > 0
+    assert closed["expected_sparsity"] > 0.3 and closed["losses"]["l0"] > 0
     assert sum(store.get(keeping).result["heads_alive"]) == 8
     assert store.gates(closing).closed_heads()  # the snapshot has them closed too
 
@@ -214,7 +229,7 @@ def test_l0_gates_close_under_a_large_lambda(tiny, tiny_dir, reviews, tmp_path):
 def test_baselines_prune_to_the_target_then_finetune(method, tiny, tiny_dir, reviews, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     run_id, status = run_config(store, tiny, model=str(tiny_dir), data=str(reviews), method=method,
-                                target_sparsity=0.6, finetune_steps=10)
+                                target_sparsity=0.6, finetune_steps=10, **ONE_SHOT)
     rows = store.metrics(run_id)
     assert status == "done" and [r["step"] for r in rows] == [0, 10]
     assert rows[0]["sparsity"] == pytest.approx(0.6, abs=0.05) and rows[0]["phase"] == "finetune"
@@ -230,13 +245,13 @@ def test_dense_method_finetunes_a_separate_student_against_its_teacher(tiny, tin
                                 method="dense", finetune_steps=10)
     final = store.get(run_id).result
     assert status == "done" and final["sparsity"] == pytest.approx(exact_sparsity(GateState.dense(TINY_SHAPE)))
-    assert final["heads_alive"] == [4, 4] and final["loss_distill_ce"] > 0
+    assert final["heads_alive"] == [4, 4] and final["losses"]["distill_ce"] > 0
     start = load_model(str(student_dir)).model.state_dict()
     trained = load_pruned(final["export"]).model.state_dict()
     assert any(not torch.equal(start[k], trained[k]) for k in start)  # fine-tuned, not the teacher's copy
     assert not torch.equal(trained["classifier.weight"], tiny.model.state_dict()["classifier.weight"])
     other = make_tiny(tmp_path / "three", labels=["a", "b", "c"])
-    run_id = store.create(TrainConfig(**{**SMALL, "model": str(student_dir), "teacher": str(other),
+    run_id = store.create(TrainConfig.build(**{**SMALL, "model": str(student_dir), "teacher": str(other),
                                          "data": str(reviews), "method": "dense", "finetune_steps": 2}).to_dict())
     with pytest.raises(ValueError, match="teacher's labels"):
         run_job(store, run_id)
@@ -266,7 +281,7 @@ def stop_at(store: RunStore, run_id: int, step: int):
 
 def test_stop_then_resume_continues_the_step_count(tiny, tiny_dir, reviews, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
-    config = TrainConfig(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "method": "cofi",
+    config = TrainConfig.build(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "method": "cofi",
                             "target_sparsity": 0.4, "steps": 60, "prefinetune_steps": 5, "warmup_steps": 20,
                             "finetune_steps": 20})
     run_id = store.create(config.to_dict())
@@ -339,7 +354,7 @@ def test_kill_9_then_resume_continues_the_step_count(tiny_dir, reviews, tmp_path
 def test_corrupt_checkpoint_gives_a_clear_error(tiny, tiny_dir, reviews, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
     store = RunStore()
-    config = TrainConfig(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "method": "random",
+    config = TrainConfig.build(**{**SMALL, **ONE_SHOT, "model": str(tiny_dir), "data": str(reviews), "method": "random",
                             "target_sparsity": 0.3, "finetune_steps": 30})
     run_id = store.create(config.to_dict())
     assert run_job(store, run_id, stop_at(store, run_id, 5), teacher=tiny) == "stopped"
@@ -376,7 +391,7 @@ def test_background_runs_queue_one_at_a_time(tiny_dir, reviews, tmp_path, monkey
     """`runs.launch` (what the app calls): two jobs started together train one after the other."""
     monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
     store = RunStore()
-    config = TrainConfig(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "method": "random",
+    config = TrainConfig.build(**{**SMALL, **ONE_SHOT, "model": str(tiny_dir), "data": str(reviews), "method": "random",
                             "target_sparsity": 0.3, "finetune_steps": 40})
     first, second = store.create(config.to_dict()), store.create(config.to_dict())
     procs = [launch(store, first), launch(store, second)]

@@ -15,18 +15,20 @@ import pytest
 import torch
 
 import pruning.live
-import pruning.train
+import pruning.record
+import pruning.session
 from core.data import load_data
 from core.latency import median_length
 from core.models import load_model
 from core.summary import summarise
 from pruning.__main__ import main
+from pruning.config import TrainConfig
 from pruning.gates import GateShape, GateState
 from pruning.lagrangian import TargetSchedule
-from pruning.live import compare_state, figures
+from pruning.live import compare_state, figures, measure_pruned
+from pruning.loop import run_job
 from pruning.runs import CHECKPOINT, RunStore, load_checkpoint, save_checkpoint
 from pruning.size import exact_sparsity
-from pruning.train import TrainConfig, measure_snapshot, run_job
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +43,7 @@ def tiny(tiny_dir):
 
 
 def new_run(store: RunStore, **fields) -> int:
-    return store.create(TrainConfig(**{**SMALL, **fields}).to_dict())
+    return store.create(TrainConfig.build(**{**SMALL, **fields}).to_dict())
 
 
 def one_line_error(capsys) -> str:
@@ -73,7 +75,7 @@ def test_cofi_at_target_zero_keeps_the_model_whole(tiny, tiny_dir, reviews, tmp_
     for row in store.metrics(run_id):
         assert (row["heads_alive"], row["units_alive"], row["hidden_alive"]) == ([4, 4], [64, 64], 32), row["step"]
         assert row["sparsity"] == row["expected_sparsity"] == exact_sparsity(dense)  # the dense model's own
-        assert row["loss_lagrangian"] is None
+        assert "lagrangian" not in row["losses"]
     final = store.get(run_id).result
     assert final["parameters"] == final["dense_parameters"]
 
@@ -124,7 +126,7 @@ def test_gates_page_training_and_apply_time_batches_of_the_median_length(tiny, t
     median = median_length(tiny.tokenizer, data.texts, tiny.max_length)
     live = timed_widths(monkeypatch, pruning.live)
     compare_state(tiny, GateState.dense(tiny), data)  # the Gates page
-    measure_snapshot(tiny, tiny, data, figures(tiny, data, median))  # every eval step of a run
+    measure_pruned(tiny, tiny, data, figures(tiny, data, median))  # every eval step of a run
     assert_typical(live, median)
     applied = timed_widths(monkeypatch, sys.modules["pruning.__main__"])
     assert main(["apply", "--model", str(tiny_dir), "--data", str(long_first), "--ffn-keep", "0.5",
@@ -229,7 +231,7 @@ def junk_text(tmp_path) -> Path:
 def read_by_trainer(monkeypatch) -> dict[str, list[str]]:
     """The texts the trainer encodes for training and the texts of every dataset it evaluates on."""
     seen: dict[str, list[str]] = {"train": [], "eval": []}
-    encode, measure = pruning.train.encode, pruning.train.figures
+    encode, measure = pruning.session.encode, pruning.live.figures
 
     def encode_spy(tokenizer, texts, max_length):
         seen["train"] += list(texts)
@@ -239,8 +241,9 @@ def read_by_trainer(monkeypatch) -> dict[str, list[str]]:
         seen["eval"] += data.texts
         return measure(loaded, data, seq_len, progress)
 
-    monkeypatch.setattr(pruning.train, "encode", encode_spy)
-    monkeypatch.setattr(pruning.train, "figures", figures_spy)
+    monkeypatch.setattr(pruning.session, "encode", encode_spy)
+    monkeypatch.setattr(pruning.live, "figures", figures_spy)
+    monkeypatch.setattr(pruning.record, "figures", figures_spy)
     return seen
 
 
@@ -272,5 +275,5 @@ def test_unknown_or_misplaced_column_is_refused_with_one_line(tiny_dir, junk_tex
     assert RunStore().list() == []  # refused before a run was recorded
     with pytest.raises(ValueError, match="'text_column' parameter of TrainConfig must be blank for data 'default'"):
         TrainConfig(text_column="review").check()
-    with pytest.raises(ValueError, match="'label_column' parameter of TrainConfig must be a column name"):
+    with pytest.raises(ValueError, match="'label_column' parameter of TrainConfig must be a string"):
         TrainConfig(data=str(junk_text), label_column=3).check()

@@ -1,0 +1,192 @@
+"""The protocol every pruning method follows, and the registry the CLI, the Prune page and bench read.
+
+A method is one class with a `name`, a one-line `summary`, an `Options` dataclass (its own settings,
+each field with a default and a `help` text in its metadata) and one of two shapes:
+
+- one-shot (`learned = False`): `prune()` returns the `GateState` to slice before the fine-tune;
+- learned (`learned = True`): during the gate phase the loop calls, every step,
+  `train_state(step)` (the gate values the hooks apply), `loss(...)` (named loss terms), then after
+  backward `shared_tensors()` (gradients averaged over ranks) and `step(step)` (its own optimizers);
+  `gate_state(step)` is the deterministic structure at any time, `record(step)` its extra live
+  figures (target, multipliers), `state_dict`/`load_state_dict` what a checkpoint carries.
+
+The loop (`pruning.loop`) knows no method by name: it asks the method and the registry
+(`pruning.methods.registry`). Register a method by decorating its class with `@register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from core.adapter import GateShape
+from core.data import TextDataset
+from core.loaded import LoadedModel
+from pruning.gates import GateState
+from pruning.losses import TaskLoss
+from pruning.options import check_fields
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class NoOptions:
+    """A method without settings of its own."""
+
+
+@dataclass
+class MethodContext:
+    """What a method may read: the model it prunes (`base`: unpruned, eval mode, on the CPU), the
+    distillation teacher, the training split, the device the student trains on, the run's seed and a
+    progress callback (`done, total, message`)."""
+
+    base: LoadedModel
+    teacher: LoadedModel
+    train: TextDataset
+    device: torch.device
+    seed: int
+    progress: Progress
+
+    @property
+    def shape(self) -> GateShape:
+        return GateShape.of(self.base)
+
+
+class PruningMethod:
+    """Base class of every method (see the module docstring). Subclasses set the class attributes and
+    override what their shape needs; constructors only store `options` and `context`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    learned: ClassVar[bool] = False
+    order: ClassVar[int] = 100  # position in the method lists (CLI, Prune page, bench); ties by registration
+    distills_always: ClassVar[bool] = False  # its final fine-tune distils whatever `distill` says (CoFi)
+
+    def __init__(self, options, context: MethodContext):
+        self.options = options
+        self.context = context
+
+    @classmethod
+    def check_config(cls, options, config) -> None:
+        """ValueError if `options` do not fit the run's `config` (a `pruning.config.TrainConfig`: steps,
+        finetune_steps, ...)."""
+
+    def check_teacher(self, teacher: LoadedModel) -> None:
+        """ValueError if a separate `teacher` cannot serve this method (same labels and vocabulary are
+        checked by the loop)."""
+
+    def progress_note(self, step: int) -> str:
+        """A few words for the progress line at `step` (e.g. the current target)."""
+        return ""
+
+    # ------------------------------------------------------------------ one-shot methods
+
+    def prune(self) -> GateState:
+        """The structure to slice before the final fine-tune (one-shot methods)."""
+        raise NotImplementedError(f"{self.name} is a learned method: it has no one-shot prune().")
+
+    # ------------------------------------------------------------------ learned methods
+
+    def setup(self, student: LoadedModel) -> list[torch.nn.Parameter]:
+        """Create the gates and their optimizers for `student` (trainable, on the device). Returns extra
+        parameters to train with the model's optimizer (e.g. CoFi's layer matcher)."""
+        return []
+
+    def pruning(self, step: int) -> bool:
+        """True at the steps where the gates learn (and the structure may differ from dense)."""
+        return self.learned
+
+    def train_state(self, step: int) -> GateState:
+        """The gate values the hooks apply at `step` (a sample, or dense while not pruning)."""
+        return GateState.dense(self.context.shape)
+
+    def needs_hidden_states(self) -> bool:
+        """Whether `loss` reads the hidden states of student and teacher (costs memory)."""
+        return False
+
+    def needs_teacher(self, distill: bool) -> bool:
+        """Whether `loss` reads the teacher's outputs in the gate phase (`distill`: the run's setting)."""
+        return distill
+
+    def loss(self, step: int, labels: torch.Tensor, outputs, teacher_outputs, state: GateState,
+             attention_mask: torch.Tensor, task: TaskLoss) -> dict[str, torch.Tensor]:
+        """Named loss terms of one gate-phase step (summed by the loop): `outputs`/`teacher_outputs` of
+        student and teacher (None when `needs_teacher` is False), the gate values `state` the hooks
+        applied, the (B, T) mask; `task(logits, labels, teacher_logits)` is the run's CE (mixed with
+        logit distillation when a teacher's logits are given)."""
+        raise NotImplementedError
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Gradients that must be averaged over the ranks after backward (gates, multipliers)."""
+        return [p.grad for m in self.modules() for p in m.parameters() if p.grad is not None]
+
+    def step(self, step: int) -> None:
+        """Step the method's own optimizers after the model's (only called while `pruning(step)`)."""
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers().values():
+            opt.zero_grad(set_to_none=True)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The method's trainable modules (gates, controllers), checked for equality across ranks."""
+        return []
+
+    def gate_state(self, step: int) -> GateState:
+        """The deterministic structure at `step` (dense before or without pruning)."""
+        return GateState.dense(self.context.shape)
+
+    def expected_sparsity(self, step: int) -> float | None:
+        """The gates' expected encoder sparsity (fraction), if the method has one."""
+        return None
+
+    def target(self, step: int) -> float | None:
+        """The sparsity the method aims at, at `step` (None: no target)."""
+        return None
+
+    def record(self, step: int) -> dict[str, float | None]:
+        """Extra live figures of an eval step (e.g. lambda_1, lambda_2)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint carries of the method: module and optimizer states (tensors, plain types)."""
+        return {"modules": [m.state_dict() for m in self.modules()],
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for module, saved in zip(self.modules(), state["modules"], strict=True):
+            module.load_state_dict(saved)
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+
+
+# ----------------------------------------------------------------------------- registry
+
+REGISTERED: dict[str, type[PruningMethod]] = {}
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make `cls` available under `cls.name` (ValueError if the name is taken by another)."""
+    taken = REGISTERED.get(cls.name)
+    if taken is not None and taken.__qualname__ != cls.__qualname__:
+        raise ValueError(f"A pruning method named {cls.name!r} is already registered ({taken.__qualname__}).")
+    REGISTERED[cls.name] = cls
+    return cls
+
+
+def check_options(cls: type[PruningMethod], values: dict) -> Any:
+    """`cls.Options(**values)` validated (`pruning.options.check_fields`); unknown names raise ValueError."""
+    known = [f.name for f in fields(cls.Options)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"Method {cls.name} has no option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(known) or 'none'}.")
+    options = cls.Options(**values)
+    check_fields(options, f"method {cls.name}")
+    return options

@@ -1,0 +1,146 @@
+"""`StepRecord`: what one eval step of a training run measured, written by the loop, kept by the run
+store (as JSON) and read by attribute by the Prune page, the Pareto chart, the CLI and bench.
+
+`measure_step(session, final)` slices the current structure, measures it against the dense teacher
+(`pruning.live.measure_pruned`: accuracy on the dev subset, or on the whole dev split at the end, and
+latency at batch 1 and 32 timed interleaved in this process) and adds the training state: sparsity
+(expected and exact) and target, the method's own figures (lambda_1, lambda_2), the mean of each loss
+term since the last eval, units alive per layer, where the figures came from, and the clock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from core.summary import median_tokens
+from pruning.gates import GateState
+from pruning.live import Comparison, Figures, figures, measure_pruned
+from pruning.surgery import prune
+
+LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
+FINAL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # ... and at the final full-dev evaluation
+
+
+@dataclass
+class StepRecord:
+    """One eval step. Accuracies are fractions, latencies medians in ms, speedups dense / pruned,
+    sparsities fractions of the encoder's weights, times seconds."""
+
+    step: int
+    phase: str  # "gates" (learned methods, structure still learning) | "finetune" (fixed structure)
+    final: bool  # the last eval, on the whole dev split
+    method: str
+    examples: int
+    accuracy: float
+    dense_accuracy: float
+    latency_b1_ms: float
+    latency_b32_ms: float
+    dense_latency_b1_ms: float
+    dense_latency_b32_ms: float
+    speedup_b1: float
+    speedup_b32: float
+    flop_speedup: float
+    parameters: int
+    dense_parameters: int
+    sparsity: float  # exact, of the sliced snapshot
+    expected_sparsity: float  # the gates' expectation while they learn, else the exact sparsity
+    target: float | None
+    lr: float
+    loss: float | None  # mean total loss since the last eval
+    losses: dict[str, float]  # mean of each named term since the last eval (task, distill_ce, lagrangian, ...)
+    method_figures: dict[str, float | None]  # e.g. lambda_1, lambda_2
+    heads_alive: list[int]  # per layer, counting the attention sublayer gate
+    units_alive: list[int]  # FFN units per layer, counting the FFN sublayer gate
+    hidden_alive: int
+    heads_total: int
+    units_total: int
+    hidden_total: int
+    note: str  # what was kept, one line
+    device: str
+    threads: int
+    processes: int
+    replica_checksums: list[int] | None
+    clock: dict[str, float] = field(default_factory=dict)  # train_s, eval_s, checkpoint_s, setup_s
+    eval_seconds: float = 0.0
+    eval_gap: int = 0
+    eval_fraction: float = 0.0
+    export: str | None = None  # the exported model's folder (final record of a finished run)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepRecord:
+        """Read a stored record; keys it does not know (older or newer stores) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def row(self) -> dict:
+        """Flat for tables and curves: loss terms as loss_<name>, the method's figures by name."""
+        flat = {k: v for k, v in self.to_dict().items() if k not in ("losses", "method_figures", "clock")}
+        flat.update({f"loss_{k}": v for k, v in self.losses.items()}, **self.method_figures, **self.clock)
+        return flat
+
+
+def alive(state: GateState) -> dict[str, list[int] | int]:
+    """Units alive per layer: heads (L,) and FFN units (L,) counting their sublayer gate, hidden dims."""
+    s = state.detach()
+    return {"heads_alive": ((s.head > 0) & (s.mha[:, None] > 0)).sum(dim=1).tolist(),
+            "units_alive": ((s.intermediate > 0) & (s.ffn[:, None] > 0)).sum(dim=1).tolist(),
+            "hidden_alive": int((s.hidden > 0).sum())}
+
+
+def _dense_figures(session, data) -> Figures:
+    """The teacher's accuracy and sizes on `data`, computed once per dataset and kept on the session."""
+    cache = session.__dict__.setdefault("_dense_figures", {})
+    if data.name not in cache:
+        cache[data.name] = figures(session.teacher, data, median_tokens(session.teacher, data.texts))
+    return cache[data.name]
+
+
+def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord:
+    """The record of `session`'s current step (rank 0); also adapts the session's eval cadence so that
+    evaluations take at most `eval_budget` of the wall time."""
+    start = time.perf_counter()
+    c = session.c
+    state = session.current_state()
+    data = session.dev if final else session.dev_subset
+    snapshot = prune(session.student, state) if session.phase == "gates" else session.student
+    snapshot.model.eval()
+    try:
+        cmp: Comparison = measure_pruned(session.teacher, snapshot, data, _dense_figures(session, data),
+                                         FINAL_ROUNDS if final else LIVE_ROUNDS)
+    finally:
+        session.student.model.train()
+    expected = session.method.expected_sparsity(session.step) if session.pruning() else None
+    losses = {k: float(np.mean(v)) for k, v in session.losses.items() if v and k != "loss"}
+    shape = session.shape
+    seconds = time.perf_counter() - start
+    session.clock["eval_s"] += seconds
+    # eval_s <= budget * (gap * step_s + eval_s)  <=>  gap >= eval_s (1 - budget) / (budget * step_s)
+    step_s = session.clock["train_s"] / max(1, session.step)
+    if step_s > 0:
+        need = seconds * (1 - c.eval_budget) / (c.eval_budget * step_s)
+        session.gap = max(c.eval_every, math.ceil(need))
+    session.next_eval = session.step + session.gap
+    return StepRecord(
+        step=session.step, phase=session.phase, final=final, method=c.method, examples=len(data),
+        accuracy=cmp.pruned.accuracy, dense_accuracy=cmp.dense.accuracy,
+        latency_b1_ms=cmp.pruned.latency_b1_ms, latency_b32_ms=cmp.pruned.latency_b32_ms,
+        dense_latency_b1_ms=cmp.dense.latency_b1_ms, dense_latency_b32_ms=cmp.dense.latency_b32_ms,
+        speedup_b1=cmp.speedup(1), speedup_b32=cmp.speedup(32), flop_speedup=cmp.flop_speedup,
+        parameters=cmp.pruned.parameters, dense_parameters=cmp.dense.parameters,
+        sparsity=cmp.sparsity, expected_sparsity=cmp.sparsity if expected is None else expected,
+        target=session.method.target(session.step), lr=session.lr(),
+        loss=float(np.mean(session.losses["loss"])) if session.losses.get("loss") else None, losses=losses,
+        method_figures=session.method.record(session.step) if session.phase == "gates" else {},
+        **alive(state), heads_total=shape.heads, units_total=shape.intermediate, hidden_total=shape.hidden,
+        note=cmp.note, device=str(session.device), threads=torch.get_num_threads(), processes=session.dist.world,
+        replica_checksums=replicas, clock=dict(session.clock), eval_seconds=seconds, eval_gap=session.gap,
+        eval_fraction=session.clock["eval_s"] / max(1e-9, sum(session.clock.values())),
+    )
