@@ -21,7 +21,7 @@ from pruning.__main__ import main
 from pruning.baselines import BASELINES, baseline_state, head_scores
 from pruning.config import TrainConfig
 from pruning.distill import LayerMatcher, align_layers, logit_kl, masked_mse, teacher_layers
-from pruning.gates import CoFiGates, GateShape, GateState
+from pruning.gates import GROUPS, CoFiGates, GateShape, GateState
 from pruning.lagrangian import LagrangianController, TargetSchedule, lagrangian_loss
 from pruning.loop import run_job
 from pruning.record import StepRecord
@@ -293,6 +293,19 @@ def test_stop_then_resume_continues_the_step_count(tiny, tiny_dir, reviews, tmp_
     rows = store.metrics(run_id)
     assert [r["step"] for r in rows] == [0, 10, 20, 30, 40, 50, 60, 70, 80]
     assert [r["attempt"] for r in rows] == [1, 1, 1, 2, 2, 2, 2, 2, 2] and store.get(run_id).step == 80
+
+    # the same config without the stop: the resumed run is the same run (checkpointed weights, gates,
+    # multipliers, optimizer moments and RNG state; batches and gate noise are drawn from (seed, step))
+    whole = store.create(config.to_dict())
+    assert run_job(store, whole, teacher=tiny) == "done"
+    for a, b in zip(store.metrics(whole), rows, strict=True):
+        assert a["step"] == b["step"] and a["phase"] == b["phase"]
+        if a["loss"] is not None:
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), a["step"]
+        assert b["losses"] == pytest.approx(a["losses"], abs=1e-5) and b["accuracy"] == a["accuracy"], a["step"]
+        gates_a, gates_b = store.gates(whole, a["step"]), store.gates(run_id, a["step"])
+        assert all(torch.allclose(getattr(gates_a, g), getattr(gates_b, g), atol=1e-5) for g in GROUPS), a["step"]
+    assert store.gates(whole) == store.gates(run_id)  # the final structure: the same units, the same values
 
 
 def run_cli(*args: str, home: Path) -> subprocess.Popen:
