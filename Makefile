@@ -25,7 +25,9 @@ setup: $(VENV)/.installed $(WHEEL)
 prepare: setup
 	$(PY) -m core prepare all
 
-run: prepare
+# The app opens as soon as the packages are installed; the Model page fine-tunes a built-in model that is
+# not prepared yet in a background job (with a progress bar) the first time it is chosen.
+run: setup
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true \
 		--browser.gatherUsageStats false
 
