@@ -12,7 +12,7 @@ from pathlib import Path
 from analysis.heads import WRITER, build_report
 from analysis.relevance import relevance_table
 from analysis.roles import head_roles
-from core.__main__ import load_or_prepare, run_command, run_with_bar
+from core.cli import load_or_prepare, run_command, run_with_bar
 from core.data import DataError, load_data
 from core.folders import check_target, write_text_atomically
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from core.pruned import PRUNING_FILE, load_pruned
-from pruning.__main__ import main, parse_heads
+from pruning.__main__ import main
+from pruning.cli.apply import parse_heads
 from pruning.export import ONNX_FILE
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import pruning.cli.apply
 import pruning.live
 import pruning.record
 import pruning.session
@@ -128,7 +129,7 @@ def test_gates_page_training_and_apply_time_batches_of_the_median_length(tiny, t
     compare_state(tiny, GateState.dense(tiny), data)  # the Gates page
     measure_pruned(tiny, tiny, data, figures(tiny, data, median))  # every eval step of a run
     assert_typical(live, median)
-    applied = timed_widths(monkeypatch, sys.modules["pruning.__main__"])
+    applied = timed_widths(monkeypatch, pruning.cli.apply)
     assert main(["apply", "--model", str(tiny_dir), "--data", str(long_first), "--ffn-keep", "0.5",
                  "--out", str(tmp_path / "pruned"), "--json"]) == 0
     assert_typical(applied, median)

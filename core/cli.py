@@ -1,0 +1,114 @@
+"""What the three command lines (`python -m core`, `python -m analysis`, `python -m pruning`) share.
+
+- `Parser`: argparse whose usage errors are one `error:` line and exit status 2.
+- `run_command`: runs a parsed command; bad input becomes one `error:` line and exit 2 (never a
+  traceback), a closed stdout pipe ends quietly with 141, Ctrl-C with 130.
+- `Bar` / `run_with_bar`: a tqdm bar as the `(done, total, message)` progress callback every long step
+  takes, also reporting to the app's job row (`core.jobs`) when the command was started as a job.
+- `load_or_prepare`: load a model, fine-tuning a built-in one first if needed.
+- `torch_threads`: set torch's thread count for one command and restore it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from core.data import DataError
+from core.jobs import BACKGROUND_ENV, JobReporter
+from core.messages import one_line
+from core.models import LoadedModel, ModelError, ModelNotPrepared, load_model
+from core.prepare import prepare
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit status 2 (like every other bad input)."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class Bar:
+    """A tqdm progress bar as a `(done, total, message)` callback; also reports to a job row if named."""
+
+    def __init__(self, job: str | None = None):
+        # Jobs started by the app report to the store; their log files need no bar.
+        self.bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+                        disable=bool(os.environ.get(BACKGROUND_ENV)))
+        self.job = JobReporter(job) if job else None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.set_description(message.split(",")[0], refresh=False)
+        self.bar.update(done - self.bar.n)
+        if self.job:
+            self.job(done, total, message)
+
+    def close(self, error: str | None = None) -> None:
+        self.bar.close()
+        if self.job:
+            self.job.finish(error)
+
+
+def run_with_bar(job: str | None, work):
+    """Run `work(bar)` with a progress bar, recording success or the error in the job store."""
+    bar = Bar(job)
+    try:
+        result = work(bar)
+    except BaseException as exc:
+        bar.close(error=f"{type(exc).__name__}: {exc}")
+        raise
+    bar.close()
+    return result
+
+
+def load_or_prepare(spec: str, label_names: list[str] | None = None) -> LoadedModel:
+    """Load a model; a built-in one that is not fine-tuned yet is fine-tuned first (with a bar)."""
+    try:
+        return load_model(spec, label_names=label_names)
+    except ModelNotPrepared:
+        print(f"Preparing built-in model '{spec}' (one-time fine-tune)...", file=sys.stderr)
+        run_with_bar(f"prepare-{spec}", lambda bar: prepare(spec, progress=bar))
+        return load_model(spec)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run `args.func(args)`: bad input becomes one `error:` line and exit 2, never a traceback.
+
+    A reader that closes stdout early (`... | head`) ends the command quietly with status 141 (as if
+    killed by SIGPIPE), following the recipe in the Python docs' `signal` module notes.
+    """
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush then finds no pipe
+        return 141
+    except (ModelError, DataError, ValueError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Use `threads` torch threads inside the block (0 or less: leave torch's setting alone), then restore
+    the previous count: a command's `main()` may run inside another process (tests, the app)."""
+    before = torch.get_num_threads()
+    try:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,204 @@
+"""`python -m pruning apply` prunes a model by hand and saves the smaller one; `python -m pruning evaluate`
+compares dense and pruned (by a gates file) on a whole dataset.
+
+    python -m pruning apply --model default --prune-heads 0:1,0:5,3:2 --ffn-keep 0.5 --out pruned/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from core.cli import load_or_prepare, run_with_bar
+from core.data import load_data
+from core.evaluate import evaluate
+from core.folders import check_target, write_text_atomically
+from core.latency import compare, make_batch
+from core.messages import quote
+from core.size import encoder_flops
+from core.summary import median_tokens
+from pruning.export import WRITER, save_pruned
+from pruning.gates import CRITERIA, GateState
+from pruning.live import compare_state
+from pruning.size import exact_sparsity
+from pruning.surgery import prune
+
+_PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_LABELS = {"encoder_parameters": "encoder parameters", "encoder_mflops_per_example": "encoder MFLOPs/example",
+           "attention_mflops": "  attention MFLOPs", "ffn_mflops": "  FFN MFLOPs",
+           "latency_b1_ms": "latency batch 1 (ms)", "latency_b32_ms": "latency batch 32 (ms)"}
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """"0:1,3:2" -> [(0, 1), (3, 2)]; empty text -> []. ValueError names the bad item."""
+    if not text or not text.strip():
+        return []
+    pairs = []
+    for item in text.split(","):
+        match = _PAIR.match(item)
+        if not match:
+            raise ValueError(f"--prune-heads takes comma-separated LAYER:HEAD pairs (0-based), e.g. 0:1,3:2. "
+                             f"Got '{quote(item.strip())}' in '{quote(text)}'.")
+        pairs.append((int(match[1]), int(match[2])))
+    return pairs
+
+
+def _fraction(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a fraction in (0, 1]. Got {text!r}.") from None
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a fraction in (0, 1]. Got {text}.")
+        return value
+    return parse
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> str:
+    head = ("", "dense", "pruned", "pruned/dense")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head, *rows]]
+    return "\n".join(lines)
+
+
+def read_gates(path: Path, loaded) -> GateState:
+    """A GateState saved as JSON (`GateState.to_json`, e.g. by the Gates page) that fits `loaded`."""
+    try:
+        state = GateState.from_json(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"Cannot read the gates file {path} ({exc.strerror}).") from exc
+    if state.shape != GateState.dense(loaded).shape:
+        raise ValueError(f"The gates in {path} have sizes {state.shape}; the model has "
+                         f"{GateState.dense(loaded).shape} (layers, heads, FFN units, hidden dims).")
+    return state
+
+
+def _state(args: argparse.Namespace, loaded, heads: list[tuple[int, int]]) -> GateState:
+    """The gate state from --gates FILE, or from --prune-heads / --ffn-keep / --hidden-keep."""
+    if args.gates is not None:
+        if heads or args.ffn_keep is not None or args.hidden_keep is not None:
+            raise ValueError("--gates FILE cannot be combined with --prune-heads, --ffn-keep or --hidden-keep.")
+        return read_gates(args.gates, loaded)
+    state = GateState.from_closed_heads(loaded, heads)
+    if args.ffn_keep is not None:
+        state = state.with_ffn_keep(loaded.adapter, args.ffn_keep, criterion=args.criterion)
+    if args.hidden_keep is not None:
+        state = state.with_hidden_keep(loaded.adapter, args.hidden_keep, criterion=args.criterion)
+    return state
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Dense vs gated-and-pruned on a whole split, timed with more repeats: the Gates page's refinement."""
+    loaded = load_or_prepare(args.model)
+    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    state = read_gates(args.gates, loaded)
+    result = run_with_bar(args.job, lambda bar: compare_state(loaded, state, data, progress=bar,
+                                                              rounds={1: (5, 5), 32: (5, 2)}))
+    record = json.dumps({"examples": len(data), "data": data.name, **result.as_dict()}, indent=1)
+    if args.out is None:
+        print(record)
+    else:
+        write_text_atomically(args.out, record)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    heads = parse_heads(args.prune_heads)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 1 (0 = torch's default). Got {args.threads}.")
+    check_target(args.out, written_by=WRITER, overwrite=args.overwrite)  # fail before the slow part
+    loaded = load_or_prepare(args.model)
+    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    if args.limit:
+        data = data.subset(args.limit, seed=0)
+    for note in loaded.notes + data.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+
+    state = _state(args, loaded, heads)
+    pruned = prune(loaded, state)
+    models = {"dense": loaded, "pruned": pruned}
+
+    def measure_all(bar):
+        quality = {k: evaluate(m.model, m.tokenizer, data, max_length=m.max_length, progress=bar)
+                   for k, m in models.items()}
+        bar(0, 1, "timing batch 1 and 32")
+        timing = {b: compare({k: m.model for k, m in models.items()},
+                             make_batch(loaded.tokenizer, data.texts, b, loaded.max_length)) for b in (1, 32)}
+        bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
+        return quality, timing, save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
+
+    quality, timing, out = run_with_bar(args.job, measure_all)
+    seq_len = median_tokens(loaded, data.texts)
+    flops = {k: encoder_flops(m.adapter, seq_len) for k, m in models.items()}
+    params = {k: sum(p.numel() for p in m.model.parameters()) for k, m in models.items()}
+    encoder = {k: sum(p.numel() for p in m.adapter.layers.parameters()) for k, m in models.items()}
+
+    figures = {
+        "parameters": params, "encoder_parameters": encoder,
+        "encoder_mflops_per_example": {k: f.total / 1e6 for k, f in flops.items()},
+        "attention_mflops": {k: f.attention / 1e6 for k, f in flops.items()},
+        "ffn_mflops": {k: f.ffn / 1e6 for k, f in flops.items()},
+        "accuracy": {k: q.accuracy for k, q in quality.items()},
+        **{f"latency_b{b}_ms": {k: lat.median_s * 1e3 for k, lat in t.items()} for b, t in timing.items()},
+    }
+    if args.json:
+        print(json.dumps({"out": str(out), "pruned": pruned.notes[-1], "median_tokens": seq_len,
+                          "sparsity": exact_sparsity(state), "threads": timing[1]["dense"].threads,
+                          "figures": figures}, indent=2))
+        return 0
+    rows = []
+    for name, values in figures.items():
+        d, p = values["dense"], values["pruned"]
+        if name == "accuracy":
+            rows.append((f"accuracy (n={len(data)})", f"{d:.4f}", f"{p:.4f}", f"{p - d:+.4f}"))
+            continue
+        fmt = "{:,.0f}" if "parameters" in name else "{:,.2f}"
+        label = _LABELS.get(name, name)
+        ratio = f"{p / d:.3f}" if d else "-"
+        if name.startswith("latency"):
+            ratio += f" ({d / p:.2f}x faster)"
+        rows.append((label, fmt.format(d), fmt.format(p), ratio))
+    print(_table(rows))
+    print(f"\n{pruned.notes[-1]} CoFi sparsity {exact_sparsity(state):.3f}. Accuracy on {data.name}, "
+          "no retraining after pruning; FLOPs at the median length "
+          f"of {seq_len} tokens; latency median of {timing[1]['dense'].repeats} interleaved runs, "
+          f"{timing[1]['dense'].threads} threads.")
+    print(f"saved {out}{' (with model.onnx)' if args.onnx else ''}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """The `apply` and `evaluate` subcommands."""
+    ap = sub.add_parser("apply", help="prune heads / FFN units / hidden dims by hand and save the smaller model")
+    ap.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
+    ap.add_argument("--prune-heads", default="", metavar="L:H,...", help="heads to remove, 0-based, e.g. 0:1,3:2")
+    ap.add_argument("--gates", type=Path, default=None, metavar="FILE",
+                    help="a gate state as JSON (e.g. saved by the Gates page) instead of the three options here")
+    ap.add_argument("--ffn-keep", type=_fraction("--ffn-keep"), default=None, metavar="FRAC",
+                    help="fraction of FFN units to keep in every layer, in (0, 1]")
+    ap.add_argument("--hidden-keep", type=_fraction("--hidden-keep"), default=None, metavar="FRAC",
+                    help="fraction of hidden dims to keep, in (0, 1]")
+    ap.add_argument("--criterion", choices=CRITERIA, default="magnitude",
+                    help="how FFN units / hidden dims are chosen (weight magnitude or seeded random)")
+    ap.add_argument("--data", default="default", help="default (dev split of the Rotten Tomatoes task) | CSV/TSV/JSONL")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples")
+    ap.add_argument("--out", type=Path, required=True, help="new folder for the pruned model")
+    ap.add_argument("--onnx", action="store_true", help="also export model.onnx (checked against torch)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it is an export HeadLab wrote")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: torch's default)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.set_defaults(func=cmd_apply)
+    ev = sub.add_parser("evaluate", help="dense vs pruned by a gates file on a whole dataset (JSON)")
+    ev.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
+    ev.add_argument("--gates", type=Path, required=True, metavar="FILE", help="a gate state as JSON")
+    ev.add_argument("--data", default="default", help="default (dev split of the Rotten Tomatoes task) | CSV/TSV/JSONL")
+    ev.add_argument("--out", type=Path, default=None, help="write the JSON here (stdout if omitted)")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    ev.add_argument("--job", help=argparse.SUPPRESS)
+    ev.set_defaults(func=cmd_evaluate)
