@@ -1,9 +1,12 @@
 """What a gate state does to a model, measured against the dense model in the same process.
 
-`compare_state` is what the Gates page calls after every toggle: it physically prunes a copy of the
-model (the dense model is never changed), evaluates it on a small seeded subset, times dense and
-pruned interleaved at batch 1 and 32 (so machine drift hits both alike) and counts parameters,
-encoder FLOPs and CoFi sparsity. Budget: ~1-2 s on 2 cores for the default model.
+`measure_pruned` is the one measuring path: a physically pruned copy (the dense model is never
+changed) is evaluated on a dataset, timed interleaved with the dense model at batch 1 and 32 (so
+machine drift hits both alike), and its parameters, encoder FLOPs and CoFi sparsity are counted.
+The Gates page calls it after every change on a small seeded subset with the pruned copy it keeps
+for export (~1-2 s on 2 cores for the default model); `compare_state` (prune, then measure) serves
+`pruning evaluate` (the Gates page's full-dev job) and `pruning apply`; training eval steps call it
+through `pruning.record.measure_step`.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ class Comparison:
     def as_dict(self) -> dict:
         return {"dense": asdict(self.dense), "pruned": asdict(self.pruned), "sparsity": self.sparsity,
                 "seq_len": self.seq_len, "seconds": self.seconds, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Comparison:
+        """Read `as_dict` back (e.g. the JSON `pruning evaluate` writes); other keys are ignored."""
+        return cls(dense=Figures(**data["dense"]), pruned=Figures(**data["pruned"]), sparsity=data["sparsity"],
+                   seq_len=data["seq_len"], seconds=data["seconds"], note=data["note"])
 
 
 def figures(loaded: LoadedModel, data: TextDataset, seq_len: int, progress: Progress | None = None) -> Figures:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from pruning.surgery import prune
 
 LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
 FINAL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # ... and at the final full-dev evaluation
+CLOCK = ("train_s", "eval_s", "checkpoint_s", "setup_s")  # the training clock's parts, seconds
 
 
 @dataclass
@@ -52,7 +53,8 @@ class StepRecord:
     target: float | None
     lr: float
     loss: float | None  # mean total loss since the last eval
-    losses: dict[str, float]  # mean of each named term since the last eval (task, distill_ce, lagrangian, ...)
+    losses: dict[str, float]  # each named term (task, distill_ce, lagrangian, ...) per step since the last eval,
+    # averaged over all those steps (0 where a step had no such term), so that they sum to `loss`
     method_figures: dict[str, float | None]  # e.g. lambda_1, lambda_2
     heads_alive: list[int]  # per layer, counting the attention sublayer gate
     units_alive: list[int]  # FFN units per layer, counting the FFN sublayer gate
@@ -76,9 +78,17 @@ class StepRecord:
 
     @classmethod
     def from_dict(cls, data: dict) -> StepRecord:
-        """Read a stored record; keys it does not know (older or newer stores) are ignored."""
+        """Read a stored record; keys it does not know (older or newer stores) are ignored. A record of a
+        store written before StepRecord (flat `loss_<name>`, `lambda_1` / `lambda_2` and clock keys) is
+        folded into `losses`, `method_figures` and `clock`; fields it never had are None."""
+        data = dict(data)
+        if "losses" not in data:
+            data["losses"] = {k[5:]: v for k, v in data.items() if k.startswith("loss_") and v is not None}
+            data.setdefault("method_figures", {k: data[k] for k in ("lambda_1", "lambda_2") if data.get(k) is not None})
+            data.setdefault("clock", {k: data[k] for k in CLOCK if k in data})
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        missing = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - set(data)
+        return cls(**dict.fromkeys(missing), **{k: v for k, v in data.items() if k in known})
 
     def row(self) -> dict:
         """Flat for tables and curves: loss terms as loss_<name>, the method's figures by name."""
@@ -118,7 +128,8 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
     finally:
         session.student.model.train()
     expected = session.method.expected_sparsity(session.step) if session.pruning() else None
-    losses = {k: float(np.mean(v)) for k, v in session.losses.items() if v and k != "loss"}
+    steps = len(session.losses.get("loss", []))  # a term can start mid-interval (the end of a plain fine-tune)
+    losses = {k: float(np.sum(v)) / steps for k, v in session.losses.items() if v and k != "loss"}
     shape = session.shape
     seconds = time.perf_counter() - start
     session.clock["eval_s"] += seconds

@@ -69,10 +69,30 @@ def test_latency_harness_shape(tiny_dir):
     assert result[32].seq_len == max(len(loaded.tokenizer(t)["input_ids"]) for t in TEXTS)
 
 
+class Logged(torch.nn.Module):
+    """`model` that appends `name` to `calls` at every forward pass."""
+
+    def __init__(self, model: torch.nn.Module, name: str, calls: list[str]):
+        super().__init__()
+        self.model, self.name, self.calls = model, name, calls
+
+    def forward(self, **batch):
+        self.calls.append(self.name)
+        return self.model(**batch)
+
+
 def test_compare_interleaves_models(tiny_dir):
+    """Rounds alternate the models (A B A B ...), each running `repeats_per_round` times per round; timing
+    one model to the end and then the other (sequential) fails here."""
     loaded = load_model(str(tiny_dir))
     batch = make_batch(loaded.tokenizer, TEXTS, 4)
-    out = compare({"a": loaded.model, "b": loaded.model}, batch, rounds=2, repeats_per_round=3)
+    calls: list[str] = []
+    models = {name: Logged(loaded.model, name, calls) for name in ("a", "b")}
+    out = compare(models, batch, rounds=4, repeats_per_round=1, warmup=False)
+    assert calls == ["a", "b"] * 4 and {k: v.repeats for k, v in out.items()} == {"a": 4, "b": 4}
+    calls.clear()
+    out = compare(models, batch, rounds=2, repeats_per_round=3)
+    assert calls == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2  # one untimed warm-up call each, then the rounds
     assert {k: v.repeats for k, v in out.items()} == {"a": 6, "b": 6}
 
 

@@ -1,16 +1,23 @@
-"""The export panel shared by the Gates and Prune pages: a background job writing a folder + ONNX."""
+"""The export panels of the Gates and Prune pages, writing a folder + ONNX: `save_panel` saves a pruned
+model the page already holds, in a thread of this server process (no other process, no re-pruning);
+`export_panel` runs a background job (a finished run's model, read from its run folder)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import streamlit as st
 
 from core.folders import FolderError, check_target
 from core.jobs import job_state
+from core.loaded import LoadedModel
 from core.paths import headlab_home
-from pruning.export import WRITER, check_name
+from pruning.export import WRITER, check_name, save_pruned
 from ui.jobs import ensure_job, wait_for
+
+_SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headlab-export")  # one export at a time
 
 HELP = ("Physically smaller safetensors folder that HeadLab loads back, plus model.onnx for onnxruntime, "
         "checked against torch")
@@ -47,7 +54,53 @@ def export_panel(out: Path, job: str, args: list[str], label: str, *, disabled: 
     elif state.status != "done" or not out.exists():
         wait_for(job, "Exporting", lambda: getattr(job_state(job), "status", "") == "done" and out.exists())
     else:
-        sizes = {f.name: f.stat().st_size for f in out.iterdir()}
-        st.success(f"Saved {out}: model.safetensors {sizes.get('model.safetensors', 0) / 1e6:.1f} MB, "
-                   f"model.onnx {sizes.get('model.onnx', 0) / 1e6:.1f} MB. Load it on the Model page as a local "
-                   "folder, or run model.onnx with onnxruntime (inputs input_ids, attention_mask; output logits).")
+        _saved(out)
+
+
+def save_panel(out: Path, key: str, model: Callable[[], LoadedModel], label: str, *, disabled: bool = False) -> None:
+    """A button saving the pruned `model()` (called on the click, in the page: the copy the page has
+    measured) to the folder `out` with model.onnx, in a thread of this process so the page stays
+    responsive; then its progress, the sizes written or the error. `key` names what is saved (e.g. the
+    gate state's digest): `out` is shown as saved only for the same key; otherwise, like any folder
+    that is not free, it is refused with one error line (`core.folders.check_target`)."""
+    tasks: dict[str, tuple[str, Future]] = st.session_state.setdefault("save_tasks", {})
+    task = tasks.get(str(out))
+    future = task[1] if task is not None and task[0] == key else None
+    if future is not None and future.done() and future.exception() is None and not out.exists():
+        future = None  # saved, then removed by hand: offer the button again
+    if future is not None:
+        if not future.done():
+            _wait(future)
+        elif future.exception() is not None:
+            st.error(f"Export failed: {' '.join(str(future.exception()).split())}")
+            if st.button("Retry", key=f"retry-save-{out.name}"):
+                tasks.pop(str(out))
+                st.rerun()
+        else:
+            _saved(out)
+        return
+    try:
+        check_target(out, written_by=WRITER)
+    except FolderError as exc:
+        st.error(str(exc))
+        return
+    if st.button(label, disabled=disabled, help=HELP):
+        tasks[str(out)] = (key, _SAVER.submit(save_pruned, model(), out, onnx=True))
+        st.rerun()
+
+
+def _wait(future: Future) -> None:
+    @st.fragment(run_every=0.5)
+    def poll() -> None:
+        if future.done():
+            st.rerun()
+        st.info("Exporting: saving the pruned copy, then model.onnx (checked against torch)...")
+
+    poll()
+
+
+def _saved(out: Path) -> None:
+    sizes = {f.name: f.stat().st_size for f in out.iterdir()}
+    st.success(f"Saved {out}: model.safetensors {sizes.get('model.safetensors', 0) / 1e6:.1f} MB, "
+               f"model.onnx {sizes.get('model.onnx', 0) / 1e6:.1f} MB. Load it on the Model page as a local "
+               "folder, or run model.onnx with onnxruntime (inputs input_ids, attention_mask; output logits).")

@@ -1,12 +1,17 @@
 """Session state and cached measurements of the Gates page.
 
 Each browser tab has its own session: its gate choices, undo stack and history live in
-`st.session_state`; the dense model is a shared read-only singleton (`ui.loaders`), and every
-measurement prunes a private copy of it (`pruning.live.compare_state`).
+`st.session_state`; the dense model is a shared read-only singleton (`ui.loaders`). A gate choice
+(`ManualGates`) is turned into a GateState once (`gate_state`), a physically pruned copy is made once
+(`pruned_model`, also what Export saves) and measured once (`measure`, `pruning.live.measure_pruned`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +21,10 @@ from analysis.heads import HeadsReport
 from core.data import TextDataset
 from core.models import LoadedModel
 from core.paths import headlab_home
-from pruning.live import Comparison, Figures, ManualGates, compare_state, figures
+from core.summary import median_tokens
+from pruning.gates import GateState
+from pruning.live import Comparison, Figures, ManualGates, figures, measure_pruned
+from pruning.surgery import prune
 
 SUBSET = 100  # dev sentences measured after every change (seeded); the full dev set follows in the background
 _MODEL = {LoadedModel: lambda m: m.fingerprint}
@@ -68,23 +76,36 @@ def _load_report(folder: str) -> HeadsReport:
 
 @st.cache_data(max_entries=4, show_spinner="Measuring the dense model...", hash_funcs={**_MODEL, **_DATA})
 def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
-    from core.summary import median_tokens
-
     return figures(loaded, subset, median_tokens(loaded, subset.texts))
+
+
+@st.cache_data(max_entries=64, show_spinner=False, hash_funcs=_MODEL)
+def gate_state(loaded: LoadedModel, gates: ManualGates) -> tuple[str, str]:
+    """(digest, GateState JSON) of `gates` on `loaded`, computed once per gate choice (FFN and hidden
+    keep fractions score units by weight magnitude, hidden dims over the whole embedding table)."""
+    text = gates.state(loaded).to_json()
+    return hashlib.sha1(f"{loaded.fingerprint}:{text}".encode()).hexdigest()[:12], text
+
+
+@st.cache_resource(max_entries=4, show_spinner="Pruning a copy...", hash_funcs=_MODEL)
+def pruned_model(loaded: LoadedModel, gates: ManualGates) -> LoadedModel:
+    """The physically pruned copy of `loaded` for `gates` (shared read-only, like the dense model): the
+    copy that is measured and, on Export, saved."""
+    return prune(loaded, GateState.from_json(gate_state(loaded, gates)[1]))
 
 
 @st.cache_data(max_entries=64, show_spinner="Pruning a copy and measuring it...", hash_funcs={**_MODEL, **_DATA})
 def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Comparison:
-    """Dense vs pruned on `subset` (cached per gate choice: undo and repeats are instant)."""
-    return compare_state(loaded, gates.state(loaded), subset, dense=dense_figures(loaded, subset))
+    """Dense vs pruned on `subset` (`pruning.live.measure_pruned`, cached per gate choice: undo and
+    repeats are instant). Both models just ran, so batch 32 is not warmed up; `seconds` includes pruning."""
+    start = time.perf_counter()
+    cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense_figures(loaded, subset), warm_b32=False)
+    return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
 
 def gates_file(loaded: LoadedModel, gates: ManualGates) -> tuple[str, Path]:
     """(digest, path) of the current gate state saved as JSON for background jobs (written once)."""
-    import hashlib
-
-    text = gates.state(loaded).to_json()
-    digest = hashlib.sha1(f"{loaded.fingerprint}:{text}".encode()).hexdigest()[:12]
+    digest, text = gate_state(loaded, gates)
     path = headlab_home() / "cache" / "gates" / f"{digest}.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +117,15 @@ def gates_file(loaded: LoadedModel, gates: ManualGates) -> tuple[str, Path]:
 def refined_path(digest: str, data: TextDataset) -> Path:
     """Where the full-dataset evaluation of a gate state (by `gates_file` digest) is written."""
     return headlab_home() / "cache" / "gates" / f"{digest}-{data.fingerprint()}-full.json"
+
+
+def refined(digest: str, data: TextDataset) -> tuple[str, int, Comparison] | None:
+    """(data name, examples, comparison) of the full-dataset job's result for `digest`, or None yet."""
+    path = refined_path(digest, data)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record["data"], record["examples"], Comparison.from_dict(record)
 
 
 def runs_with_gates(spec: str) -> dict[int, str]:
