@@ -28,8 +28,12 @@ def exports_dir() -> Path:
 
 
 def export_folder(default: str, key: str) -> Path | None:
-    """A name input; the folder under `exports_dir()` it names, or None (with an error shown) if invalid."""
-    name = st.text_input("Name", value=default, key=key, help=f"A folder of this name is written under {exports_dir()}")
+    """A name input; the folder under `exports_dir()` it names, or None (with an error shown) if invalid.
+    Until the user types a name of their own, the input follows `default` (e.g. a new gate state's)."""
+    if st.session_state.get(key) in (None, st.session_state.get(f"{key}_default")):
+        st.session_state[key] = default
+    st.session_state[f"{key}_default"] = default
+    name = st.text_input("Name", key=key, help=f"A folder of this name is written under {exports_dir()}")
     try:
         return exports_dir() / check_name(name)
     except ValueError as exc:
