@@ -1,7 +1,8 @@
 """Folders HeadLab writes: built whole under a temporary name, renamed into place, and replaced or
 removed only when HeadLab wrote them.
 
-Every writer of a folder (pruned exports, heads reports, run folders) goes through `atomic_folder`:
+Every writer of a folder (pruned exports, heads reports, run folders) goes through `atomic_folder`,
+every writer of a single file (CSV and JSON outputs, training checkpoints) through `atomic_file`:
 
     with atomic_folder(out, written_by="analysis.heads", overwrite=True) as tmp:
         (tmp / "heads.csv").write_text(...)
@@ -153,10 +154,13 @@ def remove_owned(path: str | Path, **expected) -> bool:
     return True
 
 
-def write_text_atomically(path: str | Path, text: str) -> Path:
-    """Write `text` to the file `path` whole: into a fresh hidden sibling, then renamed over `path`.
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh hidden sibling of the file `path` to write; on a clean exit it is fsynced and
+    renamed over `path`, so a reader sees the old file or the new one, never a part.
 
-    A failure leaves the old file as it was and no sibling behind. FolderError if `path` is a folder.
+    An exception inside the block leaves the old file as it was and no sibling behind. FolderError if
+    `path` is a folder or its folder cannot be written.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -164,9 +168,18 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
     tmp = _sibling(path, "partial")
     with _writing_in(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_text(text)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # the bytes reach the disk before the rename makes them the file
+            os.fsync(f.fileno())
+        with _writing_in(path.parent):
             os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write `text` to the file `path` whole (`atomic_file`). FolderError if `path` is a folder."""
+    with atomic_file(path) as tmp, _writing_in(Path(path).expanduser().parent):
+        tmp.write_text(text)
+    return Path(path).expanduser()

@@ -1,14 +1,26 @@
-"""A tiny embedded store (SQLite, WAL) of background jobs' progress, polled by the app.
+"""The one background-work layer: how HeadLab starts, watches and judges processes that work on their
+own, and the tiny embedded store (SQLite, WAL) of app jobs' progress, polled by the app.
 
-Long work never runs inside a Streamlit rerun: the page starts `python -m core ...` as a separate
-process, which reports here; the page reads the row on each poll. A job whose process is gone
-without finishing is reported as failed with the error its log shows (an `error: ...` line, the last
-line of a traceback), or as interrupted if the log shows none; never left "running" forever.
+Long work never runs inside a Streamlit rerun: the page starts a separate process and polls what it
+reports. Two kinds of work share the mechanics here:
+
+- app jobs (`start_job`: `python -m core|analysis|pruning ... --job NAME`) report to the `jobs`
+  table of $HEADLAB_HOME/jobs.sqlite (`JobReporter`);
+- training runs (`pruning.launch`: `python -m pruning train` or `torchrun ... -m pruning train`)
+  report to the run store (`pruning.runs`).
+
+Both start through `start_process` (detached in its own session, stdin closed, cwd the repository,
+output appended to a log file after a `START` line) and are judged by one rule, `dead_reason`: a
+process that says it works is dead when its pid is gone (`pid_alive`) or its last heartbeat is older
+than `STALE_S` (`is_stale`). A dead job reads as failed with the error its log shows (an `error: ...`
+line, the last line of a traceback), or as interrupted if the log shows none; never left "running"
+forever. Files the work writes go through `core.folders` (`atomic_file`, `atomic_folder`).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +35,9 @@ from core.paths import headlab_home
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, done INTEGER, total INTEGER, message TEXT,
     pid INTEGER, started REAL, heartbeat REAL, error TEXT)"""
-STALE_S = 120.0  # a running job that has not reported for this long is treated as dead
+STALE_S = 120.0  # seconds: a running job or run whose process has not reported for this long is dead
+BACKGROUND_ENV = "HEADLAB_BACKGROUND_JOB"  # set for background processes: their log files need no progress bar
+REPO = Path(__file__).resolve().parent.parent  # the working folder of every background process
 START = "=== HeadLab job started"  # begins each start's part of a job's log
 LOG_TAIL = 1 << 16  # bytes at the end of a log searched for its error line
 ERROR_LIMIT = 300  # characters of a log's error line shown
@@ -67,6 +81,42 @@ def pid_alive(pid: int | None) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def is_stale(heartbeat: float, now: float | None = None) -> bool:
+    """True if a process's last sign of life at `heartbeat` (Unix seconds) is more than `STALE_S` ago."""
+    return (time.time() if now is None else now) - heartbeat > STALE_S
+
+
+def dead_reason(pid: int | None, heartbeat: float, now: float | None = None) -> str | None:
+    """Why work said to run in process `pid`, last heard of at `heartbeat` (Unix seconds), is dead: its
+    process is gone (`pid_alive`) or silent (`is_stale`). None while it lives."""
+    now = time.time() if now is None else now
+    if not pid_alive(pid):
+        return f"the job's process (pid {pid}) ended without finishing"
+    if is_stale(heartbeat, now):
+        return f"the job's process (pid {pid}) has not reported for {now - heartbeat:.0f} s"
+    return None
+
+
+def python_command(args: list[str]) -> list[str]:
+    """`python -m <args>` with this interpreter."""
+    return [sys.executable, "-m", *args]
+
+
+def start_process(command: list[str], log: str | Path) -> subprocess.Popen:
+    """The one launcher: run `command` (e.g. `python_command(...)` or a torchrun command) detached from
+    the caller, in its own session (so `os.killpg(pid, ...)` reaches all its processes), stdin closed,
+    cwd the repository, `BACKGROUND_ENV` set, stdout and stderr appended to `log` after a `START` line
+    naming the command. Returns at once."""
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    shown = shlex.join(["python" if command[0] == sys.executable else command[0], *command[1:]])
+    with open(log, "ab") as out:
+        out.write(f"\n{START} {time.strftime('%Y-%m-%d %H:%M:%S')}: {shown}\n".encode())
+        out.flush()  # before the child's output
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=REPO, env={**os.environ, BACKGROUND_ENV: "1"})
 
 
 def _register(name: str, pid: int, db: Path | None) -> None:
@@ -132,29 +182,20 @@ def job_state(name: str, db: Path | None = None) -> JobState | None:
     if row is None:
         return None
     state = JobState(*row)
-    if state.status == "running" and (not pid_alive(state.pid) or time.time() - state.heartbeat > STALE_S):
+    why = dead_reason(state.pid, state.heartbeat) if state.status == "running" else None
+    if why:
         logged = state.error or log_error(name)
         state.status = "failed" if logged else "interrupted"
-        state.error = logged or "the job's process ended without finishing"
+        state.error = logged or why
     return state
 
 
-BACKGROUND_ENV = "HEADLAB_BACKGROUND_JOB"  # set for jobs the app starts: their log files need no progress bar
-
-
 def start_job(name: str, args: list[str], db: Path | None = None) -> subprocess.Popen:
-    """Run `python -m <args>` detached from the caller, logging to $HEADLAB_HOME/logs/<name>.log."""
+    """Run `python -m <args>` as job `name` (`start_process`), logging to $HEADLAB_HOME/logs/<name>.log."""
     state = job_state(name, db)
     if state and state.status == "running":
         raise RuntimeError(f"Job '{name}' is already running (pid {state.pid}).")
-    log_path = job_log(name)
-    log_path.parent.mkdir(exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"\n{START} {time.strftime('%Y-%m-%d %H:%M:%S')}: python -m {' '.join(args)}\n".encode())
-        log.flush()  # before the child's output
-        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=Path(__file__).resolve().parent.parent, env={**os.environ, BACKGROUND_ENV: "1"})
+    proc = start_process(python_command(args), job_log(name))
     # Record the job before returning so the next poll sees it running (and does not start it again).
     _register(name, proc.pid, db)
     return proc
@@ -169,7 +210,7 @@ def cancel_job(name: str, db: Path | None = None) -> bool:
     stopped = False
     if state is not None and state.status == "running" and state.pid:
         try:
-            os.killpg(state.pid, signal.SIGTERM)  # start_job runs each job in its own session
+            os.killpg(state.pid, signal.SIGTERM)  # start_process runs each job in its own session
             stopped = True
         except (ProcessLookupError, PermissionError):
             pass

@@ -11,10 +11,11 @@ import streamlit as st
 
 from pruning.config import TrainConfig
 from pruning.distributed import torchrun_command
+from pruning.launch import launch, launch_command
 from pruning.live import ManualGates
 from pruning.methods import methods
 from pruning.record import StepRecord
-from pruning.runs import RunStore, launch, launch_command
+from pruning.runs import RunStore
 from ui.charts import gate_grid, pareto_chart
 from ui.export import export_folder, export_panel
 from ui.settings import settings_inputs
@@ -56,7 +57,7 @@ with st.expander("New run", expanded=not store.list()):
                                            **common, **options).check()
                 run_id = store.create(config.to_dict())
                 launch(store, run_id, processes=int(processes))
-                st.session_state.update(prune_run=run_id, **{f"processes_{run_id}": int(processes)})
+                st.session_state.update(prune_run=run_id)
             except ValueError as exc:
                 st.error(str(exc))
 
@@ -136,10 +137,8 @@ run = store.get(run_id)
 c1, c2, c3 = st.columns(3)
 if c1.button("Stop", disabled=not run.active, width="stretch"):
     store.request_stop(run_id)
-metrics = store.metrics(run_id)
-processes = st.session_state.get(f"processes_{run_id}") or (metrics[-1].get("processes") or 1 if metrics else 1)
 if c2.button("Resume", disabled=run.active or run.status == "done", width="stretch"):
-    launch(store, run_id, processes=processes)
+    launch(store, run_id, processes=run.processes)
 if c3.button("Delete", disabled=run.active, width="stretch"):
     store.delete(run_id)
     st.session_state.pop("prune_run", None)
@@ -148,9 +147,9 @@ live(run_id)
 with st.expander("Command line"):
     st.caption("What the page ran (resume uses the same), and the same configuration as a fresh run, e.g. on a "
                "cluster node (replace `--standalone` by torchrun's `--nnodes` / `--rdzv-endpoint` options):")
-    st.code(shlex.join(launch_command(run_id, processes=processes)), language="bash")
+    st.code(shlex.join(launch_command(run_id, processes=run.processes)), language="bash")
     fresh = ["pruning", "train", *TrainConfig.from_dict(run.config).cli_args()]
-    st.code(shlex.join(torchrun_command(fresh, processes) if processes > 1 else ["python", "-m", *fresh]),
+    st.code(shlex.join(torchrun_command(fresh, run.processes) if run.processes > 1 else ["python", "-m", *fresh]),
             language="bash")
 
 steps = store.gate_steps(run_id)

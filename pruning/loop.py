@@ -33,12 +33,13 @@ import torch
 
 from core.loaded import LoadedModel
 from pruning import memory
+from pruning.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pruning.config import TrainConfig
 from pruning.distributed import Dist, checksum, launcher_pid
 from pruning.export import save_pruned
 from pruning.methods.base import Progress
 from pruning.record import StepRecord, measure_step
-from pruning.runs import CHECKPOINT, Heartbeat, RunStore, load_checkpoint, save_checkpoint
+from pruning.runs import Heartbeat, RunStore
 from pruning.session import Job, TrainSession
 from pruning.signals import StopSignals
 
@@ -197,7 +198,7 @@ def run_job(store: RunStore | None, run_id: int | None, progress: Progress | Non
     dist = dist or Dist()
     job = None
     if dist.main:
-        run_row = store.enqueue(run_id, pid=launcher_pid())
+        run_row = store.enqueue(run_id, pid=launcher_pid(), processes=dist.world)
 
         def waiting(message: str) -> None:
             dist.broadcast(WAITING)

@@ -1,64 +1,54 @@
-"""The run store of pruning jobs (SQLite, WAL) and their checkpoints.
+"""The run store of pruning jobs (SQLite, WAL).
 
-A training job (`python -m pruning train`) is a separate process. It writes here; the app and the
-CLI only read (and set the stop flag). Tables, in $HEADLAB_HOME/runs.sqlite by default:
+A training job (`python -m pruning train`, started in the background by `pruning.launch`) is a
+separate process. It writes here; the app and the CLI only read (and set the stop flag). Tables, in
+$HEADLAB_HOME/runs.sqlite by default:
 
     runs     id, config (JSON), status, pid, heartbeat, error, created, run_dir, step, total, message,
-             stop flag, attempt (1 + times resumed), result (JSON of the final metrics)
+             stop flag, attempt (1 + times resumed), result (JSON of the final metrics), processes
+             (1, or the torchrun process count; a store written before it had the column gains it)
     metrics  one row per eval step: (run, step, attempt) -> JSON of the live metrics
     gates    one row per eval step: (run, step, attempt) -> GateState JSON (deterministic gates)
 
 Status: queued -> running -> done | failed | stopped; a queued or running run whose process is gone
-(kill -9, out of memory, power cut) or silent for `STALE_S` reads as interrupted, with an error
-saying so. Stopped, interrupted and failed runs can be resumed from their last checkpoint: the rows a
-crashed attempt wrote after that checkpoint are kept but marked superseded, so the curve continues
-where the checkpoint left it and nothing recorded is deleted. One run trains at a time: `claim`
+(kill -9, out of memory, power cut) or silent for `core.jobs.STALE_S` reads as interrupted, with an
+error saying so (`core.jobs.dead_reason`, the rule app jobs are judged by too). Stopped, interrupted
+and failed runs can be resumed from their last checkpoint: the rows a crashed attempt wrote after
+that checkpoint are kept but marked superseded, so the curve continues where the checkpoint left it
+and nothing recorded is deleted. One run trains at a time: `claim`
 lets the oldest waiting run go first.
 
-Checkpoints (`save_checkpoint` / `load_checkpoint`) are one `checkpoint.pt` per run folder written
-atomically with `torch.save` and read with `weights_only=True`: tensors and plain types only (RNG
-states are stored as tensors). The run folder is created with a `core.folders` marker naming the run
-and its store, so that `delete` removes only folders the store created.
-
-Every checkpoint carries the sha256 of its payload (`payload_digest`), checked on load: damaged bytes
-inside a tensor, which torch would load silently, make the resume fail with one line instead.
+The run folder (checkpoints: `pruning.checkpoints`; the final model; train.log) is created with a
+`core.folders` marker naming the run and its store, so that `delete` removes only folders the store
+created.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from core.folders import check_target, new_folder, remove_owned
-from core.jobs import pid_alive
+from core.jobs import dead_reason, is_stale
 from core.paths import headlab_home
 from pruning.gates import GateState
 
-STATUSES = ("queued", "running", "done", "failed", "interrupted", "stopped")
 RESUMABLE = ("failed", "interrupted", "stopped")
-STALE_S = 120.0  # a queued/running run whose heartbeat is older than this is treated as dead
-CHECKPOINT = "checkpoint.pt"
 WRITER = "pruning.runs"  # names the store in a run folder's marker (core.folders)
-CHECKPOINT_FORMAT = 2  # 2: with the payload's sha256
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
         id INTEGER PRIMARY KEY AUTOINCREMENT, config TEXT NOT NULL, status TEXT NOT NULL, pid INTEGER,
         heartbeat REAL, error TEXT, created REAL NOT NULL, run_dir TEXT NOT NULL, step INTEGER DEFAULT 0,
         total INTEGER DEFAULT 0, message TEXT DEFAULT '', stop INTEGER DEFAULT 0, attempt INTEGER DEFAULT 1,
-        result TEXT)""",
+        result TEXT, processes INTEGER NOT NULL DEFAULT 1)""",
     """CREATE TABLE IF NOT EXISTS metrics (
         run_id INTEGER NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL, superseded INTEGER DEFAULT 0,
         time REAL NOT NULL, data TEXT NOT NULL, PRIMARY KEY (run_id, step, attempt))""",
@@ -70,7 +60,8 @@ SCHEMA = (
 
 @dataclass
 class Run:
-    """One row of `runs`. Times are Unix seconds; `step`/`total` count optimizer steps."""
+    """One row of `runs`. Times are Unix seconds; `step`/`total` count optimizer steps; `processes` is
+    how many processes train it (torchrun; 1 otherwise); `store` is the database the row is in."""
 
     id: int
     config: dict
@@ -86,6 +77,8 @@ class Run:
     stop_requested: bool
     attempt: int
     result: dict | None
+    processes: int
+    store: Path
 
     @property
     def active(self) -> bool:
@@ -104,6 +97,10 @@ class RunStore:
             con.execute("PRAGMA journal_mode=WAL")
             for statement in SCHEMA:
                 con.execute(statement)
+            columns = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+            if "processes" not in columns:  # a store written before runs recorded their process count
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
+                    con.execute("ALTER TABLE runs ADD COLUMN processes INTEGER NOT NULL DEFAULT 1")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -150,26 +147,24 @@ class RunStore:
 
     def _row(self, con: sqlite3.Connection, run_id: int) -> Run:
         row = con.execute("SELECT id, config, status, pid, heartbeat, error, created, run_dir, step, total, "
-                          "message, stop, attempt, result FROM runs WHERE id=?", (int(run_id),)).fetchone()
+                          "message, stop, attempt, result, processes FROM runs WHERE id=?", (int(run_id),)).fetchone()
         if row is None:
             raise ValueError(f"There is no run {run_id} in {self.db}.")
         return Run(id=row[0], config=json.loads(row[1]), status=row[2], pid=row[3], heartbeat=row[4], error=row[5],
                    created=row[6], run_dir=Path(row[7]), step=row[8], total=row[9], message=row[10] or "",
-                   stop_requested=bool(row[11]), attempt=row[12], result=json.loads(row[13]) if row[13] else None)
+                   stop_requested=bool(row[11]), attempt=row[12], result=json.loads(row[13]) if row[13] else None,
+                   processes=row[14], store=self.db)
 
     def _reap(self, con: sqlite3.Connection, run: Run) -> Run:
-        """Mark `run` interrupted if it is queued/running but its process is gone or silent."""
-        if run.status not in ("queued", "running"):
+        """Mark `run` interrupted if it is queued/running but its process is gone or silent
+        (`core.jobs.dead_reason`)."""
+        if not run.active:
             return run
-        now = time.time()
         if run.pid is None:  # created but never started by a process
-            dead = now - run.created > STALE_S
-            why = "the run was created but no process ever started it"
+            why = "the run was created but no process ever started it" if is_stale(run.created) else None
         else:
-            dead = not pid_alive(run.pid) or now - (run.heartbeat or run.created) > STALE_S
-            why = (f"the job's process (pid {run.pid}) ended without finishing" if not pid_alive(run.pid)
-                   else f"the job's process (pid {run.pid}) has not reported for {now - run.heartbeat:.0f} s")
-        if dead:
+            why = dead_reason(run.pid, run.heartbeat or run.created)
+        if why:
             con.execute("UPDATE runs SET status='interrupted', error=COALESCE(error, ?) WHERE id=? AND status=?",
                         (why, run.id, run.status))
             run.status, run.error = "interrupted", run.error or why
@@ -186,8 +181,9 @@ class RunStore:
             ids = [r[0] for r in con.execute("SELECT id FROM runs ORDER BY id DESC")]
             return [self._reap(con, self._row(con, i)) for i in ids]
 
-    def enqueue(self, run_id: int, pid: int | None = None) -> Run:
-        """Put a new or resumable run in the queue for process `pid` (default this one).
+    def enqueue(self, run_id: int, pid: int | None = None, processes: int = 1) -> Run:
+        """Put a new or resumable run in the queue for process `pid` (default this one), trained by
+        `processes` processes (torchrun; the store watches `pid`, the launcher's).
 
         A resumed run starts a new attempt (its earlier rows stay). ValueError if the run is active in
         another live process or already done.
@@ -202,8 +198,8 @@ class RunStore:
             if run.active and run.pid == pid:  # queued by its launcher, or claimed already: nothing to do
                 return run
             again = run.status in RESUMABLE  # a new attempt; a queued run (launched or not) keeps its own
-            con.execute("UPDATE runs SET status='queued', pid=?, heartbeat=?, stop=0, error=NULL, "
-                        "attempt=attempt + ? WHERE id=?", (pid, time.time(), int(again), run_id))
+            con.execute("UPDATE runs SET status='queued', pid=?, processes=?, heartbeat=?, stop=0, error=NULL, "
+                        "attempt=attempt + ? WHERE id=?", (pid, int(processes), time.time(), int(again), run_id))
             return self._row(con, run_id)
 
     def claim(self, run_id: int, *, exclusive: bool = True) -> bool:
@@ -366,132 +362,3 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    """The torch CPU RNG state as a tensor (gate sampling and dropout draw from it)."""
-    return {"torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-
-
-def payload_digest(payload: dict) -> str:
-    """sha256 (hex) of a checkpoint payload: every tensor's dtype, shape and bytes and every other
-    value, dict keys in sorted order; the same before `torch.save` and after `torch.load`."""
-    digest = hashlib.sha256()
-    _feed(digest, payload)
-    return digest.hexdigest()
-
-
-def _feed(digest, value) -> None:
-    """Add `value` (a tensor, dict, list / tuple or plain value) to `digest`, tagged by its kind."""
-    if isinstance(value, torch.Tensor):
-        flat = value.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"tensor {flat.dtype} {tuple(value.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy())  # the bytes themselves, not a copy
-    elif isinstance(value, dict):
-        digest.update(f"dict {len(value)};".encode())
-        for key in sorted(value, key=repr):
-            digest.update(f"{key!r}:".encode())
-            _feed(digest, value[key])
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"list {len(value)};".encode())
-        for item in value:
-            _feed(digest, item)
-    else:
-        digest.update(f"{type(value).__name__} {value!r};".encode())
-
-
-def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
-    """Write `payload` (tensors, numbers, strings, lists, dicts only) to run_dir/checkpoint.pt atomically,
-    with its `payload_digest` as "sha256": a temporary file is written and fsynced, then renamed over
-    the old checkpoint."""
-    run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
-    tmp = run_dir / f".{CHECKPOINT}.partial-{os.getpid()}"
-    body = {"format": CHECKPOINT_FORMAT, **payload}
-    body["sha256"] = payload_digest(body)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(run_dir: str | Path) -> dict:
-    """Read run_dir/checkpoint.pt (weights_only) and check its sha256. ValueError, one line, if it is
-    missing, unreadable, of another format or corrupt (checksum mismatch); the file is left as it is."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"No checkpoint in {Path(run_dir)}: the run ended before its first checkpoint; "
-                         "start a new run instead.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, unpickling error, bit rot: all the same to the user
-        detail = " ".join(str(exc).split())[:200]
-        raise ValueError(f"The checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {detail}); "
-                         "delete the run or start a new one.") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "step" not in payload:
-        raise ValueError(f"The checkpoint {path} is not a HeadLab training checkpoint of format {CHECKPOINT_FORMAT} "
-                         "(with a checksum); start a new run instead.")
-    if payload.pop("sha256", None) != payload_digest(payload):
-        raise ValueError(f"The checkpoint {path} is corrupt (checksum mismatch); delete the run or start a new one.")
-    return payload
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def start_process(args: list[str], log: str | Path) -> subprocess.Popen:
-    """Run `python -m <args>` detached (own session, stdin closed), appending stdout/stderr to `log`.
-
-    Used to launch or resume a run in the background (`python -m pruning train --resume ID`).
-    """
-    from core.jobs import BACKGROUND_ENV
-
-    log = Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=Path(__file__).resolve().parent.parent, env={**os.environ, BACKGROUND_ENV: "1"})
-
-
-def launch(store: RunStore, run_id: int, *, parallel: bool = False, processes: int = 1) -> subprocess.Popen:
-    """Start (or resume) run `run_id` in a background process (`python -m pruning train --run-id ID`),
-    logging to <run_dir>/train.log; `parallel` skips the one-run-at-a-time queue. With `processes`
-    > 1 the job runs data-parallel under torchrun (`launch_command` shows the command); the store
-    then watches the torchrun agent's pid. The run is queued for that process before this returns,
-    so the next poll never sees it as not started."""
-    run = store.get(run_id)
-    if run.active and pid_alive(run.pid):
-        raise ValueError(f"Run {run_id} is already {run.status} (pid {run.pid}).")
-    if run.status == "done":
-        raise ValueError(f"Run {run_id} is already done; start a new run instead.")
-    if store.db.resolve() != (headlab_home() / "runs.sqlite").resolve():
-        raise ValueError("launch() runs jobs of the store in $HEADLAB_HOME only.")
-    args = launch_command(run_id, parallel=parallel, processes=processes, executable=True)[2:]
-    proc = start_process(args, run.run_dir / "train.log")
-    store.enqueue(run_id, pid=proc.pid)
-    return proc
-
-
-def launch_command(run_id: int, *, parallel: bool = False, processes: int = 1, executable: bool = False) -> list[str]:
-    """The command `launch` runs for run `run_id`: `python -m pruning train --run-id ID [--parallel]`,
-    or with `processes` > 1 `torchrun --standalone --nproc_per_node=N -m pruning train --run-id ID`
-    (`executable`: this interpreter's path instead of `python` / `torchrun`)."""
-    from pruning.distributed import torchrun_command
-
-    args = ["pruning", "train", "--run-id", str(run_id)] + (["--parallel"] if parallel else [])
-    if processes == 1:
-        return [sys.executable if executable else "python", "-m", *args]
-    return torchrun_command(args, processes, executable=executable)

@@ -29,13 +29,14 @@ from core.loaded import LoadedModel
 from core.models import load_model
 from core.structure import pruning_info
 from pruning import memory
+from pruning.checkpoints import rng_state, set_rng_state
 from pruning.config import TrainConfig
 from pruning.distributed import Dist, resolve_device
 from pruning.gates import GateState
 from pruning.hooks import GateHooks
 from pruning.losses import TaskLoss
 from pruning.methods.base import MethodContext, Progress, PruningMethod
-from pruning.runs import RunStore, rng_state, set_rng_state
+from pruning.runs import RunStore
 from pruning.surgery import prune
 
 BATCH_TERMS = ("task", "distill_ce", "distill_layer")  # batch means: weighted by shard size across ranks

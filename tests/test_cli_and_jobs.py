@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from core import jobs
 from core.data import read_table, split_dataset
 from core.finetune import FinetuneConfig, finetune, save_classifier
-from core.jobs import JobReporter, job_state
+from core.jobs import BACKGROUND_ENV, START, JobReporter, cancel_job, dead_reason, job_state, start_job, start_process
 from core.models import load_model
 from tests.conftest import make_tiny
 
@@ -129,11 +131,34 @@ def test_job_store_reports_progress_and_detects_a_killed_job(tmp_path, monkeypat
 
 
 def test_cancel_job_stops_the_process_and_forgets_it(tmp_path, monkeypatch):
-    from core.jobs import cancel_job, start_job
-
     monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
     proc = start_job("sleeper", ["http.server", "0", "--bind", "127.0.0.1"])
     assert job_state("sleeper").status == "running"
     assert cancel_job("sleeper")
     assert proc.wait(timeout=20) != 0 and job_state("sleeper") is None
     assert not cancel_job("sleeper")  # nothing left to stop
+
+
+def test_dead_reason_is_the_one_rule_for_a_process_and_its_heartbeat(monkeypatch):
+    now = time.time()
+    assert dead_reason(os.getpid(), now - 1, now) is None
+    assert "(pid 0) ended without finishing" in dead_reason(0, now, now)  # no process at all
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    assert "ended without finishing" in dead_reason(ended.pid, now, now)
+    assert dead_reason(os.getpid(), now - jobs.STALE_S - 5, now) == (
+        f"the job's process (pid {os.getpid()}) has not reported for {jobs.STALE_S + 5:.0f} s")
+    monkeypatch.setattr(jobs, "STALE_S", 0.5)  # read at each call: one constant to change
+    assert jobs.is_stale(now - 1, now) and dead_reason(os.getpid(), now - 1, now) is not None
+
+
+def test_start_process_detaches_logs_and_marks_the_child(tmp_path):
+    log = tmp_path / "deep" / "x.log"
+    code = f"import os, sys; print(os.environ.get('{BACKGROUND_ENV}'), os.getcwd(), os.getsid(0) == os.getpid())"
+    for _ in range(2):  # every start appends its own part, after a START line naming the command
+        assert start_process([sys.executable, "-c", code], log).wait(timeout=30) == 0
+    parts = log.read_text().split(START)[1:]
+    assert len(parts) == 2
+    for part in parts:
+        header, output = part.strip().split("\n")
+        assert header.endswith("python -c " + shlex.quote(code)) and output == f"1 {ROOT} True"

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from pruning.checkpoints import load_checkpoint
 from pruning.config import TrainConfig
 from pruning.distributed import Dist, resolve_device, torchrun_command
 from pruning.gates import GROUPS
+from pruning.launch import launch, launch_command
 from pruning.loop import run_job
-from pruning.runs import RunStore, launch, launch_command, load_checkpoint
+from pruning.runs import RunStore
 from tests.conftest import make_tiny
 
 torch.set_num_threads(1)
@@ -75,7 +77,7 @@ def test_cuda_without_cuda_is_one_clear_error():
 
 
 def test_two_processes_follow_one_and_resume_on_the_same_curve(no_dropout, reviews, tmp_path, monkeypatch):
-    """A 2-process CoFi run (torchrun by hand, stopped after step 10, resumed by `runs.launch` with 2
+    """A 2-process CoFi run (torchrun by hand, stopped after step 10, resumed by `pruning.launch` with 2
     processes) against an uninterrupted 1-process run of the same config."""
     config = TrainConfig.build(model=str(no_dropout), data=str(reviews), **CONFIG).check()
     single = RunStore(tmp_path / "one" / "runs.sqlite")
@@ -98,7 +100,7 @@ def test_two_processes_follow_one_and_resume_on_the_same_curve(no_dropout, revie
     run = store.list()[0]
     stopped_at = load_checkpoint(run.run_dir)["step"]
     assert run.status == "stopped" and 10 <= stopped_at == run.step < 80, (run.status, run.step)
-    assert run.pid == proc.pid  # the store watched the torchrun agent
+    assert run.pid == proc.pid and run.processes == 2  # the store watched the torchrun agent, knows its 2 workers
 
     resumed = launch(store, run.id, processes=2)  # what the app runs: torchrun ... train --run-id ID
     assert resumed.wait(timeout=90) == 0, (run.run_dir / "train.log").read_text()[-3000:]

@@ -1,18 +1,28 @@
-"""pruning.runs: the SQLite run store (status, queue, stop, dead-process detection, delete) and checkpoints."""
+"""pruning.runs: the SQLite run store (status, queue, stop, dead-process detection, delete, process count,
+old stores); pruning.checkpoints; and the background-work layer (core.jobs) shared by app jobs and training
+runs: one launcher, one liveness check, one stale rule."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sqlite3
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from core import jobs
 from core.folders import MARKER
-from pruning import runs
+from core.jobs import STALE_S, JobReporter, job_log, job_state, pid_alive, start_job
+from pruning import checkpoints, launch, runs
+from pruning.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pruning.gates import GateShape, GateState
-from pruning.runs import RunStore, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pruning.runs import RunStore
 
 torch.set_num_threads(1)
 SHAPE = GateShape(layers=2, heads=4, head_dim=8, intermediate=64, hidden=32)
@@ -99,7 +109,7 @@ def test_dead_process_and_stale_heartbeat_read_as_interrupted(store, monkeypatch
     # resuming starts a new attempt
     again = store.enqueue(run_id)
     assert (again.status, again.attempt, again.error) == ("queued", 2, None)
-    monkeypatch.setattr(runs, "STALE_S", -1.0)  # every heartbeat is now too old
+    monkeypatch.setattr(jobs, "STALE_S", -1.0)  # every heartbeat is now too old (one constant for jobs and runs)
     assert store.get(other).status == "interrupted" and "not reported" in store.get(other).error
 
 
@@ -153,7 +163,7 @@ def test_missing_corrupt_and_foreign_checkpoints_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="No checkpoint in"):
         load_checkpoint(tmp_path)
     save_checkpoint(tmp_path, {"step": 1, "model": {"w": torch.ones(1000)}})
-    path = tmp_path / runs.CHECKPOINT
+    path = tmp_path / checkpoints.CHECKPOINT
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match="corrupt or unreadable"):
@@ -167,3 +177,102 @@ def test_missing_corrupt_and_foreign_checkpoints_raise_clear_errors(tmp_path):
     torch.save({"weights": torch.ones(2)}, path)
     with pytest.raises(ValueError, match="not a HeadLab training checkpoint"):
         load_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------------- process count, old stores
+
+
+def test_the_process_count_is_stored_with_the_run(store):
+    run_id = store.create({})
+    run = store.get(run_id)
+    assert (run.processes, run.store) == (1, store.db)
+    store.enqueue(run_id, pid=os.getpid(), processes=4)  # e.g. rank 0 under torchrun with 4 workers
+    assert store.get(run_id).processes == 4 and store.list()[0].processes == 4
+    store.finish(run_id, "stopped")
+    store.enqueue(run_id, processes=2)  # resumed in another number of processes
+    assert RunStore(store.db).get(run_id).processes == 2  # read back by a fresh store object
+
+
+OLD_RUNS = """CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, config TEXT NOT NULL, status TEXT NOT NULL, pid INTEGER,
+    heartbeat REAL, error TEXT, created REAL NOT NULL, run_dir TEXT NOT NULL, step INTEGER DEFAULT 0,
+    total INTEGER DEFAULT 0, message TEXT DEFAULT '', stop INTEGER DEFAULT 0, attempt INTEGER DEFAULT 1,
+    result TEXT)"""  # the runs table before it had the processes column
+
+
+def test_a_store_of_the_old_schema_opens_and_gains_the_column(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.execute(OLD_RUNS)
+        con.execute("INSERT INTO runs (config, status, created, run_dir, step, total, result) "
+                    "VALUES (?, 'done', 1.0, ?, 5, 5, ?)", ('{"method": "cofi"}', str(tmp_path / "old"),
+                                                             '{"accuracy": 0.8}'))
+        con.commit()
+    store = RunStore(db)
+    (old,) = store.list()
+    assert (old.status, old.config, old.result, old.processes) == ("done", {"method": "cofi"}, {"accuracy": 0.8}, 1)
+    new = store.create({})
+    store.enqueue(new, processes=3)
+    assert RunStore(db).get(new).processes == 3 and RunStore(db).get(old.id).processes == 1  # opens again
+
+
+# ----------------------------------------------------------------------------- one background-work layer
+
+
+def set_heartbeat(db: Path, table: str, key: str, value, when: float) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.execute(f"UPDATE {table} SET heartbeat=? WHERE {key}=?", (when, value))
+        con.commit()
+
+
+@pytest.mark.parametrize("age", [STALE_S - 30, STALE_S + 30])
+def test_one_stale_rule_judges_an_app_job_and_a_training_run_alike(tmp_path, monkeypatch, age):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    assert not hasattr(runs, "STALE_S")  # one constant: core.jobs.STALE_S
+    JobReporter("app-job")  # running in this (live) process
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id = store.create({})
+    store.enqueue(run_id)  # queued in this (live) process
+    then = time.time() - age
+    set_heartbeat(tmp_path / "jobs.sqlite", "jobs", "name", "app-job", then)
+    set_heartbeat(store.db, "runs", "id", run_id, then)
+    job, run = job_state("app-job"), store.get(run_id)
+    stale = age > STALE_S
+    assert jobs.is_stale(then) == stale
+    assert (job.status == "interrupted", run.status == "interrupted") == (stale, stale)
+    if stale:
+        assert f"has not reported for {age:.0f} s" in job.error and f"has not reported for {age:.0f} s" in run.error
+    else:
+        assert (job.status, run.status) == ("running", "queued")
+
+
+def test_one_launcher_starts_an_app_job_and_a_training_run(tmp_path, monkeypatch):
+    """Both go through core.jobs.start_process: own session, cwd the repository, a log with the START line
+    and the process's output; both read as alive while the process runs and as dead after it ends."""
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    asked = {}
+
+    def sleeper_command(run_id, **kwargs):  # instead of `python -m pruning train --run-id ID`: no torch here
+        asked.update(kwargs)
+        return [sys.executable, "-c", "import time; print('run says hi', flush=True); time.sleep(3)"]
+
+    monkeypatch.setattr(launch, "launch_command", sleeper_command)
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id = store.create({})
+    job_proc = start_job("sleepy", ["timeit", "-n", "1", "-r", "1", "import time; time.sleep(3)"])
+    run_proc = launch.launch(store, run_id, processes=2)
+    assert asked == {"parallel": False, "processes": 2, "executable": True}
+    for proc in (job_proc, run_proc):
+        assert pid_alive(proc.pid) and os.getsid(proc.pid) == proc.pid  # its own session
+        assert Path(f"/proc/{proc.pid}/cwd").resolve() == jobs.REPO
+    run = store.get(run_id)
+    assert job_state("sleepy").status == "running"
+    assert (run.status, run.pid, run.processes) == ("queued", run_proc.pid, 2)
+    assert job_proc.wait(timeout=60) == 0 and run_proc.wait(timeout=60) == 0
+    assert not pid_alive(job_proc.pid) and not pid_alive(run_proc.pid)
+    job, run = job_state("sleepy"), store.get(run_id)
+    assert job.status == "interrupted" and "ended without finishing" in job.error  # it never reported "done"
+    assert run.status == "interrupted" and "ended without finishing" in run.error
+    job_text, run_text = job_log("sleepy").read_text(), (run.run_dir / launch.LOG).read_text()
+    assert jobs.START in job_text and "python -m timeit" in job_text and "1 loop" in job_text
+    assert jobs.START in run_text and "run says hi" in run_text

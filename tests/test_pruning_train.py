@@ -19,13 +19,15 @@ from core.pruned import load_pruned
 from core.structure import pruning_info
 from pruning.__main__ import main
 from pruning.baselines import BASELINES, baseline_state, head_scores
+from pruning.checkpoints import CHECKPOINT, load_checkpoint
 from pruning.config import TrainConfig
 from pruning.distill import LayerMatcher, align_layers, logit_kl, masked_mse, teacher_layers
 from pruning.gates import GROUPS, CoFiGates, GateShape, GateState
 from pruning.lagrangian import LagrangianController, TargetSchedule, lagrangian_loss
+from pruning.launch import launch
 from pruning.loop import run_job
 from pruning.record import StepRecord
-from pruning.runs import CHECKPOINT, RunStore, launch, load_checkpoint
+from pruning.runs import RunStore
 from pruning.session import load_splits
 from pruning.size import exact_sparsity, expected_sparsity
 from tests.conftest import make_tiny
@@ -401,7 +403,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatc
 
 
 def test_background_runs_queue_one_at_a_time(tiny_dir, reviews, tmp_path, monkeypatch):
-    """`runs.launch` (what the app calls): two jobs started together train one after the other."""
+    """`pruning.launch.launch` (what the app calls): two jobs started together train one after the other."""
     monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
     store = RunStore()
     config = TrainConfig.build(**{**SMALL, **ONE_SHOT, "model": str(tiny_dir), "data": str(reviews), "method": "random",

@@ -23,12 +23,13 @@ from core.latency import median_length
 from core.models import load_model
 from core.summary import summarise
 from pruning.__main__ import main
+from pruning.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pruning.config import TrainConfig
 from pruning.gates import GateShape, GateState
 from pruning.lagrangian import TargetSchedule
 from pruning.live import compare_state, figures, measure_pruned
 from pruning.loop import run_job
-from pruning.runs import CHECKPOINT, RunStore, load_checkpoint, save_checkpoint
+from pruning.runs import RunStore
 from pruning.size import exact_sparsity
 
 torch.set_num_threads(1)

@@ -18,8 +18,9 @@ from core.pruned import load_pruned
 from pruning.cli.train import run_and_report
 from pruning.config import TrainConfig
 from pruning.export import WRITER, save_pruned
+from pruning.launch import LOG, launch
 from pruning.loop import MODEL_FILE
-from pruning.runs import RunStore, launch
+from pruning.runs import RunStore
 
 
 def _target_text(config: dict) -> str:
@@ -73,7 +74,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         raise ValueError(f"Run {run.id} is already {run.status} (pid {run.pid}).")
     if args.background:
         proc = launch(store, run.id, parallel=args.parallel)
-        print(f"resuming run {run.id} in the background (pid {proc.pid}); log {run.run_dir / 'train.log'}")
+        print(f"resuming run {run.id} in the background (pid {proc.pid}); log {run.run_dir / LOG}")
         return 0
     return run_and_report(store, run.id, args.job, parallel=args.parallel, as_json=args.json)
 
