@@ -36,11 +36,6 @@ WRITER = "pruning.export.save_pruned"  # names the writer in an export's marker 
 ExportExists = FolderExists  # what `save_pruned` raises for an existing folder without `overwrite`
 
 
-def is_pruned_folder(path: str | Path) -> bool:
-    """True if `path` is a folder written by `save_pruned` (it has a pruning.json)."""
-    return (Path(path) / PRUNING_FILE).is_file()
-
-
 def check_name(name: str) -> str:
     """Validate a folder *name* chosen by a user (UI text box): no path separators, not '.'/'..'/empty."""
     if not isinstance(name, str) or not name.strip():

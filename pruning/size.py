@@ -46,11 +46,6 @@ def remaining_size(z: GateState, head_dim: int | None = None) -> torch.Tensor:
     return attention + ffn
 
 
-def expected_size(gates: GateState | CoFiGates, head_dim: int | None = None) -> torch.Tensor:
-    """Expected remaining size S-hat of learnable `gates` (CoFiGates) or a GateState of P(z != 0)."""
-    return remaining_size(_probs(gates), head_dim)
-
-
 def expected_sparsity(gates: GateState | CoFiGates, head_dim: int | None = None) -> torch.Tensor:
     """s-hat = 1 - S-hat / M: a differentiable scalar fraction in (0, 1]."""
     z = _probs(gates)
