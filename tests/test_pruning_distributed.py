@@ -109,7 +109,9 @@ def test_two_processes_follow_one_and_resume_on_the_same_curve(no_dropout, revie
     run = store.get(run.id)
     assert (run.status, run.step, run.attempt) == ("done", 80, 2)
 
-    a, b = ([{**r, **r["method_figures"]} for r in s.metrics(i)] for s, i in ((single, one), (store, run.id)))
+    # CoFi's multipliers are its figures while its gates learn (None once the structure is fixed)
+    a, b = ([{"lambda_1": None, "lambda_2": None, **r, **r["method_figures"]} for r in s.metrics(i)]
+            for s, i in ((single, one), (store, run.id)))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 10, 20, 30, 40, 50, 60, 70, 80]
     assert {r["attempt"] for r in b if r["step"] > stopped_at} == {2}
     worst = {key: max(abs(x[key] - y[key]) for x, y in zip(a, b) if x[key] is not None)
