@@ -46,6 +46,7 @@ import torch
 from pruning.config import TrainConfig
 from pruning.loop import run_job
 from pruning.methods import methods
+from pruning.record import StepRecord
 from pruning.runs import RunStore
 
 DEFAULT_CONFIGS = "cofi-0.6,cofi-0.9,l0,random-l0,relevance-0.6,importance-0.6,random-0.6,random-0.9,small-dense"
@@ -58,9 +59,9 @@ def for_method(settings: dict, method: str) -> TrainConfig:
     return TrainConfig.build(**{k: v for k, v in {**settings, "method": method}.items() if k in names})
 
 
-def parse_config(name: str, base: dict, budget: str, done: dict[str, dict]) -> TrainConfig:
+def parse_config(name: str, base: dict, budget: str, done: dict[str, StepRecord | None]) -> TrainConfig:
     """"cofi-0.6" -> base with method cofi, target 0.6; "l0" -> method l0; "small-dense", "random-l0" (see
-    the module docstring). `done`: results of the runs so far, by name."""
+    the module docstring). `done`: final records of the runs so far, by name."""
     if name == "small-dense":
         changes: dict = {"method": "dense", "model": "minilm-l3", "teacher": base["model"]}
     else:
@@ -69,9 +70,9 @@ def parse_config(name: str, base: dict, budget: str, done: dict[str, dict]) -> T
             raise SystemExit(f"error: unknown configuration {name!r}; methods are {', '.join(methods())}")
         changes = {"method": method}
         if target == "l0":
-            if "l0" not in done:
-                raise SystemExit(f"error: {name} needs an l0 run before it in --configs")
-            changes["target_sparsity"] = round(done["l0"]["sparsity"], 4)
+            if done.get("l0") is None:
+                raise SystemExit(f"error: {name} needs a finished l0 run before it in --configs")
+            changes["target_sparsity"] = round(done["l0"].sparsity, 4)
         elif target:
             changes["target_sparsity"] = float(target)
     if not methods()[changes["method"]].learned and budget == "matched":
@@ -128,13 +129,9 @@ def main() -> None:
         start = time.perf_counter()
         status = run_job(store, run_id, Printer(name, start), exclusive=not args.parallel)
         run = store.get(run_id)
-        r = done[name] = run.result or {}
-        alive = r.get("heads_alive", [])
-        rows.append({"name": f"{name} (run {run_id})", "status": status, "accuracy": r.get("accuracy"),
-                     "dense_accuracy": r.get("dense_accuracy"), "speedup_b32": r.get("speedup_b32"),
-                     "speedup_b1": r.get("speedup_b1"), "sparsity": r.get("sparsity"),
-                     "heads": f"{sum(alive)}/{len(alive) * r.get('heads_total', 0)}", "steps": run.total,
-                     "seconds": time.perf_counter() - start, "eval_fraction": r.get("eval_fraction")})
+        r = done[name] = run.final
+        rows.append({"name": f"{name} (run {run_id})", "status": status, "final": r, "steps": run.total,
+                     "seconds": time.perf_counter() - start})
         print(f"{name}: {status} in {rows[-1]['seconds']:.0f} s", flush=True)
 
     def fmt(value, spec: str) -> str:
@@ -144,12 +141,15 @@ def main() -> None:
               "time", "live metrics")
     table = [header]
     for r in rows:
-        retention = r["accuracy"] / r["dense_accuracy"] if r.get("accuracy") and r.get("dense_accuracy") else None
-        table.append((r["name"], fmt(r["accuracy"], ".4f"), fmt(r["dense_accuracy"], ".4f"), fmt(retention, ".1%"),
-                      fmt(r["sparsity"], ".3f"), r["heads"], fmt(r["speedup_b32"], ".2f") + "x",
-                      fmt(r["speedup_b1"], ".2f") + "x", str(r["steps"]),
-                      "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f} min",
-                      fmt(r.get("eval_fraction"), ".0%")))
+        f: StepRecord | None = r["final"]
+        if f is None:  # failed or stopped: no final evaluation
+            table.append((r["name"], *["-"] * 7, str(r["steps"]), f"{r['seconds'] / 60:.1f} min", "-"))
+            continue
+        table.append((r["name"], fmt(f.accuracy, ".4f"), fmt(f.dense_accuracy, ".4f"),
+                      fmt(f.accuracy / f.dense_accuracy, ".1%"), fmt(f.sparsity, ".3f"),
+                      f"{sum(f.heads_alive)}/{len(f.heads_alive) * f.heads_total}", fmt(f.speedup_b32, ".2f") + "x",
+                      fmt(f.speedup_b1, ".2f") + "x", str(r["steps"]), f"{r['seconds'] / 60:.1f} min",
+                      fmt(f.eval_fraction, ".0%")))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     print()
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table))

@@ -39,6 +39,7 @@ from core.folders import check_target, new_folder, remove_owned
 from core.jobs import dead_reason, is_stale
 from core.paths import headlab_home
 from pruning.gates import GateState
+from pruning.record import StepRecord
 
 RESUMABLE = ("failed", "interrupted", "stopped")
 WRITER = "pruning.runs"  # names the store in a run folder's marker (core.folders)
@@ -84,6 +85,11 @@ class Run:
     def active(self) -> bool:
         """Queued or running (after dead-process detection)."""
         return self.status in ("queued", "running")
+
+    @property
+    def final(self) -> StepRecord | None:
+        """The final evaluation of a finished run (`result`, on the whole dev split) as a StepRecord, or None."""
+        return StepRecord.from_dict(self.result) if self.result else None
 
 
 class RunStore:
@@ -297,6 +303,10 @@ class RunStore:
                 row["superseded"] = bool(gone)
             out.append(row)
         return out
+
+    def records(self, run_id: int) -> list[StepRecord]:
+        """The current curve's eval steps (`metrics`) as StepRecords, in step order."""
+        return [StepRecord.from_dict(row) for row in self.metrics(run_id)]
 
     def add_gates(self, run_id: int, step: int, state: GateState, attempt: int) -> None:
         """Record the (deterministic) gate state at eval step `step`."""

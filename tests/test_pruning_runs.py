@@ -22,6 +22,7 @@ from core.jobs import STALE_S, JobReporter, job_log, job_state, pid_alive, start
 from pruning import checkpoints, launch, runs
 from pruning.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pruning.gates import GateShape, GateState
+from pruning.record import StepRecord
 from pruning.runs import RunStore
 
 torch.set_num_threads(1)
@@ -78,6 +79,43 @@ def test_metrics_and_gate_snapshots_round_trip(store):
     every = store.metrics(run_id, superseded=True)
     assert [(r["step"], r["superseded"]) for r in every] == [(0, False), (10, True), (12, False)]
     assert store.gate_steps(run_id) == [0]
+
+
+def record(step: int, **changes) -> StepRecord:
+    """A StepRecord of the tiny shape with plausible figures."""
+    values = dict(step=step, phase="gates", final=False, method="cofi", examples=8, accuracy=0.75, dense_accuracy=0.8,
+                  latency_b1_ms=1.0, latency_b32_ms=8.0, dense_latency_b1_ms=2.0, dense_latency_b32_ms=20.0,
+                  speedup_b1=2.0, speedup_b32=2.5, flop_speedup=2.2, parameters=900, dense_parameters=1000,
+                  sparsity=0.4, expected_sparsity=0.42, target=0.4, lr=1e-4, loss=0.6,
+                  losses={"distill_ce": 0.5, "lagrangian": 0.1}, method_figures={"lambda_1": -0.2, "lambda_2": 0.3},
+                  heads_alive=[4, 2], units_alive=[64, 32], hidden_alive=32, heads_total=4, units_total=64,
+                  hidden_total=32, note="kept 6/8 heads.", device="cpu", threads=1, processes=1,
+                  replica_checksums=None, clock={"train_s": 3.0, "eval_s": 1.0})
+    return StepRecord(**{**values, **changes})
+
+
+def test_records_and_the_final_result_read_by_attribute(store):
+    run_id = store.create({"method": "cofi"})
+    assert store.get(run_id).final is None and store.records(run_id) == []
+    for r in (record(0), record(10, loss=0.4)):
+        store.add_metrics(run_id, r.step, r.to_dict(), attempt=1)
+    assert store.records(run_id) == [record(0), record(10, loss=0.4)]
+    final = record(12, final=True, phase="finetune", export="/somewhere/model")
+    store.finish(run_id, "done", result=final.to_dict())
+    assert store.get(run_id).final == final and store.get(run_id).final.export == "/somewhere/model"
+    assert record(0).row()["loss_distill_ce"] == 0.5 and record(0).row()["lambda_2"] == 0.3
+
+
+def test_a_record_of_a_store_older_than_step_records_reads_too(store):
+    """Before StepRecord the store kept flat rows: loss_<term>, lambda_1/2 and the clock beside the figures."""
+    flat = {k: v for k, v in record(10).to_dict().items() if k not in ("losses", "method_figures", "clock", "step")}
+    flat.update(loss_distill_ce=0.5, loss_lagrangian=0.1, loss_task=None, lambda_1=-0.2, lambda_2=0.3, train_s=3.0,
+                eval_s=1.0, an_unknown_key=1)
+    run_id = store.create({"method": "cofi"})
+    store.add_metrics(run_id, 10, flat, attempt=1)
+    assert store.records(run_id) == [record(10)]
+    store.finish(run_id, "done", result=flat)  # the final result had no step either
+    assert store.get(run_id).final == record(None)
 
 
 def test_queue_lets_one_run_train_at_a_time(store):
