@@ -40,10 +40,10 @@ def _list(store: RunStore, as_json: bool) -> int:
         return 0
     rows = [("id", "status", "method", "target", "step", "accuracy", "speedup b32", "created", "error")]
     for r in runs:
-        res = r.result or {}
+        f = r.final
         rows.append((str(r.id), r.status, r.config.get("method", "?"), _target_text(r.config),
-                     f"{r.step}/{r.total}", f"{res['accuracy']:.4f}" if "accuracy" in res else "-",
-                     f"{res['speedup_b32']:.2f}x" if res.get("speedup_b32") else "-",
+                     f"{r.step}/{r.total}", f"{f.accuracy:.4f}" if f and f.accuracy is not None else "-",
+                     f"{f.speedup_b32:.2f}x" if f and f.speedup_b32 else "-",
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), (r.error or "")[:60]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
