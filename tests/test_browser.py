@@ -114,12 +114,23 @@ def test_gates_page_toggles_a_head_and_figures_change_in_a_real_browser(app_url,
         metric = page.locator('[data-testid="stMetric"]').filter(has_text=label)
         return metric.locator('[data-testid="stMetricValue"]').inner_text()
 
+    def delta(label: str) -> str:
+        metric = page.locator('[data-testid="stMetric"]').filter(has_text=label)
+        return metric.locator('[data-testid="stMetricDelta"]').inner_text()
+
     before = {label: shown(label) for label in ("Parameters", "Latency, batch 1", "Latency, batch 32")}
     grid = page.locator(".js-plotly-plot").first
     grid.locator(".scatterlayer .trace").first.locator(".point").nth(1).click(force=True)  # layer 0, head 1
     page.get_by_text("kept 71/72 heads").wait_for(timeout=120_000)
     after = {label: shown(label) for label in before}
-    assert float(after["Parameters"].split()[0]) < float(before["Parameters"].split()[0])
+    # one BERT head owns d_head rows of W_q, W_k, W_v (with their biases) and d_head columns of W_o
+    from core.models import load_model
+
+    dense = load_model("default")
+    d, d_head = dense.model.config.hidden_size, dense.model.config.hidden_size // dense.model.config.num_attention_heads
+    removed, total = 4 * d * d_head + 3 * d_head, sum(p.numel() for p in dense.model.parameters())
+    assert before["Parameters"] == f"{total / 1e6:.2f} M" and after["Parameters"] == f"{(total - removed) / 1e6:.2f} M"
+    assert delta("Parameters").startswith(f"-{removed:,} ")  # 49,248 on the default (d 384, d_head 32)
     latencies = ("Latency, batch 1", "Latency, batch 32")
     assert [after[k] for k in latencies] != [before[k] for k in latencies]  # timed again for the new model
     page.get_by_text("This session's changes").wait_for(timeout=60_000)  # the history chart, drawn after
