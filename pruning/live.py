@@ -99,8 +99,9 @@ def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, d
     Accuracy of both on all of `data` (the dense model's from `dense_figures` when given: it does not
     change), sizes and encoder FLOPs at the data's median length, latency at each batch size of `rounds`
     = {batch size: (rounds, repeats per round)} timed interleaved in this process (`time_pair`).
-    Used by the Gates page (through `compare_state`), `pruning evaluate` / `apply` and every eval step of
-    a training run (`pruning.record.measure_step`).
+    Used by the Gates page (`ui.gates.measure`, on the pruned copy it also exports), `pruning evaluate`
+    (its full-dev job, through `compare_state`), `pruning apply` and every eval step of a training run
+    (`pruning.record.measure_step`).
     """
     start = time.perf_counter()
     info = pruning_info(pruned.model)
