@@ -12,14 +12,14 @@ from pathlib import Path
 from analysis.heads import WRITER, build_report
 from analysis.relevance import relevance_table
 from analysis.roles import head_roles
-from core.cli import load_or_prepare, run_command, run_with_bar
+from core.cli import add_data_options, data_spec, load_or_prepare, run_command, run_with_bar
 from core.data import DataError, load_data
 from core.folders import check_target, write_text_atomically
 
 
 def _inputs(args: argparse.Namespace):
     loaded = load_or_prepare(args.model)
-    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    data = load_data(data_spec(args), "dev", loaded.label_names)
     if len(data) == 0:
         raise DataError(f"{args.data} has no rows: nothing to analyse.")
     for note in loaded.notes + data.warnings:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
-        p.add_argument("--data", default="default", help="default (dev split of the default task) | CSV/TSV/JSONL")
+        add_data_options(p)
         p.add_argument("--limit", type=int, default=500, help="seeded subset of this many sentences")
         p.add_argument("--out", type=Path, default=None, help="output CSV (folder for 'heads'); stdout if omitted")
         p.add_argument("--target", type=int, default=None, help="class whose logit is explained (default: predicted)")

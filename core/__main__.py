@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from core.cli import load_or_prepare, run_command, run_with_bar
-from core.data import load_data, task_splits
+from core.cli import add_data_options, data_spec, load_or_prepare, run_command, run_with_bar
+from core.data import load_data, load_splits
 from core.finetune import FinetuneConfig, finetune, save_classifier
 from core.folders import write_text_atomically
 from core.models import BUILTIN_MODELS, PREPARED_BY_ALL, load_model
@@ -21,8 +21,7 @@ from core.summary import summarise, summary_record
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = load_or_prepare(args.model)
-    data = load_data(args.data, split=args.split, label_names=loaded.label_names,
-                     text_column=args.text_column, label_column=args.label_column)
+    data = load_data(data_spec(args), args.split, loaded.label_names)
     if args.limit:
         data = data.subset(args.limit, seed=0)
     for note in loaded.notes + data.warnings:
@@ -52,7 +51,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise ValueError(f"{args.out} already exists; choose another --out folder (nothing was overwritten).")
-    splits = task_splits(args.data, text_column=args.text_column, label_column=args.label_column)
+    splits = load_splits(data_spec(args))
     names = splits.train.label_names
     loaded = load_model(args.model, label_names=names)
     if loaded.label_names != names:
@@ -69,10 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="accuracy, latency and size of a model on a dataset")
     ev.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
-    ev.add_argument("--data", default="default", help="default (the Rotten Tomatoes task) | CSV/TSV/JSONL file")
-    ev.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="split of the default task")
-    ev.add_argument("--text-column", default=None)
-    ev.add_argument("--label-column", default=None)
+    add_data_options(ev)
+    ev.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="which of the seeded splits")
     ev.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--out", type=Path, help="also write a JSON record (figures, sample predictions) here")
@@ -84,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.set_defaults(func=cmd_prepare)
     ft = sub.add_parser("finetune", help="fine-tune a model (e.g. one without a classification head) on data")
     ft.add_argument("--model", required=True, help="path to a HF model folder")
-    ft.add_argument("--data", default="default", help="default | CSV/TSV/JSONL file (split 80/10/10, seeded)")
-    ft.add_argument("--text-column", default=None)
-    ft.add_argument("--label-column", default=None)
+    add_data_options(ft)
     ft.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
     ft.add_argument("--out", type=Path, required=True, help="new folder for the fine-tuned model")
     ft.add_argument("--job", help=argparse.SUPPRESS)

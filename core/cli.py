@@ -6,6 +6,7 @@
 - `Bar` / `run_with_bar`: a tqdm bar as the `(done, total, message)` progress callback every long step
   takes, also reporting to the app's job row (`core.jobs`) when the command was started as a job.
 - `load_or_prepare`: load a model, fine-tuning a built-in one first if needed.
+- `add_data_options` / `data_spec`: the options every command that reads data takes, as one `DataSpec`.
 - `torch_threads`: set torch's thread count for one command and restore it afterwards.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from core.data import DataError
+from core.data import DataError, DataSpec, parse_label_map
 from core.jobs import BACKGROUND_ENV, JobReporter
 from core.messages import one_line
 from core.models import LoadedModel, ModelError, ModelNotPrepared, load_model
@@ -78,6 +79,25 @@ def load_or_prepare(spec: str, label_names: list[str] | None = None) -> LoadedMo
         print(f"Preparing built-in model '{spec}' (one-time fine-tune)...", file=sys.stderr)
         run_with_bar(f"prepare-{spec}", lambda bar: prepare(spec, progress=bar))
         return load_model(spec)
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """--data, --text-column, --label-column, --label-map and --whole-file (read back by `data_spec`)."""
+    parser.add_argument("--data", default="default", help="default (the Rotten Tomatoes task) | CSV/TSV/JSONL file; "
+                        "a file is split 80/10/10 (seeded) like the default task")
+    parser.add_argument("--text-column", default=None, metavar="NAME",
+                        help="the file's column of texts (default: auto-detected, 'text' first)")
+    parser.add_argument("--label-column", default=None, metavar="NAME",
+                        help="the file's column of labels (default: auto-detected, 'label' first)")
+    parser.add_argument("--label-map", default=None, metavar="FILE=MODEL,...",
+                        help="read the file's labels as the model's, e.g. pos=fresh,neg=rotten")
+    parser.add_argument("--whole-file", action="store_true",
+                        help="evaluate every row of the file, not its seeded dev split (10%%); not for training")
+
+
+def data_spec(args: argparse.Namespace) -> DataSpec:
+    """The `DataSpec` of the options `add_data_options` added (DataError for a bad --label-map)."""
+    return DataSpec(args.data, args.text_column, args.label_column, parse_label_map(args.label_map), args.whole_file)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -72,6 +72,8 @@ if not history or history[-1]["gates"] != gates:
     history.append({"step": len(history), "what": st.session_state.get("gates_what", "dense"), "gates": gates,
                     "accuracy": pruned.accuracy, "latency_b32_ms": pruned.latency_b32_ms, "sparsity": result.sparsity})
 
+st.caption(f"Accuracy on {len(subset)} seeded rows of {data_spec.caption(data)}")
+
 # ----------------------------------------------------------------------------- switches
 report = g.find_report(loaded, data)
 left, right = st.columns([3, 2])
@@ -89,7 +91,7 @@ with left:
         if job_state(job) is not None or st.button("Compute head relevance and roles (about a minute)",
                                                    help="Colours the grid and enables the presets. Timings taken "
                                                         "while it runs are inflated."):
-            ensure_job(job, ["analysis", "heads", "--model", spec, "--data", data_spec, "--limit", "500",
+            ensure_job(job, ["analysis", "heads", "--model", spec, *data_spec.cli_args(), "--limit", "500",
                              "--out", str(folder), "--job", job])
             wait_for(job, "Heads analysis", lambda: (folder / "heads.csv").exists())
     grid_key = f"gate_grid_{st.session_state.get('gate_grid_n', 0)}"
@@ -161,7 +163,7 @@ if full.exists():
                f"{d['latency_b32_ms']:.0f} ms (more repeats, timed in a separate process).")
 else:
     job = f"gates-eval-{digest}-{data.fingerprint()}"
-    ensure_job(job, ["pruning", "evaluate", "--model", spec, "--data", data_spec, "--gates", str(state_file),
+    ensure_job(job, ["pruning", "evaluate", "--model", spec, *data_spec.cli_args(), "--gates", str(state_file),
                      "--out", str(full), "--job", job])
     st.session_state["gates_refining"] = job
     wait_for(job, "Full dev set", full.exists)

@@ -36,12 +36,13 @@ limit = left.select_slider("Sentences analysed (seeded subset)", [100, 250, 500,
 classes = ["predicted class", *loaded.label_names]
 explained = right.selectbox("Explained logit", classes, key="heads_target")
 target = None if explained == classes[0] else classes.index(explained) - 1
-st.caption(f"Model `{spec}` on {data.name} ({min(limit, len(data))} of {len(data)} sentences).")
+st.caption(f"Model `{spec}` on {min(limit, len(data))} of {len(data)} sentences (seeded subset) of "
+           f"{data_spec.caption(data)}")
 
 folder = report_dir(loaded.fingerprint, data.fingerprint(), limit, target)
 if not (folder / "heads.csv").exists():
     job = f"heads-{folder.name}"
-    args = ["analysis", "heads", "--model", spec, "--data", data_spec, "--limit", str(limit), "--out", str(folder),
+    args = ["analysis", "heads", "--model", spec, *data_spec.cli_args(), "--limit", str(limit), "--out", str(folder),
             "--job", job] + (["--target", str(target)] if target is not None else [])
     ensure_job(job, args)
     wait_for(job, "Computing relevance and roles", lambda: (folder / "heads.csv").exists())

@@ -11,16 +11,16 @@ import streamlit as st
 from core.jobs import job_state
 from core.models import BUILTIN_MODELS, ModelNotPrepared
 from core.summary import summary_path
+from ui.data import choose_data
 from ui.finetune import offer_finetune
 from ui.jobs import ensure_job, wait_for
-from ui.loaders import get_data, get_model, save_upload
+from ui.loaders import get_data, get_model
 
 MODEL_CHOICES = {
     "Embedded default: MiniLM-L6 fine-tuned on Rotten Tomatoes": "default",
     "MiniLM-L3 (small dense baseline)": "minilm-l3",
     "Local Hugging Face folder": None,
 }
-DATA_CHOICES = ["Default task: Rotten Tomatoes (dev split)", "Upload CSV / TSV / JSONL", "File path"]
 
 st.title("Model")
 choice = st.radio("Model", list(MODEL_CHOICES), key="model_choice")
@@ -50,39 +50,27 @@ for col, (label, value) in zip(cols, [("Type", arch.model_type), ("Layers", arch
                                       ("Parameters", f"{arch.parameters / 1e6:.1f} M")]):
     col.metric(label, value)
 
-data_choice = st.radio("Data", DATA_CHOICES, key="data_choice", horizontal=True)
-if data_choice == DATA_CHOICES[0]:
-    data_spec = "default"
-elif data_choice == DATA_CHOICES[1]:
-    upload = st.file_uploader("Labeled data", type=["csv", "tsv", "jsonl", "json", "txt"])
-    data_spec = str(save_upload(upload)) if upload else ""
-else:
-    data_spec = st.text_input("Data file", key="data_path").strip()
-if not data_spec:
-    st.stop()
-with st.expander("Columns (auto-detected when empty)"):
-    text_col = st.text_input("Text column", key="text_column").strip() or None
-    label_col = st.text_input("Label column", key="label_column").strip() or None
-data = get_data(data_spec, "dev", loaded.label_names if loaded.has_classifier else None, text_col, label_col)
+label_names = loaded.label_names if loaded.has_classifier else None
+data_spec = choose_data(label_names)
+data = get_data(data_spec, "dev", label_names)
 if data is None:
     st.stop()
 st.session_state["data_spec"] = data_spec
 st.caption(f"{data.name}: {len(data)} examples; labels " +
            ", ".join(f"{i} = {n} ({data.label_counts()[n]})" for i, n in enumerate(data.label_names)))
+st.caption(data_spec.caption(data))
 for warning in data.warnings:
     st.warning(warning)
 
 if not loaded.has_classifier:
-    offer_finetune(spec, data_spec, data, text_col, label_col)
+    offer_finetune(spec, data_spec, data)
     st.stop()
 
 out = summary_path(loaded.fingerprint, data.fingerprint())
 job = f"summary-{loaded.fingerprint}-{data.fingerprint()}"
 if not out.exists():
-    args = ["core", "evaluate", "--model", spec, "--data", data_spec, "--json", "--out", str(out), "--job", job]
-    args += ["--text-column", text_col] if text_col else []
-    args += ["--label-column", label_col] if label_col else []
-    ensure_job(job, args)
+    ensure_job(job, ["core", "evaluate", "--model", spec, *data_spec.cli_args(), "--json", "--out", str(out),
+                     "--job", job])
     wait_for(job, "Evaluating", out.exists)
     st.stop()
 

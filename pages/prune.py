@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pandas as pd
 import plotly.express as px
@@ -18,6 +18,7 @@ from pruning.record import StepRecord
 from pruning.runs import RunStore
 from ui.charts import gate_grid, pareto_chart
 from ui.export import export_folder, export_panel
+from ui.loaders import get_data, session_data_spec
 from ui.settings import settings_inputs
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -31,7 +32,7 @@ CURVES = {
 }
 
 st.title("Prune")
-spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
+spec, data_spec = st.session_state.get("model_spec", "default"), session_data_spec()
 store = RunStore()
 
 with st.expander("New run", expanded=not store.list()):
@@ -49,12 +50,14 @@ with st.expander("New run", expanded=not store.list()):
         processes = c2.number_input("Processes (torchrun)", 1, 64, 1, help="Data-parallel processes on this machine "
                                     "(DistributedDataParallel; batch size is the global batch). The command is shown "
                                     "below the run, to run it on a cluster by hand.")
-        st.caption(f"Model `{spec}`, data `{data_spec}` (chosen on the Model page). One run trains at a time; "
+        dev = get_data(replace(data_spec, whole_file=False))
+        st.caption(f"Model `{spec}`, data `{data_spec.path}` (chosen on the Model page): a run trains on its train "
+                   f"split and evaluates on the {dev.selection if dev else 'dev split'}. One run trains at a time; "
                    "runs started meanwhile wait in the queue.")
         if st.form_submit_button("Start run"):
             try:
-                config = TrainConfig.build(model=spec, teacher=teacher.strip(), data=data_spec, method=method,
-                                           **common, **options).check()
+                config = TrainConfig.build(model=spec, teacher=teacher.strip(), **TrainConfig.data_fields(data_spec),
+                                           method=method, **common, **options).check()
                 run_id = store.create(config.to_dict())
                 launch(store, run_id, processes=int(processes))
                 st.session_state.update(prune_run=run_id)

@@ -11,8 +11,9 @@ sorts them, which is what the CLI, the Prune page and tests use:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from core.data import DataSpec, format_label_map, parse_label_map
 from pruning import methods as registry
 from pruning.distributed import DEVICES
 from pruning.options import check_fields, option
@@ -32,6 +33,9 @@ class TrainConfig:
                        required=True)
     text_column: str = option("", "data file: the column holding the texts (blank: auto-detected, 'text' first)")
     label_column: str = option("", "data file: the column holding the labels (blank: auto-detected, 'label' first)")
+    label_map: dict = field(default_factory=dict, metadata={
+        "help": "the data's labels as the model's, FILE=MODEL pairs, e.g. pos=fresh,neg=rotten (blank: by name)",
+        "parse": parse_label_map, "format": format_label_map})
     method: str = option("cofi", "the pruning method (see `python -m pruning methods`)")
     steps: int = option(400, "learned methods: optimizer steps learning gates and weights (incl. a plain "
                         "fine-tune)", low=0)
@@ -62,8 +66,11 @@ class TrainConfig:
 
     @classmethod
     def build(cls, **values) -> TrainConfig:
-        """A config from flat keywords: common fields as they are, the rest as the method's options."""
+        """A config from flat keywords: common fields as they are (one with a text form, like label_map, also
+        as that text: "pos=fresh,neg=rotten"), the rest as the method's options."""
         common = set(cls.common_fields())
+        parsers = {f.name: f.metadata["parse"] for f in fields(cls) if "parse" in f.metadata}
+        values = {k: parsers[k](v) if k in parsers and isinstance(v, str) else v for k, v in values.items()}
         options = {**values.pop("options", {}), **{k: v for k, v in values.items() if k not in common}}
         return cls(**{k: v for k, v in values.items() if k in common}, options=options)
 
@@ -82,6 +89,7 @@ class TrainConfig:
             if getattr(self, name).strip() and self.data.strip().lower() == "default":
                 raise ValueError(f"The '{name}' parameter of TrainConfig must be blank for data 'default' (its "
                                  f"columns are fixed). Got {getattr(self, name)!r} instead.")
+        _ = self.data_spec  # DataError (a ValueError) for a label map that is not {file label: model label}
         if cls.learned and self.steps < 1:
             raise ValueError(f"The 'steps' parameter of TrainConfig must be at least 1 for method {self.method}. "
                              f"Got {self.steps!r} instead.")
@@ -94,9 +102,19 @@ class TrainConfig:
         return self.teacher.strip() or self.model
 
     @property
-    def columns(self) -> dict[str, str | None]:
-        """The data's text_column / label_column for `load_splits` (None: auto-detected)."""
-        return {"text_column": self.text_column.strip() or None, "label_column": self.label_column.strip() or None}
+    def data_spec(self) -> DataSpec:
+        """The run's data as one `DataSpec` (always split 80/10/10: a run trains on train, evaluates on dev)."""
+        return DataSpec(self.data, self.text_column, self.label_column, self.label_map)
+
+    @staticmethod
+    def data_fields(spec: DataSpec) -> dict:
+        """The fields (as `build` keywords) that give a run the data of `spec`. ValueError for a whole-file
+        spec: a run needs the file's train split."""
+        if spec.whole_file:
+            raise ValueError(f"A training run splits {spec.path} 80/10/10 (train / dev / test); 'whole file' "
+                             "applies to evaluation only.")
+        return {"data": spec.path, "text_column": spec.text_column or "", "label_column": spec.label_column or "",
+                "label_map": dict(spec.label_map)}
 
     @property
     def gate_steps(self) -> int:
@@ -123,10 +141,11 @@ class TrainConfig:
         values += [(f, getattr(self.method_options(), f.name)) for f in fields(self.method_class().Options)]
         args = []
         for f, value in values:
-            if value == f.default:
+            if value == (f.default_factory() if f.default_factory is not MISSING else f.default):
                 continue
             flag = "--" + f.name.replace("_", "-")
-            args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+            text = f.metadata.get("format", str)(value)
+            args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, text]
         return args
 
     @classmethod

@@ -24,7 +24,7 @@ import torch
 
 from core.adapter import Adapter, GateShape
 from core.batching import collate, encode, sorted_batches
-from core.data import DataError, TaskSplits, TextDataset, task_splits
+from core.data import load_splits
 from core.loaded import LoadedModel
 from core.models import load_model
 from core.structure import pruning_info
@@ -40,27 +40,6 @@ from pruning.runs import RunStore
 from pruning.surgery import prune
 
 BATCH_TERMS = ("task", "distill_ce", "distill_layer")  # batch means: weighted by shard size across ranks
-
-
-def load_splits(spec: str, label_names: list[str], *, text_column: str | None = None,
-                label_column: str | None = None) -> TaskSplits:
-    """Train/dev/test of `spec` (see `core.data.task_splits`; a file's texts and labels from the named
-    columns, auto-detected when None) with labels renumbered to the model's `label_names` (DataError
-    if the data has a label the model does not know, or a named column does not exist)."""
-    splits = task_splits(spec, text_column=text_column, label_column=label_column)
-    names = splits.train.label_names
-    if names == list(label_names):
-        return splits
-    unknown = sorted(set(names) - set(label_names))
-    if unknown:
-        raise DataError(f"The data's labels {names} do not match the model's {list(label_names)} "
-                        f"(unknown: {', '.join(unknown)}).")
-    ids = [list(label_names).index(n) for n in names]
-
-    def relabel(d: TextDataset) -> TextDataset:
-        return TextDataset(d.texts, [ids[y] for y in d.labels], list(label_names), d.name, list(d.warnings))
-
-    return TaskSplits(train=relabel(splits.train), dev=relabel(splits.dev), test=relabel(splits.test))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +72,7 @@ class TrainSession:
         if not same:
             self._check_teacher()
         self.teacher.model.eval()
-        splits = load_splits(config.data, self.teacher.label_names, **config.columns)
+        splits = load_splits(config.data_spec, self.teacher.label_names)
         if len(splits.train) < config.batch_size:
             raise ValueError(f"The training split has {len(splits.train)} examples, fewer than batch_size "
                              f"{config.batch_size}.")

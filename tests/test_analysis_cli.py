@@ -12,7 +12,7 @@ import pytest
 
 from analysis.explain import explain_prediction
 from analysis.heads import HeadsReport, build_report
-from core.data import load_data
+from core.data import load_data, read_table
 from core.models import load_model
 from tests.test_cli_and_jobs import assert_one_line_error
 
@@ -78,7 +78,7 @@ def test_limit_below_one_is_refused(tiny_dir, tmp_path):
 
 def test_heads_report_round_trip(tiny_dir, reviews_csv, tmp_path):
     loaded = load_model(str(tiny_dir))
-    data = load_data(str(reviews_csv), label_names=loaded.label_names)
+    data = read_table(reviews_csv, label_names=loaded.label_names)
     report = build_report(loaded, data, limit=12, examples_per_head=3)
     assert len(report.table) == 8 and set(report.examples) == {f"{lay}:{h}" for lay in range(2) for h in range(4)}
     assert report.meta["examples"] == 12

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.data import DataSpec
 from tests.conftest import link_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,15 +78,17 @@ def test_bad_data_file_shows_an_error_box(fresh_home, tmp_path):
     assert any("two labels" in e.value for e in at.error), [e.value for e in at.error]
 
 
-def test_user_csv_is_evaluated_whole(fresh_home, tmp_path):
+def test_user_csv_is_evaluated_whole_when_asked(fresh_home, tmp_path):
     data = tmp_path / "mine.tsv"
     data.write_text("review\tverdict\n" + "".join(f"a splendid film, truly {i}\tfresh\nawful mess {i}\trotten\n"
                                                   for i in range(10)))
     at = app()
     at.radio(key="data_choice").set_value("File path").run()
     at.text_input(key="data_path").input(str(data)).run()
+    assert "2 examples" in at.caption[0].value and "dev split, 2 of 20 rows" in at.caption[1].value
+    at.checkbox(key="whole_file").check().run()
     run_until(at, lambda a: "Dev accuracy" in metrics(a))
-    assert "20 examples" in at.caption[0].value
+    assert "20 examples" in at.caption[0].value and "the whole file, 20 rows" in at.caption[1].value
     assert float(metrics(at)["Dev accuracy"].rstrip("%")) >= 80
 
 
@@ -211,7 +214,7 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     data = tmp_path / "easy.csv"
     data.write_text("text,label\n" + "".join(f"a great film {i},pos\nan awful film {i},neg\n" for i in range(60)))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.session_state["model_spec"], at.session_state["data_spec"] = str(model), str(data)
+    at.session_state["model_spec"], at.session_state["data_spec"] = str(model), DataSpec(str(data))
     at.switch_page("pages/prune.py").run()
     assert not at.exception, at.exception
     assert any("No runs yet" in i.value for i in at.info)

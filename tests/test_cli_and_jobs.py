@@ -38,8 +38,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
 
 def test_evaluate_json_on_a_file(tiny_dir, reviews_csv, tmp_path):
     out = tmp_path / "summary.json"
-    proc = run_cli("evaluate", "--model", str(tiny_dir), "--data", str(reviews_csv), "--json", "--out", str(out),
-                   home=tmp_path)
+    proc = run_cli("evaluate", "--model", str(tiny_dir), "--data", str(reviews_csv), "--whole-file", "--json",
+                   "--out", str(out), home=tmp_path)
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
     assert row["examples"] == 40 and 0 <= row["accuracy"] <= 1
@@ -49,7 +49,8 @@ def test_evaluate_json_on_a_file(tiny_dir, reviews_csv, tmp_path):
 
 
 def test_evaluate_table_output(tiny_dir, reviews_csv, tmp_path):
-    proc = run_cli("evaluate", "--model", str(tiny_dir), "--data", str(reviews_csv), "--limit", "10", home=tmp_path)
+    proc = run_cli("evaluate", "--model", str(tiny_dir), "--data", str(reviews_csv), "--whole-file", "--limit", "10",
+                   home=tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = dict(line.split(maxsplit=1) for line in proc.stdout.splitlines())
     assert table["examples"] == "10" and 0 <= float(table["accuracy"]) <= 1 and float(table["latency_b32_ms"]) > 0
@@ -82,7 +83,7 @@ def test_bad_input_exits_2_with_one_line(case, tiny_dir, tmp_path):
 def test_huge_single_line_is_truncated_with_a_warning(tiny_dir, tmp_path):
     data = tmp_path / "big.csv"
     data.write_text("text,label\n" + "word " * 200_000 + ",pos\nshort,neg\n")
-    proc = run_cli("evaluate", "--model", str(tiny_dir), "--data", str(data), "--json", home=tmp_path)
+    proc = run_cli("evaluate", "--model", str(tiny_dir), "--data", str(data), "--whole-file", "--json", home=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "truncated" in proc.stderr
     assert json.loads(proc.stdout)["truncated"] == 1

@@ -13,6 +13,7 @@ import pytest
 from core.data import (
     DEFAULT_LABELS,
     DataError,
+    DataSpec,
     TaskSplits,
     TextDataset,
     load_data,
@@ -82,10 +83,10 @@ def test_default_task_deterministic():
 
 
 def test_default_missing_wheel_is_a_data_error(tmp_path, monkeypatch):
-    from core import data
+    from core.data import tasks
 
     monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
-    data._default_rows.cache_clear()
+    tasks._default_rows.cache_clear()
     load_default_task.cache_clear()
     try:
         with pytest.raises(DataError, match=r"not installed.*make setup") as info:
@@ -93,7 +94,7 @@ def test_default_missing_wheel_is_a_data_error(tmp_path, monkeypatch):
         assert str(tmp_path) in str(info.value)
     finally:
         monkeypatch.undo()
-        data._default_rows.cache_clear()
+        tasks._default_rows.cache_clear()
         load_default_task.cache_clear()
     assert len(load_default_task().dev) == 1_275
 
@@ -114,8 +115,10 @@ def test_load_data():
 def test_load_data_path(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\na,x\nb,y\nc,x\n")
-    data = load_data(str(path), split="test")  # split ignored for files
+    data = load_data(DataSpec(str(path), whole_file=True))  # every row only when asked
     assert data.texts == ["a", "b", "c"] and data.labels == [0, 1, 0]
+    with pytest.raises(DataError, match="3 rows; a seeded 80/10/10 split .* needs at least 10"):
+        load_data(str(path), split="test")
 
 
 # --------------------------------------------------------------------------- user tables

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from core.data import load_data
+from core.data import load_data, read_table
 from core.evaluate import evaluate
 from core.latency import typical_texts
 from core.models import load_model
@@ -46,7 +46,7 @@ def test_typical_texts_pick_median_lengths(tiny):
 
 
 def test_comparison_matches_the_gated_model(tiny, reviews_csv):
-    data = load_data(str(reviews_csv), label_names=tiny.label_names)
+    data = read_table(reviews_csv, label_names=tiny.label_names)
     gates = ManualGates(closed_heads=frozenset({(0, 0), (0, 2), (1, 1)}), ffn_keep=0.5)
     result = compare_state(tiny, gates.state(tiny), data)
     with gated(tiny, gates.state(tiny)), torch.inference_mode():
@@ -63,7 +63,7 @@ def test_comparison_matches_the_gated_model(tiny, reviews_csv):
 
 def test_closing_everything_still_runs(tiny, reviews_csv):
     """No head, no attention, no FFN left anywhere: the residual path still classifies."""
-    data = load_data(str(reviews_csv), label_names=tiny.label_names)
+    data = read_table(reviews_csv, label_names=tiny.label_names)
     everything = ManualGates(closed_heads=frozenset((lay, h) for lay in range(2) for h in range(4)),
                              attention_off=frozenset({0, 1}), ffn_off=frozenset({0, 1}))
     result = compare_state(tiny, everything.state(tiny), data)
@@ -99,7 +99,7 @@ def test_gates_file_cli_on_the_second_real_model(tmp_path):
     pd.DataFrame({"text": dev.texts, "label": [dev.label_names[i] for i in dev.labels]}).to_csv(
         tmp_path / "dev40.csv", index=False)
     proc = cli("evaluate", "--model", "minilm-l3", "--gates", str(path), "--data", str(tmp_path / "dev40.csv"),
-               "--out", str(tmp_path / "eval.json"))
+               "--whole-file", "--out", str(tmp_path / "eval.json"))
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["examples"] == 40 and record["pruned"]["flops_ffn"] * 2 == record["dense"]["flops_ffn"]
@@ -138,7 +138,7 @@ def test_gates_from_a_saved_state_round_trip_and_reopen(tiny):
 
 def test_measuring_never_changes_the_dense_model(tiny, reviews_csv):
     """The page's dense model is a shared singleton: pruning copies it, so two sessions cannot interfere."""
-    data = load_data(str(reviews_csv), label_names=tiny.label_names)
+    data = read_table(reviews_csv, label_names=tiny.label_names)
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.model.modules())
     for gates in (ManualGates(closed_heads=frozenset({(0, 0)})), ManualGates(ffn_keep=0.25, hidden_keep=0.5)):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.data import load_splits
 from core.models import load_model
 from core.pruned import load_pruned
 from core.structure import pruning_info
@@ -28,7 +29,6 @@ from pruning.launch import launch
 from pruning.loop import run_job
 from pruning.record import StepRecord
 from pruning.runs import RunStore
-from pruning.session import load_splits
 from pruning.size import exact_sparsity, expected_sparsity
 from tests.conftest import make_tiny
 

@@ -18,7 +18,7 @@ import pruning.cli.apply
 import pruning.live
 import pruning.record
 import pruning.session
-from core.data import load_data
+from core.data import read_table
 from core.latency import median_length
 from core.models import load_model
 from core.summary import summarise
@@ -114,7 +114,7 @@ def assert_typical(widths: list[tuple[int, int]], median: int) -> None:
 
 
 def test_summary_times_batches_of_the_median_length(tiny, long_first):
-    data = load_data(str(long_first), label_names=tiny.label_names)
+    data = read_table(long_first, label_names=tiny.label_names)
     median = median_length(tiny.tokenizer, data.texts, tiny.max_length)
     assert len(tiny.tokenizer(data.texts[0])["input_ids"]) > 200 > median
     summary = summarise(tiny, data)
@@ -124,14 +124,14 @@ def test_summary_times_batches_of_the_median_length(tiny, long_first):
 
 def test_gates_page_training_and_apply_time_batches_of_the_median_length(tiny, tiny_dir, long_first, tmp_path,
                                                                           monkeypatch):
-    data = load_data(str(long_first), label_names=tiny.label_names)
+    data = read_table(long_first, label_names=tiny.label_names)
     median = median_length(tiny.tokenizer, data.texts, tiny.max_length)
     live = timed_widths(monkeypatch, pruning.live)
     compare_state(tiny, GateState.dense(tiny), data)  # the Gates page
     measure_pruned(tiny, tiny, data, figures(tiny, data, median))  # every eval step of a run
     assert_typical(live, median)
     applied = timed_widths(monkeypatch, pruning.cli.apply)
-    assert main(["apply", "--model", str(tiny_dir), "--data", str(long_first), "--ffn-keep", "0.5",
+    assert main(["apply", "--model", str(tiny_dir), "--data", str(long_first), "--whole-file", "--ffn-keep", "0.5",
                  "--out", str(tmp_path / "pruned"), "--json"]) == 0
     assert_typical(applied, median)
 
@@ -262,7 +262,7 @@ def test_named_text_column_is_what_training_and_evaluation_read(tiny_dir, junk_t
     real = read_by_trainer(monkeypatch)
     assert train_dense(tiny_dir, junk_text, "--text-column", "review", "--label-column", "label") == 0
     assert len(set(real["train"])) == 96 and all(t.startswith("a ") and " film number " in t for t in real["train"])
-    reviews = set(load_data(str(junk_text), text_column="review").texts)
+    reviews = set(read_table(junk_text, text_column="review").texts)
     assert real["eval"] and set(real["eval"]) <= reviews - set(real["train"])  # the dev split of the same column
     args = TrainConfig.from_dict(RunStore().list()[0].config).cli_args()  # the newest run: what a rerun gets
     start = args.index("--text-column")

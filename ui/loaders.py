@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.data import DataError, TextDataset, load_data
+from core.data import DataError, DataSpec, TextDataset, load_data, source_labels
 from core.models import LoadedModel, ModelError, ModelNotPrepared, load_model, resolve
 from core.paths import headlab_home
 
@@ -36,20 +36,32 @@ def get_model(spec: str) -> LoadedModel | None:
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading data...")
-def _cached_data(spec: str, split: str, label_names: tuple[str, ...] | None, text_column: str | None,
-                 label_column: str | None) -> TextDataset:
-    return load_data(spec, split=split, label_names=list(label_names) if label_names else None,
-                     text_column=text_column, label_column=label_column)
+def _cached_data(spec: str, split: str, label_names: tuple[str, ...] | None) -> TextDataset:
+    return load_data(DataSpec.from_json(spec), split, list(label_names) if label_names else None)
 
 
-def get_data(spec: str, split: str = "dev", label_names: list[str] | None = None,
-             text_column: str | None = None, label_column: str | None = None) -> TextDataset | None:
-    """The dataset, or None after showing an error box."""
+@st.cache_data(max_entries=16, show_spinner="Reading data...")
+def _cached_labels(spec: str) -> list[str]:
+    return source_labels(DataSpec.from_json(spec))
+
+
+def _shown(read, *args):
+    """`read(*args)`, or None after showing its DataError in an error box."""
     try:
-        return _cached_data(spec, split, tuple(label_names) if label_names else None, text_column, label_column)
+        return read(*args)
     except DataError as exc:
         st.error(str(exc))
         return None
+
+
+def get_data(spec: DataSpec, split: str = "dev", label_names: list[str] | None = None) -> TextDataset | None:
+    """The rows `split` means for `spec` (`core.data.load_data`), or None after showing an error box."""
+    return _shown(_cached_data, spec.to_json(), split, tuple(label_names) if label_names else None)
+
+
+def get_labels(spec: DataSpec) -> list[str] | None:
+    """The data's own label names (`core.data.source_labels`), or None after showing an error box."""
+    return _shown(_cached_labels, spec.to_json())
 
 
 def save_upload(upload) -> Path:
@@ -63,10 +75,15 @@ def save_upload(upload) -> Path:
     return path
 
 
-def session_model_and_dev() -> tuple[str, str, LoadedModel, TextDataset]:
-    """(model spec, data spec, model, dev split) chosen on the Model page; stops the page with a message
+def session_data_spec() -> DataSpec:
+    """The data chosen on the Model page (the default task until one is chosen)."""
+    return st.session_state.get("data_spec") or DataSpec()
+
+
+def session_model_and_dev() -> tuple[str, DataSpec, LoadedModel, TextDataset]:
+    """(model spec, data spec, model, dev rows) chosen on the Model page; stops the page with a message
     when the model is not prepared or either cannot be loaded."""
-    spec, data_spec = st.session_state.get("model_spec", "default"), st.session_state.get("data_spec", "default")
+    spec, data_spec = st.session_state.get("model_spec", "default"), session_data_spec()
     try:
         loaded = get_model(spec)
     except ModelNotPrepared as exc:

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from core.cli import load_or_prepare, run_with_bar
+from core.cli import add_data_options, data_spec, load_or_prepare, run_with_bar
 from core.data import load_data
 from core.evaluate import evaluate
 from core.folders import check_target, write_text_atomically
@@ -95,7 +95,7 @@ def _state(args: argparse.Namespace, loaded, heads: list[tuple[int, int]]) -> Ga
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Dense vs gated-and-pruned on a whole split, timed with more repeats: the Gates page's refinement."""
     loaded = load_or_prepare(args.model)
-    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    data = load_data(data_spec(args), "dev", loaded.label_names)
     state = read_gates(args.gates, loaded)
     result = run_with_bar(args.job, lambda bar: compare_state(loaded, state, data, progress=bar,
                                                               rounds={1: (5, 5), 32: (5, 2)}))
@@ -113,7 +113,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1 (0 = torch's default). Got {args.threads}.")
     check_target(args.out, written_by=WRITER, overwrite=args.overwrite)  # fail before the slow part
     loaded = load_or_prepare(args.model)
-    data = load_data(args.data, split="dev", label_names=loaded.label_names)
+    data = load_data(data_spec(args), "dev", loaded.label_names)
     if args.limit:
         data = data.subset(args.limit, seed=0)
     for note in loaded.notes + data.warnings:
@@ -185,7 +185,7 @@ def add_commands(sub) -> None:
                     help="fraction of hidden dims to keep, in (0, 1]")
     ap.add_argument("--criterion", choices=CRITERIA, default="magnitude",
                     help="how FFN units / hidden dims are chosen (weight magnitude or seeded random)")
-    ap.add_argument("--data", default="default", help="default (dev split of the Rotten Tomatoes task) | CSV/TSV/JSONL")
+    add_data_options(ap)
     ap.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples")
     ap.add_argument("--out", type=Path, required=True, help="new folder for the pruned model")
     ap.add_argument("--onnx", action="store_true", help="also export model.onnx (checked against torch)")
@@ -197,7 +197,7 @@ def add_commands(sub) -> None:
     ev = sub.add_parser("evaluate", help="dense vs pruned by a gates file on a whole dataset (JSON)")
     ev.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
     ev.add_argument("--gates", type=Path, required=True, metavar="FILE", help="a gate state as JSON")
-    ev.add_argument("--data", default="default", help="default (dev split of the Rotten Tomatoes task) | CSV/TSV/JSONL")
+    add_data_options(ev)
     ev.add_argument("--out", type=Path, default=None, help="write the JSON here (stdout if omitted)")
     ev.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     ev.add_argument("--job", help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from core.cli import load_or_prepare, run_with_bar
+from core.data import load_splits
 from core.folders import check_target
 from pruning import distributed
 from pruning.config import TrainConfig
@@ -28,7 +29,6 @@ from pruning.loop import run_job
 from pruning.methods import methods
 from pruning.runs import WRITER as RUN_WRITER
 from pruning.runs import Run, RunStore
-from pruning.session import load_splits
 
 
 def config_flag(name: str) -> str:
@@ -66,7 +66,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = type(default)
+            kwargs["type"] = str if "parse" in f.metadata else type(default)  # parsed by TrainConfig.build
             kwargs["metavar"] = name.split("_")[-1].upper()
         parser.add_argument(config_flag(name), dest=f"cfg_{name}", **kwargs)
 
@@ -136,7 +136,7 @@ def _train_main(args: argparse.Namespace, dist) -> int:
         check_target(args.run_dir, written_by=RUN_WRITER)  # fail before loading models
     loaded = load_or_prepare(config.model)
     teacher = loaded if config.teacher_spec == config.model else load_or_prepare(config.teacher_spec)
-    load_splits(config.data, teacher.label_names, **config.columns)  # bad data fails here, before a run is recorded
+    load_splits(config.data_spec, teacher.label_names)  # bad data fails here, before a run is recorded
     run_id = store.create(config.to_dict(), args.run_dir)
     print(f"run {run_id} in {store.get(run_id).run_dir}", file=sys.stderr)
     return run_and_report(store, run_id, args.job, parallel=args.parallel, as_json=args.json, teacher=teacher,

@@ -1,0 +1,80 @@
+"""The Model page's data choice as one `DataSpec`: the source, its columns, the whole-file option and
+the label table (the data's labels -> the model's)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import streamlit as st
+
+from core.data import DEFAULT, DataError, DataSpec
+from ui.loaders import get_labels, save_upload
+
+SOURCES = ["Default task: Rotten Tomatoes (dev split)", "Upload CSV / TSV / JSONL", "File path"]
+TABLE = "label_table"  # the label table's widget key (reset when the data's labels change)
+
+
+def choose_data(model_labels: list[str] | None) -> DataSpec:
+    """Widgets for the data; returns its spec, or stops the page (no file yet, or a choice that does not
+    fit: the reason is shown). With `model_labels` (a classifier's), the label table is shown too."""
+    path = _source()
+    if not path:
+        st.stop()
+    text_col = label_col = None
+    whole = False
+    if path != DEFAULT:
+        with st.expander("Columns (auto-detected when empty)"):
+            text_col = st.text_input("Text column", key="text_column").strip() or None
+            label_col = st.text_input("Label column", key="label_column").strip() or None
+        whole = st.checkbox("Evaluate the whole file", key="whole_file",
+                            help="Every row instead of the seeded dev split (10% of the rows, the same on every "
+                                 "page). The Heads and Gates pages follow; training always splits 80/10/10.")
+    try:
+        spec = DataSpec(path, text_col, label_col, whole_file=whole)
+        return dataclasses.replace(spec, label_map=_label_table(spec, model_labels)) if model_labels else spec
+    except DataError as exc:
+        st.error(str(exc))
+        st.stop()
+
+
+def _source() -> str:
+    """The chosen data: "default", a saved upload's path or a typed path ("" while there is none)."""
+    choice = st.radio("Data", SOURCES, key="data_choice", horizontal=True)
+    if choice == SOURCES[0]:
+        return DEFAULT
+    if choice == SOURCES[1]:
+        upload = st.file_uploader("Labeled data", type=["csv", "tsv", "jsonl", "json", "txt"])
+        return str(save_upload(upload)) if upload else ""
+    return st.text_input("Data file", key="data_path").strip()
+
+
+def _label_table(spec: DataSpec, model_labels: list[str]) -> dict[str, str]:
+    """When some label of the data matches no model label (by name or id): an editable table of the data's
+    labels and the model label each means. Returns the label map: the rows set to other than their preset."""
+    labels = get_labels(spec)
+    if labels is None:
+        st.stop()
+    presets = [_preset(label, model_labels) for label in labels]
+    if None not in presets:
+        return {}
+    if st.session_state.get(f"{TABLE}_for") != (spec.path, labels):  # other labels: start from the presets
+        st.session_state.pop(TABLE, None)
+        st.session_state[f"{TABLE}_for"] = (spec.path, labels)
+    st.markdown("**Labels**: the data has labels the model does not; choose the model label each one means.")
+    table = pd.DataFrame({"data label": labels, "model label": presets})
+    edited = st.data_editor(table, key=TABLE, hide_index=True, disabled=["data label"], column_config={
+        "model label": st.column_config.SelectboxColumn(options=model_labels, help="the model label this data "
+                                                        "label means")})
+    return {label: chosen for label, chosen, preset in zip(labels, edited["model label"], presets)
+            if isinstance(chosen, str) and chosen and chosen != preset}
+
+
+def _preset(label: str, model_labels: list[str]) -> str | None:
+    """The model label a data label matches by itself: the same name (any case) or an integer id."""
+    by_name = {name.lower(): name for name in model_labels}
+    if label.lower() in by_name:
+        return by_name[label.lower()]
+    if label.lstrip("+-").isdigit() and 0 <= int(label) < len(model_labels):
+        return model_labels[int(label)]
+    return None
