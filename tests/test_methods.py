@@ -12,6 +12,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from core.data import DataSpec
 from core.models import load_model
 from pruning.__main__ import main
 from pruning.baselines import keep_state
@@ -84,7 +85,7 @@ def test_a_method_from_this_file_runs_through_the_prune_page_form(tiny_dir, revi
     monkeypatch.setenv("HEADLAB_HOME", str(link_prepared(tmp_path)))
     monkeypatch.setenv(PLUGINS_ENV, "tests.test_methods")  # the background job imports it too
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.session_state["model_spec"], at.session_state["data_spec"] = str(tiny_dir), str(reviews)
+    at.session_state["model_spec"], at.session_state["data_spec"] = str(tiny_dir), DataSpec(str(reviews))
     at.switch_page("pages/prune.py").run()
     at.selectbox(key="prune_method").set_value("global-magnitude").run()
     assert not at.exception, at.exception

@@ -115,8 +115,8 @@ def _ids_by_name(raw: list[str], label_names: list[str], where: str) -> tuple[li
         unexpected = [v for v in distinct if v.lower() not in by_name]
     raise DataError(
         f"{where} has labels the model does not know: {_preview(unexpected)}; the model's labels are: "
-        f"{quote(', '.join(names))} (or ids 0..{len(names) - 1}); map them with a label map such as "
-        f"'{quote(unexpected[0])}={quote(names[0])}'."
+        f"{quote(', '.join(names))} (or ids 0..{len(names) - 1}); map them onto these with a label map "
+        "(FILE=MODEL pairs, e.g. pos=fresh)."
     )
 
 
