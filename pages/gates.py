@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 
@@ -15,7 +14,7 @@ from core.jobs import cancel_job, job_state
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
 from ui import gates as g
 from ui.charts import gate_grid, history_chart
-from ui.export import export_folder, export_panel
+from ui.export import export_folder, save_panel
 from ui.jobs import ensure_job, wait_for
 from ui.loaders import session_model_and_dev
 
@@ -52,9 +51,11 @@ cols[1].metric("Latency, batch 1", f"{pruned.latency_b1_ms:.1f} ms", f"{result.s
 cols[2].metric("Latency, batch 32", f"{pruned.latency_b32_ms:.0f} ms", f"{result.speedup(32):.2f}× faster",
                delta_color="normal" if result.speedup(32) >= 1 else "inverse",
                help=f"dense {dense.latency_b32_ms:.0f} ms; FLOPs alone predict {result.flop_speedup:.2f}×")
-cols[3].metric("Parameters", f"{pruned.parameters / 1e6:.2f} M", f"{pruned.parameters / dense.parameters:.0%} of dense",
-               delta_color="off", help=f"encoder {pruned.encoder_parameters / 1e6:.2f} M of "
-                                      f"{dense.encoder_parameters / 1e6:.2f} M; embeddings are not pruned")
+removed = dense.parameters - pruned.parameters  # exact: closing one BERT head removes 4 d d_head + 3 d_head
+cols[3].metric("Parameters", f"{pruned.parameters / 1e6:.2f} M",
+               f"-{removed:,} ({pruned.parameters / dense.parameters:.1%})" if removed else None, delta_color="off",
+               help=f"encoder {pruned.encoder_parameters / 1e6:.2f} M of {dense.encoder_parameters / 1e6:.2f} M; "
+                    "embeddings are not pruned")
 cols[4].metric("Encoder GFLOPs / example", f"{pruned.flops / 1e9:.3f}", f"{pruned.flops / dense.flops:.0%} of dense",
                delta_color="off", help=f"at {result.seq_len} tokens (the subset's median)")
 cols[5].metric("Sparsity (CoFi)", f"{result.sparsity:.1%}", help="share of prunable encoder weights removed")
@@ -153,20 +154,20 @@ with right:
         st.rerun()
 
 # ----------------------------------------------------------------------------- full dev set, in the background
-full = g.refined_path(digest, data)
-if full.exists():
-    record = json.loads(full.read_text())
-    d, p = record["dense"], record["pruned"]
-    st.success(f"Full {record['data']} ({record['examples']} examples): accuracy {p['accuracy']:.1%} "
-               f"(dense {d['accuracy']:.1%}, {(p['accuracy'] - d['accuracy']) * 100:+.1f} pts); latency batch 1 "
-               f"{p['latency_b1_ms']:.1f} ms vs {d['latency_b1_ms']:.1f} ms, batch 32 {p['latency_b32_ms']:.0f} ms vs "
-               f"{d['latency_b32_ms']:.0f} ms (more repeats, timed in a separate process).")
+refined = g.refined(digest, data)
+if refined is not None:
+    name, n, full = refined
+    d, p = full.dense, full.pruned
+    st.success(f"Full {name} ({n} examples): accuracy {p.accuracy:.1%} (dense {d.accuracy:.1%}, "
+               f"{(p.accuracy - d.accuracy) * 100:+.1f} pts); latency batch 1 {p.latency_b1_ms:.1f} ms vs "
+               f"{d.latency_b1_ms:.1f} ms, batch 32 {p.latency_b32_ms:.0f} ms vs {d.latency_b32_ms:.0f} ms (more "
+               "repeats, timed in a separate process).")
 else:
-    job = f"gates-eval-{digest}-{data.fingerprint()}"
+    job, path = f"gates-eval-{digest}-{data.fingerprint()}", g.refined_path(digest, data)
     ensure_job(job, ["pruning", "evaluate", "--model", spec, *data_spec.cli_args(), "--gates", str(state_file),
-                     "--out", str(full), "--job", job])
+                     "--out", str(path), "--job", job])
     st.session_state["gates_refining"] = job
-    wait_for(job, "Full dev set", full.exists)
+    wait_for(job, "Full dev set", path.exists)
 
 if len(history) > 1:
     st.plotly_chart(history_chart(pd.DataFrame(history).drop(columns="gates")), key="history")
@@ -176,7 +177,5 @@ st.header("Export")
 out = export_folder(f"{spec if spec in ('default', 'minilm-l3') else 'model'}-{digest[:6]}", "export_name")
 if out is None:
     st.stop()
-job = f"export-{out.name}-{digest}"
-export_panel(out, job, ["pruning", "apply", "--model", spec, "--data", data_spec, "--gates", str(state_file),
-                        "--out", str(out), "--onnx", "--limit", "300", "--job", job],
-             f"Export the pruned model as {out.name} (folder + ONNX)", disabled=gates == ManualGates())
+save_panel(out, digest, lambda: g.pruned_model(loaded, gates), f"Export the pruned model as {out.name} (folder + ONNX)",
+           disabled=gates == ManualGates())

@@ -14,7 +14,6 @@ from pruning.distributed import torchrun_command
 from pruning.launch import launch, launch_command
 from pruning.live import ManualGates
 from pruning.methods import methods
-from pruning.record import StepRecord
 from pruning.runs import RunStore
 from ui.charts import gate_grid, pareto_chart
 from ui.export import export_folder, export_panel
@@ -86,12 +85,12 @@ def overview() -> None:
 def _runs_table() -> pd.DataFrame:
     rows = []
     for r in store.list():
-        res = r.result or {}
+        final = r.final
         rows.append({"id": r.id, "status": r.status, "method": r.config.get("method"),
                      "model": r.config.get("model"), "teacher": r.config.get("teacher") or r.config.get("model"),
                      "target": TrainConfig.target_of(r.config),
-                     "step": f"{r.step}/{r.total}", "accuracy": res.get("accuracy"),
-                     "speedup b32": res.get("speedup_b32"), "message": r.error or r.message})
+                     "step": f"{r.step}/{r.total}", "accuracy": final.accuracy if final else None,
+                     "speedup b32": final.speedup_b32 if final else None, "message": r.error or r.message})
     return pd.DataFrame(rows)
 
 
@@ -106,7 +105,7 @@ def live(run_id: int) -> None:
                                                        f"(step {run.step}/{run.total})")
     elif run.status in ("failed", "interrupted"):
         st.error(f"Run {run.id} {run.status}: {run.error}")
-    records = [StepRecord.from_dict(m) for m in store.metrics(run_id)]
+    records = store.records(run_id)
     if not records:
         st.caption("Waiting for the first eval step...")
         return
@@ -122,16 +121,21 @@ def live(run_id: int) -> None:
             if title == "accuracy":
                 fig.update_yaxes(range=[0, 1], tickformat=".0%")
             cols[i % 2].plotly_chart(fig, key=f"curve-{title}")
-    last = rows.iloc[-1]
-    st.caption(f"Last eval (step {int(last['step'])}): {last.get('note', '')} Accuracy {last['accuracy']:.1%} "
-               f"(dense {last['dense_accuracy']:.1%}), batch 32 {last['speedup_b32']:.2f}× faster, sparsity "
-               f"{last['sparsity']:.1%}. Measured on {last.get('device', 'cpu')} with {last.get('threads', '?')} "
-               f"thread(s) per process, {last.get('processes', 1)} process(es).")
+    last = records[-1]
+    st.caption(f"Last eval (step {last.step}): {last.note} Accuracy {last.accuracy:.1%} (dense "
+               f"{last.dense_accuracy:.1%}), batch 32 {last.speedup_b32:.2f}× faster, sparsity {last.sparsity:.1%}. "
+               f"Measured on {last.device} with {last.threads} thread(s) per process, {last.processes} process(es).")
 
 
-run_id = st.selectbox("Run", [r.id for r in runs], index=None,
-                      format_func=lambda i: f"{i}: {store.get(i).config.get('method')} "
-                                            f"{TrainConfig.target_of(store.get(i).config) or ''}", key="prune_run",
+def run_name(run) -> str:
+    """"3: cofi 0.6" (id, method, target)."""
+    target = TrainConfig.target_of(run.config)
+    return f"{run.id}: {run.config.get('method')}" + (f" {target}" if target is not None else "")
+
+
+labels = {r.id: run_name(r) + (f" ({r.final.accuracy:.1%}, {r.final.speedup_b32:.2f}×)" if r.result else "")
+          for r in runs}  # a finished run with its full-dev accuracy and batch-32 speedup
+run_id = st.selectbox("Run", list(labels), index=None, format_func=labels.get, key="prune_run",
                       placeholder="choose a run")
 if run_id is None:
     overview()
@@ -162,14 +166,19 @@ if steps:
     state = store.gates(run_id, step)
     st.plotly_chart(gate_grid(tuple(state.head.shape), state.head.numpy(), set(state.closed_heads()),
                               f"Run {run_id}, step {step}: head gate values (✕ closed)"), key="run_gates")
-    if st.button(f"Open step {step} in Gates"):
-        st.session_state.update(gates_from_run=ManualGates.from_state(state), gates_what=f"run {run_id} step {step}")
+    if st.button(f"Open step {step} in Gates", help="The Gates page then works on this run's model and data"):
+        config = TrainConfig.from_dict(run.config)
+        st.session_state.update(model_spec=config.model, data_spec=config.data_spec,
+                                gates_from_run=ManualGates.from_state(state), gates_what=f"run {run_id} step {step}")
         st.switch_page("pages/gates.py")
 
 def export_section(run_id: int) -> None:
     """Export a finished run's model (folder + ONNX) as a background job, refusing to overwrite."""
     st.subheader("Export the final model")
-    out = export_folder(f"run-{run_id}-{run.config.get('method')}", f"export_name_{run_id}")
+    final = run.final
+    st.caption(f"Run {run_id}'s final model, in {final.export}: {final.note} {final.parameters / 1e6:.2f} M "
+               f"parameters; accuracy {final.accuracy:.1%} on {final.examples} dev examples.")
+    out = export_folder(f"run-{run_id}-{final.method}", f"export_name_{run_id}")
     if out is None:
         return
     job = f"export-run-{run_id}-{out.name}"
@@ -179,15 +188,13 @@ def export_section(run_id: int) -> None:
 if run.status == "done":
     export_section(run_id)
 
-finished = [r for r in runs if r.status == "done" and r.result]
+finished = [(r, r.final) for r in runs if r.status == "done" and r.result]
 if finished:
     st.subheader("Pareto")
-    pareto = pd.DataFrame([{"label": f"{r.id}: {r.config.get('method')}" + (
-        f" {TrainConfig.target_of(r.config)}" if TrainConfig.target_of(r.config) is not None else ""),
-        "method": r.config.get("method"), "model": r.config.get("model"),
-        "teacher": r.config.get("teacher") or r.config.get("model"), "accuracy": r.result.get("accuracy"),
-        "dense_accuracy": r.result.get("dense_accuracy"), "speedup_b32": r.result.get("speedup_b32"),
-        "sparsity": r.result.get("sparsity")} for r in finished])
+    pareto = pd.DataFrame([{"label": run_name(r), "method": final.method,
+                            "model": r.config.get("model"), "teacher": r.config.get("teacher") or r.config.get("model"),
+                            "accuracy": final.accuracy, "dense_accuracy": final.dense_accuracy,
+                            "speedup_b32": final.speedup_b32, "sparsity": final.sparsity} for r, final in finished])
     st.plotly_chart(pareto_chart(pareto), key="pareto")
     st.caption("Each run's speedup is timed interleaved with its teacher in the run's own process, so runs "
                "measured at different times compare; the dense teacher sits at 1×. Baselines and dense "

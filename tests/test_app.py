@@ -251,6 +251,22 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     assert not at.exception, at.exception
     assert list(at.dataframe[0].value["id"]) == [table.loc[0, "id"]] and at.selectbox(key="prune_run").value is None
 
-    at.selectbox(key="prune_run").set_value(table.loc[0, "id"]).run()
-    next(b for b in at.button if b.label.startswith("Open step")).click().run()
+    # open the last gate snapshot in Gates: the page's gates are the run's, and prune to what the run measured
+    from core.models import load_model
+    from pruning.runs import RunStore
+
+    run_id = int(table.loc[0, "id"])
+    store = RunStore()
+    step = store.gate_steps(run_id)[-1]
+    at.session_state["model_spec"] = "default"  # the session on another model: Gates takes the run's model and data
+    at.selectbox(key="prune_run").set_value(run_id).run()
+    next(b for b in at.button if b.label == f"Open step {step} in Gates").click().run()
     assert not at.exception, at.exception
+    stored = store.gates(run_id, step)
+    assert not stored.is_dense() and at.session_state["gates"].state(load_model(str(model))) == stored
+    measured = next(r for r in store.records(run_id) if r.step == step)
+    kept = f"kept {sum(measured.heads_alive)}/{len(measured.heads_alive) * measured.heads_total} heads"
+    assert kept in at.caption[0].value, (kept, at.caption[0].value)
+    shown = next(m for m in at.metric if m.label == "Parameters")
+    assert shown.value == f"{measured.parameters / 1e6:.2f} M"
+    assert shown.delta.startswith(f"-{measured.dense_parameters - measured.parameters:,} ")

@@ -201,9 +201,15 @@ def test_cofi_run_reaches_the_target_and_exports(tiny, tiny_dir, reviews, tmp_pa
     assert abs(gate_end.expected_sparsity - 0.5) < 0.1  # the Lagrangian, with distillation on, got there
     assert gate_end.method_figures["lambda_2"] > 0 and set(gate_end.losses) == {"distill_ce", "distill_layer",
                                                                                "lagrangian"}
-    # the logged total is the sum of the terms (each a mean over the same steps)
-    assert gate_end.loss == pytest.approx(sum(gate_end.losses.values()), rel=1e-5)
-    assert records[-1].losses.keys() == {"task", "distill_ce"} and records[-1].method_figures == {}
+    # at every eval step the logged total is the sum of the terms (each a mean over the same steps)
+    trained = [r for r in records if r.loss is not None]
+    assert len(trained) == len(records) - 1 and records[0].loss is None  # step 0: nothing trained yet
+    for r in trained:
+        assert r.loss == pytest.approx(sum(r.losses.values()), rel=1e-5), r.step
+        assert all(math.isfinite(v) for v in r.losses.values()), r.step
+        if r.phase == "finetune":
+            assert r.losses.keys() == {"task", "distill_ce"} and r.method_figures == {}, r.step
+            assert r.losses["task"] > 0 and r.losses["distill_ce"] >= 0, r.step
     assert 0 < records[-1].eval_fraction < 1 and len(records[-1].heads_alive) == 2
     final = run.result
     assert final["final"] and final["examples"] == 12 and final["phase"] == "finetune"
@@ -227,6 +233,34 @@ def test_l0_gates_close_under_a_large_lambda(tiny, tiny_dir, reviews, tmp_path):
     assert store.gates(closing).closed_heads()  # the snapshot has them closed too
 
 
+def test_l0_record_holds_lambda_times_expected_open_heads(tiny, tiny_dir, reviews, tmp_path):
+    """The l0 term of an eval step's record is lambda * sum_h P(z_h != 0) of the gates that step trained
+    with: with an eval after every step, the final record's terms are those of the last step alone, whose
+    gates are the checkpoint of the step before (log_alpha; Voita's deterministic gates are the stored
+    snapshot of that step)."""
+    store = RunStore(tmp_path / "runs.sqlite")
+    lam, beta = 0.3, 0.33  # beta: L0HeadGates' temperature
+    run_id, status = run_config(store, tiny, model=str(tiny_dir), data=str(reviews), method="l0", steps=6,
+                                finetune_steps=0, eval_every=1, l0_lambda=lam, gate_lr=0.2)
+    records = store.records(run_id)
+    assert status == "done" and [r.step for r in records] == list(range(7))
+    payload = load_checkpoint(store.get(run_id).run_dir)
+    assert payload["step"] == 5 and payload["phase"] == "gates"
+    log_alpha = payload["method"]["modules"][0]["gates.head.log_alpha"]  # (layers, heads) after 5 updates
+    assert log_alpha.shape == (2, 4)
+    gamma, zeta = -0.1, 1.1  # the hard-concrete stretch
+    p_open = torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+    voita = (torch.sigmoid(log_alpha) * (zeta - gamma) + gamma).clamp(0, 1)
+    assert torch.allclose(store.gates(run_id, 5).head, voita, atol=1e-6)
+    final = records[-1]
+    assert final.final and final.losses.keys() == {"task", "distill_ce", "l0"}
+    assert final.losses["l0"] == pytest.approx(lam * float(p_open.sum()), rel=1e-5)
+    assert final.loss == pytest.approx(sum(final.losses.values()), rel=1e-5)
+    for r in records[1:]:  # every step: lambda times at most 8 open heads, and the sum of the terms
+        assert 0 < r.losses["l0"] <= lam * 8 and r.loss == pytest.approx(sum(r.losses.values()), rel=1e-5)
+    assert records[1].losses["l0"] == pytest.approx(lam * 8, rel=1e-3)  # step 1: log_alpha ~ N(10, 0.01), all open
+
+
 @pytest.mark.parametrize("method", ["relevance", "importance", "random"])
 def test_baselines_prune_to_the_target_then_finetune(method, tiny, tiny_dir, reviews, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
@@ -235,7 +269,12 @@ def test_baselines_prune_to_the_target_then_finetune(method, tiny, tiny_dir, rev
     rows = store.metrics(run_id)
     assert status == "done" and [r["step"] for r in rows] == [0, 10]
     assert rows[0]["sparsity"] == pytest.approx(0.6, abs=0.05) and rows[0]["phase"] == "finetune"
-    assert rows[0]["loss"] is None and rows[-1]["loss"] > 0
+    first, last = store.records(run_id)
+    assert first.loss is None and first.losses == {}  # pruned, not trained yet
+    # a one-shot method adds no term of its own: CE (times 1 - alpha_ce) and the distillation term only
+    assert last.losses.keys() == {"task", "distill_ce"} and last.method_figures == {}
+    assert last.loss == pytest.approx(last.losses["task"] + last.losses["distill_ce"], rel=1e-5)
+    assert last.losses["task"] > 0 and last.losses["distill_ce"] >= 0
 
 
 def test_dense_method_finetunes_a_separate_student_against_its_teacher(tiny, tiny_dir, reviews, tmp_path):

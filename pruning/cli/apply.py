@@ -1,5 +1,6 @@
 """`python -m pruning apply` prunes a model by hand and saves the smaller one; `python -m pruning evaluate`
-compares dense and pruned (by a gates file) on a whole dataset.
+compares dense and pruned (by a gates file) on a whole dataset. Both measure through
+`pruning.live.measure_pruned`, as the Gates page and every training eval step do.
 
     python -m pruning apply --model default --prune-heads 0:1,0:5,3:2 --ffn-keep 0.5 --out pruned/
 """
@@ -12,20 +13,18 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from core.cli import add_data_options, data_spec, load_or_prepare, run_with_bar
 from core.data import load_data
-from core.evaluate import evaluate
 from core.folders import check_target, write_text_atomically
-from core.latency import compare, make_batch
 from core.messages import quote
-from core.size import encoder_flops
-from core.summary import median_tokens
 from pruning.export import WRITER, save_pruned
 from pruning.gates import CRITERIA, GateState
-from pruning.live import compare_state
-from pruning.size import exact_sparsity
+from pruning.live import compare_state, measure_pruned
 from pruning.surgery import prune
 
+FULL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # core.latency.compare (rounds, repeats) per batch size: a careful look
 _PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _LABELS = {"encoder_parameters": "encoder parameters", "encoder_mflops_per_example": "encoder MFLOPs/example",
            "attention_mflops": "  attention MFLOPs", "ffn_mflops": "  FFN MFLOPs",
@@ -97,8 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = load_or_prepare(args.model)
     data = load_data(data_spec(args), "dev", loaded.label_names)
     state = read_gates(args.gates, loaded)
-    result = run_with_bar(args.job, lambda bar: compare_state(loaded, state, data, progress=bar,
-                                                              rounds={1: (5, 5), 32: (5, 2)}))
+    result = run_with_bar(args.job, lambda bar: compare_state(loaded, state, data, rounds=FULL_ROUNDS, progress=bar))
     record = json.dumps({"examples": len(data), "data": data.name, **result.as_dict()}, indent=1)
     if args.out is None:
         print(record)
@@ -121,35 +119,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     state = _state(args, loaded, heads)
     pruned = prune(loaded, state)
-    models = {"dense": loaded, "pruned": pruned}
 
-    def measure_all(bar):
-        quality = {k: evaluate(m.model, m.tokenizer, data, max_length=m.max_length, progress=bar)
-                   for k, m in models.items()}
-        bar(0, 1, "timing batch 1 and 32")
-        timing = {b: compare({k: m.model for k, m in models.items()},
-                             make_batch(loaded.tokenizer, data.texts, b, loaded.max_length)) for b in (1, 32)}
+    def measure_and_save(bar):
+        cmp = measure_pruned(loaded, pruned, data, rounds=FULL_ROUNDS, progress=bar)
         bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
-        return quality, timing, save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
+        return cmp, save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
 
-    quality, timing, out = run_with_bar(args.job, measure_all)
-    seq_len = median_tokens(loaded, data.texts)
-    flops = {k: encoder_flops(m.adapter, seq_len) for k, m in models.items()}
-    params = {k: sum(p.numel() for p in m.model.parameters()) for k, m in models.items()}
-    encoder = {k: sum(p.numel() for p in m.adapter.layers.parameters()) for k, m in models.items()}
-
+    cmp, out = run_with_bar(args.job, measure_and_save)
+    sides = {"dense": cmp.dense, "pruned": cmp.pruned}
     figures = {
-        "parameters": params, "encoder_parameters": encoder,
-        "encoder_mflops_per_example": {k: f.total / 1e6 for k, f in flops.items()},
-        "attention_mflops": {k: f.attention / 1e6 for k, f in flops.items()},
-        "ffn_mflops": {k: f.ffn / 1e6 for k, f in flops.items()},
-        "accuracy": {k: q.accuracy for k, q in quality.items()},
-        **{f"latency_b{b}_ms": {k: lat.median_s * 1e3 for k, lat in t.items()} for b, t in timing.items()},
+        "parameters": {k: f.parameters for k, f in sides.items()},
+        "encoder_parameters": {k: f.encoder_parameters for k, f in sides.items()},
+        "encoder_mflops_per_example": {k: f.flops / 1e6 for k, f in sides.items()},
+        "attention_mflops": {k: f.flops_attention / 1e6 for k, f in sides.items()},
+        "ffn_mflops": {k: f.flops_ffn / 1e6 for k, f in sides.items()},
+        "accuracy": {k: f.accuracy for k, f in sides.items()},
+        **{f"latency_b{b}_ms": {k: getattr(f, f"latency_b{b}_ms") for k, f in sides.items()} for b in FULL_ROUNDS},
     }
+    threads = torch.get_num_threads()
     if args.json:
-        print(json.dumps({"out": str(out), "pruned": pruned.notes[-1], "median_tokens": seq_len,
-                          "sparsity": exact_sparsity(state), "threads": timing[1]["dense"].threads,
-                          "figures": figures}, indent=2))
+        print(json.dumps({"out": str(out), "pruned": cmp.note, "median_tokens": cmp.seq_len,
+                          "sparsity": cmp.sparsity, "threads": threads, "figures": figures}, indent=2))
         return 0
     rows = []
     for name, values in figures.items():
@@ -164,10 +154,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
             ratio += f" ({d / p:.2f}x faster)"
         rows.append((label, fmt.format(d), fmt.format(p), ratio))
     print(_table(rows))
-    print(f"\n{pruned.notes[-1]} CoFi sparsity {exact_sparsity(state):.3f}. Accuracy on {data.name}, "
-          "no retraining after pruning; FLOPs at the median length "
-          f"of {seq_len} tokens; latency median of {timing[1]['dense'].repeats} interleaved runs, "
-          f"{timing[1]['dense'].threads} threads.")
+    rounds, repeats = FULL_ROUNDS[1]
+    print(f"\n{cmp.note} CoFi sparsity {cmp.sparsity:.3f}. Accuracy on {data.name}, no retraining after pruning; "
+          f"FLOPs at the median length of {cmp.seq_len} tokens; latency median of {rounds * repeats} runs at batch 1 "
+          f"interleaved with the dense model, {threads} threads.")
     print(f"saved {out}{' (with model.onnx)' if args.onnx else ''}")
     return 0
 

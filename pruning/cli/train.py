@@ -87,12 +87,12 @@ def _given_config(args: argparse.Namespace) -> dict:
 
 def summary(run: Run) -> str:
     """One line about a finished (or stopped) run."""
-    r = run.result or {}
-    if run.status != "done" or not r:
+    f = run.final
+    if run.status != "done" or f is None:
         return f"run {run.id} {run.status} at step {run.step}/{run.total}" + (f": {run.error}" if run.error else "")
-    return (f"run {run.id} done: accuracy {r['accuracy']:.4f} (dense {r['dense_accuracy']:.4f}) on {r['examples']} "
-            f"dev examples, sparsity {r['sparsity']:.3f}, batch-32 speedup {r['speedup_b32']:.2f}x, "
-            f"batch-1 {r['speedup_b1']:.2f}x; saved {r.get('export')}")
+    return (f"run {run.id} done: accuracy {f.accuracy:.4f} (dense {f.dense_accuracy:.4f}) on {f.examples} "
+            f"dev examples, sparsity {f.sparsity:.3f}, batch-32 speedup {f.speedup_b32:.2f}x, "
+            f"batch-1 {f.speedup_b1:.2f}x; saved {f.export}")
 
 
 def run_and_report(store: RunStore, run_id: int, job: str | None, *, parallel: bool, as_json: bool, teacher=None,
