@@ -1,18 +1,6 @@
-"""Save and load physically pruned models as folders; export them to ONNX.
-
-A pruned folder holds:
-
-    config.json        the *original* model's config (sizes before pruning)
-    model.safetensors  the pruned weights (state-dict names as in transformers; zero-width tensors for
-                       skipped sublayers)
-    pruning.json       kept heads / FFN units / hidden dims, skipped sublayers, the gate state
-    tokenizer files    as saved by the tokenizer
-    model.onnx         optional, logits for (input_ids, attention_mask) with dynamic batch and length
-
-`save_pretrained`/`from_pretrained` cannot round-trip such a model (size mismatch), so `load_pruned`
-builds the original architecture from config.json (never remote code), slices it as pruning.json
-says, then loads the safetensors with strict key and shape checks. No pickles anywhere.
-"""
+"""Save physically pruned models as folders (the layout `core.pruned` describes and loads back, plus a
+`headlab.json` marker) and export them to ONNX (`model.onnx`: logits for (input_ids, attention_mask)
+with dynamic batch and length, checked against torch)."""
 
 from __future__ import annotations
 
