@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from pruning.gates import GateShape, GateState
+from core.adapter import GateShape
+from pruning.gate_state import GateState
 from pruning.size import exact_sparsity
 
 BASELINES = ("relevance", "importance", "random")

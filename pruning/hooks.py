@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from core.adapter import GateShape, as_adapter
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 
 
 class GateHooks:

@@ -25,7 +25,7 @@ from core.loaded import LoadedModel
 from core.size import encoder_flops
 from core.structure import pruning_info
 from core.summary import median_tokens
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.size import exact_sparsity
 from pruning.surgery import prune
 

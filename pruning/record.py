@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from core.summary import median_tokens
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.live import Comparison, Figures, figures, measure_pruned
 from pruning.surgery import prune
 

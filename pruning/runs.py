@@ -38,7 +38,7 @@ from pathlib import Path
 from core.folders import check_target, new_folder, remove_owned
 from core.jobs import dead_reason, is_stale
 from core.paths import headlab_home
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.record import StepRecord
 
 RESUMABLE = ("failed", "interrupted", "stopped")

@@ -32,7 +32,7 @@ from pruning import memory
 from pruning.checkpoints import rng_state, set_rng_state
 from pruning.config import TrainConfig
 from pruning.distributed import Dist, resolve_device
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.hooks import GateHooks
 from pruning.losses import TaskLoss
 from pruning.methods.base import MethodContext, Progress, PruningMethod

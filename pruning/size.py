@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from pruning.gates import GROUPS, CoFiGates, GateState
+from pruning.gate_state import GROUPS, GateState
+from pruning.gates import CoFiGates
 
 
 def _probs(gates: GateState | CoFiGates) -> GateState:

@@ -19,7 +19,7 @@ import torch
 from core.adapter import Adapter, GateShape, as_adapter
 from core.loaded import LoadedModel
 from core.structure import PruningInfo, PruningPlan, apply_plan
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 
 
 @torch.no_grad()

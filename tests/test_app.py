@@ -178,7 +178,7 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
 
 def test_gates_page_on_the_second_real_model(fresh_home):
     from core.models import load_model
-    from pruning.gates import GateState
+    from pruning.gate_state import GateState
     from pruning.runs import RunStore
 
     store = RunStore()

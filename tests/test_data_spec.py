@@ -210,7 +210,7 @@ def test_gates_measurement_reads_the_chosen_column_of_the_dev_rows(tiny_dir, jun
     import pruning.cli.apply as cli
     from core.models import load_model
     from pruning.__main__ import main
-    from pruning.gates import GateState
+    from pruning.gate_state import GateState
 
     gates = tmp_path / "gates.json"
     gates.write_text(GateState.from_closed_heads(load_model(str(tiny_dir)), [(0, 1)]).to_json())

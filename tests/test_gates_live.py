@@ -123,7 +123,7 @@ def test_gates_file_cli_on_the_second_real_model(tmp_path):
 def test_gates_from_a_saved_state_round_trip_and_reopen(tiny):
     from dataclasses import replace
 
-    from pruning.gates import GateState
+    from pruning.gate_state import GateState
 
     torch.manual_seed(0)
     saved = GateState.from_closed_heads(tiny, [(0, 1), (1, 2)]).with_ffn_keep(tiny.adapter, 0.5)

@@ -16,7 +16,7 @@ from core.data import DataSpec
 from core.models import load_model
 from pruning.__main__ import main
 from pruning.baselines import keep_state
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.methods import PLUGINS_ENV, PruningMethod, methods, register
 from pruning.options import option
 from pruning.runs import RunStore

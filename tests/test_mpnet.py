@@ -34,7 +34,7 @@ from core.paths import packages_dir
 from core.prepare import MPNET_FILES, MPNET_FOLDER, MPNET_PARTS, base_encoder_dir
 from core.pruned import load_pruned
 from core.structure import pruning_info
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.runs import RunStore
 from pruning.surgery import prune
 

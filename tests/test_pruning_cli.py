@@ -109,7 +109,7 @@ def test_pruned_folder_gives_same_logits_as_reported_model(tiny_dir, reviews_csv
     assert apply("--model", str(tiny_dir), "--prune-heads", "0:3", "--ffn-keep", "0.25", "--data", str(reviews_csv),
                  "--limit", "5", "--out", str(out), "--json") == 0
     from core.models import load_model
-    from pruning.gates import GateState
+    from pruning.gate_state import GateState
     from pruning.hooks import gated
 
     dense = load_model(str(tiny_dir))

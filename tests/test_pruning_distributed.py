@@ -20,7 +20,7 @@ import torch
 from pruning.checkpoints import load_checkpoint
 from pruning.config import TrainConfig
 from pruning.distributed import Dist, resolve_device, torchrun_command
-from pruning.gates import GROUPS
+from pruning.gate_state import GROUPS
 from pruning.launch import launch, launch_command
 from pruning.loop import run_job
 from pruning.runs import RunStore

@@ -19,7 +19,7 @@ from pruning.export import (
     onnx_max_diff,
     save_pruned,
 )
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.surgery import prune
 
 TEXTS = ["a great film, warm and funny", "an awful, boring movie", "meh"]

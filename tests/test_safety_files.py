@@ -38,7 +38,7 @@ from core.models import load_model
 from pruning import export
 from pruning.__main__ import main as pruning_main
 from pruning.export import WRITER, save_pruned
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.runs import RunStore
 from pruning.surgery import prune
 

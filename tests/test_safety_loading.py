@@ -15,7 +15,7 @@ from core.models import ModelError, load_model
 from core.pruned import PRUNING_FILE
 from core.weights import check_memory, meta_model
 from pruning.export import save_pruned
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.surgery import prune
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from core.data import TextDataset
 from core.models import LoadedModel
 from core.paths import headlab_home
 from core.summary import median_tokens
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.live import Comparison, Figures, ManualGates, figures, measure_pruned
 from pruning.surgery import prune
 

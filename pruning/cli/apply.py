@@ -20,7 +20,7 @@ from core.data import load_data
 from core.folders import check_target, write_text_atomically
 from core.messages import quote
 from pruning.export import WRITER, save_pruned
-from pruning.gates import CRITERIA, GateState
+from pruning.gate_state import CRITERIA, GateState
 from pruning.live import compare_state, measure_pruned
 from pruning.surgery import prune
 

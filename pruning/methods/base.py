@@ -25,7 +25,7 @@ import torch
 from core.adapter import GateShape
 from core.data import TextDataset
 from core.loaded import LoadedModel
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.losses import TaskLoss
 from pruning.options import check_fields
 

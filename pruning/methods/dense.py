@@ -3,7 +3,7 @@ with the same budget (the small-dense side of Zhu & Gupta 2017)."""
 
 from __future__ import annotations
 
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.methods.base import PruningMethod, register
 
 

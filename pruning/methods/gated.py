@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from core.loaded import LoadedModel
-from pruning.gates import CoFiGates, GateState
+from pruning.gate_state import GateState
+from pruning.gates import CoFiGates
 from pruning.methods.base import PruningMethod
 from pruning.size import expected_sparsity
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pruning.baselines import baseline_state
-from pruning.gates import GateState
+from pruning.gate_state import GateState
 from pruning.methods.base import PruningMethod, register
 from pruning.options import option
 
