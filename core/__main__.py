@@ -14,6 +14,7 @@ from core.cli import add_data_options, data_spec, load_or_prepare, run_command, 
 from core.data import load_data, load_splits
 from core.finetune import FinetuneConfig, finetune, save_classifier
 from core.folders import write_text_atomically
+from core.gguf import GGUFConversion
 from core.models import BUILTIN_MODELS, PREPARED_BY_ALL, load_model
 from core.prepare import prepare
 from core.summary import summarise, summary_record
@@ -43,8 +44,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     names = list(PREPARED_BY_ALL) if args.name == "all" else [args.name]
     for name in names:
         result = run_with_bar(f"prepare-{name}", lambda bar, name=name: prepare(name, progress=bar, force=args.force))
-        print(f"{name}: dev {result.dev_accuracy:.3f}, test {result.test_accuracy:.3f}, "
-              f"fine-tune {result.seconds:.0f} s on {result.threads} threads")
+        if isinstance(result, GGUFConversion):  # a decoder is converted, not fine-tuned
+            print(f"{name}: {result.describe()}")
+        else:
+            print(f"{name}: dev {result.dev_accuracy:.3f}, test {result.test_accuracy:.3f}, "
+                  f"fine-tune {result.seconds:.0f} s on {result.threads} threads")
     return 0
 
 

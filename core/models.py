@@ -31,6 +31,8 @@ BUILTIN_MODELS = {
     "minilm-l3": "paraphrase-MiniLM-L3-v2 fine-tuned on Rotten Tomatoes (3 layers x 12 heads)",
     "mpnet": "all-mpnet-base-v2 fine-tuned on Rotten Tomatoes (12 layers x 12 heads x 768; optional: a 404 MB "
              "download and about an hour of fine-tuning per epoch on 2 cores)",
+    "smollm2": "SmolLM2-135M-Instruct, a Llama-architecture decoder (30 layers x 9 query / 3 KV heads), converted "
+               "once from its GGUF package to fp32 (no fine-tuning)",
 }
 PREPARED_BY_ALL = ("default", "minilm-l3")  # `prepare all` (run by make); the bigger MPNet only on request
 

