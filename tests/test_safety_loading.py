@@ -79,7 +79,7 @@ def test_huge_config_over_a_small_pruned_folder_is_refused_before_building(tiny_
     message, peak_kb = done.stdout.strip().splitlines()
     # pruning.json still describes 2 layers: refused while checking it against the (meta-built) config
     assert f"{PRUNING_FILE} does not fit" in message
-    assert int(peak_kb) < 1_500_000  # KiB: the interpreter and torch, not the 40+ GB the config implies
+    assert int(peak_kb) < 4_000_000  # KiB: the interpreter, torch and transformers, not the 40+ GB implied
 
 
 def test_huge_config_over_small_weights_is_refused_without_building(tiny_copy):

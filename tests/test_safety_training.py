@@ -130,7 +130,7 @@ def test_gates_page_training_and_apply_time_batches_of_the_median_length(tiny, t
     compare_state(tiny, GateState.dense(tiny), data)  # the Gates page
     measure_pruned(tiny, tiny, data, figures(tiny, data, median))  # every eval step of a run
     assert_typical(live, median)
-    applied = timed_widths(monkeypatch, pruning.cli.apply)
+    applied = timed_widths(monkeypatch, pruning.live)  # apply measures through pruning.live.measure_pruned
     assert main(["apply", "--model", str(tiny_dir), "--data", str(long_first), "--whole-file", "--ffn-keep", "0.5",
                  "--out", str(tmp_path / "pruned"), "--json"]) == 0
     assert_typical(applied, median)
