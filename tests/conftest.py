@@ -81,6 +81,16 @@ def reviews_csv(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def junk_text(tmp_path) -> Path:
+    """120 rows whose `text` column holds one word everywhere; the real texts are in `review`."""
+    rows = ["text,review,label"] + [f'movie,"a {w} film number {i}",{lab}' for i in range(60)
+                                    for w, lab in (("great", "pos"), ("awful", "neg"))]
+    path = tmp_path / "junk_text.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def link_prepared(home: Path) -> Path:
     """Make `home` a fresh HEADLAB_HOME that sees this machine's prepared built-in models and packages
     (symlinked, read-only use) but has no cached results, jobs or user models of its own."""

@@ -83,16 +83,6 @@ def test_train_config_carries_the_spec(tmp_path):
 # ----------------------------------------------------------------------------- the split rule
 
 
-@pytest.fixture
-def junk_text(tmp_path) -> Path:
-    """120 rows whose `text` column holds one word everywhere; the real texts are in `review`."""
-    rows = ["text,review,label"] + [f'movie,"a {w} film number {i}",{lab}' for i in range(60)
-                                    for w, lab in (("great", "pos"), ("awful", "neg"))]
-    path = tmp_path / "junk_text.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def test_a_file_is_split_80_10_10_unless_the_whole_file_is_asked_for(junk_text):
     spec = DataSpec(str(junk_text), text_column="review")
     splits = load_splits(spec, ["neg", "pos"])

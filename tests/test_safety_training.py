@@ -220,16 +220,6 @@ def test_sigterm_checkpoints_stops_and_resumes(tiny_dir, reviews, tmp_path, monk
 # ----------------------------------------------------------------------------- 5. data columns
 
 
-@pytest.fixture
-def junk_text(tmp_path) -> Path:
-    """120 rows whose `text` column is the same word everywhere; the real text is in `review`."""
-    rows = ["text,review,label"] + [f'movie,"a {w} film number {i}",{lab}' for i in range(60)
-                                    for w, lab in (("great", "pos"), ("awful", "neg"))]
-    path = tmp_path / "junk_text.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def read_by_trainer(monkeypatch) -> dict[str, list[str]]:
     """The texts the trainer encodes for training and the texts of every dataset it evaluates on."""
     seen: dict[str, list[str]] = {"train": [], "eval": []}

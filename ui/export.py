@@ -47,10 +47,7 @@ def export_panel(out: Path, job: str, args: list[str], label: str, *, disabled: 
     free (`core.folders.check_target`: nothing is overwritten)."""
     state = job_state(job)
     if state is None:
-        try:
-            check_target(out, written_by=WRITER)
-        except FolderError as exc:
-            st.error(str(exc))
+        if not _writable(out):
             return
         if st.button(label, disabled=disabled, help=HELP):
             ensure_job(job, args)
@@ -83,10 +80,7 @@ def save_panel(out: Path, key: str, model: Callable[[], LoadedModel], label: str
         else:
             _saved(out)
         return
-    try:
-        check_target(out, written_by=WRITER)
-    except FolderError as exc:
-        st.error(str(exc))
+    if not _writable(out):
         return
     if st.button(label, disabled=disabled, help=HELP):
         tasks[str(out)] = (key, _SAVER.submit(save_pruned, model(), out, onnx=True))
@@ -108,3 +102,13 @@ def _saved(out: Path) -> None:
     st.success(f"Saved {out}: model.safetensors {sizes.get('model.safetensors', 0) / 1e6:.1f} MB, "
                f"model.onnx {sizes.get('model.onnx', 0) / 1e6:.1f} MB. Load it on the Model page as a local "
                "folder, or run model.onnx with onnxruntime (inputs input_ids, attention_mask; output logits).")
+
+
+def _writable(out: Path) -> bool:
+    """True if an export may be written to `out`; otherwise shows the one error line and returns False."""
+    try:
+        check_target(out, written_by=WRITER)
+    except FolderError as exc:
+        st.error(str(exc))
+        return False
+    return True
