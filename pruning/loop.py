@@ -28,6 +28,7 @@ at the same step.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -76,8 +77,6 @@ def checkpoint(s: TrainSession) -> None:
 def stop_requested(s: TrainSession, signals: StopSignals, last_check: list[float]) -> bool:
     """Rank 0 looks for SIGTERM / SIGINT (every step) and reads the store's stop flag (at most once a
     second), and tells every rank, every step."""
-    import time
-
     stop = signals.received is not None
     now = time.monotonic()
     if not stop and s.dist.main and now - last_check[0] >= 1.0:
@@ -88,8 +87,6 @@ def stop_requested(s: TrainSession, signals: StopSignals, last_check: list[float
 
 def report(s: TrainSession, total: int, last_report: list[float]) -> None:
     """Progress to the callback (every step) and to the store (at most twice a second)."""
-    import time
-
     message = s.message()
     s.progress(s.step, total, message)
     now = time.monotonic()
