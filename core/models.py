@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from core.adapter import Adapter
+from core.adapter import DECODER_MODEL_TYPES, Adapter
 from core.errors import ModelError, ModelNotPrepared
 from core.folder import folder_fingerprint, inspect_folder
 from core.loaded import LoadedModel
 from core.paths import models_dir
+from core.prompting import PromptSpec, prompt_classifier
 from core.pruned import PRUNING_FILE, load_pruned
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +35,7 @@ BUILTIN_MODELS = {
     "smollm2": "SmolLM2-135M-Instruct, a Llama-architecture decoder (30 layers x 9 query / 3 KV heads), converted "
                "once from its GGUF package to fp32 (no fine-tuning)",
 }
+DEFAULT_DECODER_LABELS = ["fresh", "rotten"]  # the default data's labels (Rotten Tomatoes), prompted as words
 PREPARED_BY_ALL = ("default", "minilm-l3")  # `prepare all` (run by make); the bigger MPNet only on request
 
 
@@ -52,15 +54,49 @@ def resolve(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
+def _tokenizer(path: Path):
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: tokenizer could not be loaded ({type(exc).__name__}: {exc}).".replace("\n", " ")) \
+            from exc
+
+
+def _pretrained(cls, path: Path, **kwargs):
+    try:
+        return cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                                   **kwargs)
+    except Exception as exc:
+        raise ModelError(f"{path} could not be loaded ({type(exc).__name__}: {exc}).".replace("\n", " ")) from exc
+
+
+def load_decoder(path: Path, folder, *, source: str, attn_implementation: str, label_names: list[str] | None,
+                 prompt: PromptSpec | None) -> LoadedModel:
+    """A Llama-family causal LM folder as a prompted classifier (`core.prompting`), in eval mode."""
+    folder.check(lambda: AutoModelForCausalLM.from_config(folder.config, trust_remote_code=False))
+    lm = _pretrained(AutoModelForCausalLM, path, attn_implementation=attn_implementation)
+    lm.eval()
+    names = list(label_names or (DEFAULT_DECODER_LABELS if prompt is None else
+                                 [str(i) for i in range(len(prompt.label_words))]))
+    model, tokenizer = prompt_classifier(lm, _tokenizer(path), names, prompt)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, adapter=Adapter(model), source=source, path=path, label_names=names,
+        has_classifier=True, fingerprint=folder_fingerprint(path, folder.weights), prompt=tokenizer.spec,
+        notes=[f"A decoder read as a classifier by prompting: label words {', '.join(tokenizer.spec.label_words)}."],
+    )
+
+
 def load_model(
     spec: str,
     *,
     attn_implementation: str = "eager",
     label_names: list[str] | None = None,
+    prompt: PromptSpec | None = None,
 ) -> LoadedModel:
-    """Load `default`, `minilm-l3` or a local folder as a sequence classifier in eval mode.
+    """Load a built-in name or a local folder in eval mode: an encoder as a sequence classifier, a
+    Llama-family decoder as a classifier by prompting (`prompt`, default: the label names as words).
 
-    A folder without a classification head is loaded with a fresh head sized by `label_names`
+    An encoder folder without a classification head is loaded with a fresh head sized by `label_names`
     (default two labels) and `has_classifier=False`: it must be fine-tuned before its accuracy
     means anything. Attention is eager so attention maps are available.
     """
@@ -68,6 +104,9 @@ def load_model(
     if (path / PRUNING_FILE).is_file():  # a HeadLab export: its modules are re-sliced before loading
         return load_pruned(path, attn_implementation=attn_implementation, source=spec)
     folder = inspect_folder(path)
+    if folder.config.model_type in DECODER_MODEL_TYPES:
+        return load_decoder(path, folder, source=spec, attn_implementation=attn_implementation,
+                            label_names=label_names, prompt=prompt)
     has_classifier = folder.has_classifier
     notes: list[str] = []
     kwargs: dict = {}
@@ -77,14 +116,8 @@ def load_model(
                   "label2id": {n: i for i, n in enumerate(names)}}
         notes.append("This model has no classification head: fine-tune it before trusting accuracy.")
     folder.check(lambda: AutoModelForSequenceClassification.from_config(folder.config, trust_remote_code=False))
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-            attn_implementation=attn_implementation, **kwargs,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise ModelError(f"{path} could not be loaded ({type(exc).__name__}: {exc}).".replace("\n", " ")) from exc
+    model = _pretrained(AutoModelForSequenceClassification, path, attn_implementation=attn_implementation, **kwargs)
+    tokenizer = _tokenizer(path)
     model.eval()
     id2label = model.config.id2label
     names = [str(id2label[i]) for i in range(model.config.num_labels)]

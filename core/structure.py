@@ -295,12 +295,12 @@ def apply_plan(arch, plan: PruningPlan) -> None:
     if not all_hidden:
         if hasattr(a.base, "embeddings_project"):
             raise ValueError("Hidden-dim pruning is not supported for models with an embedding projection (ELECTRA).")
-        emb = a.base.embeddings
-        for name, old in a.embedding_tables.items():
+        emb = a.embeddings
+        for path, old in a.embedding_tables.items():
             new = torch.nn.utils.skip_init(nn.Embedding, old.num_embeddings, keep.numel(), padding_idx=old.padding_idx,
                                            device=old.weight.device, dtype=old.weight.dtype)
             new.weight.copy_(old.weight.index_select(1, keep))
-            setattr(emb, name, new)
+            setattr(emb, path.rpartition(".")[2], new)
         emb.LayerNorm = slice_norm(emb.LayerNorm, keep)
         parent, attr = _stream_reader(a.model)
         setattr(parent, attr, slice_linear(getattr(parent, attr), cols=keep))

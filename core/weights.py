@@ -51,8 +51,15 @@ def meta_model(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor `model.state_dict()` holds (persistent parameters and buffers)."""
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Name -> shape of every tensor `model.state_dict()` holds (persistent parameters and buffers), a tied
+    tensor (an LM head sharing the token table) under its first name only, as safetensors saves it."""
+    seen: set[int] = set()
+    shapes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[name] = tuple(tensor.shape)
+    return shapes
 
 
 def buffer_names(model: nn.Module) -> set[str]:

@@ -81,7 +81,7 @@ def test_adapter_finds_the_mpnet_parts(tiny):
     assert (a.query(1), a.key(1), a.value(1)) == (attn.attn.q, attn.attn.k, attn.attn.v)
     assert a.attention_norm(1) is attn.LayerNorm and a.ffn_norm(1) is model.mpnet.encoder.layer[1].output.LayerNorm
     assert a.relative_bias is model.mpnet.encoder.relative_attention_bias
-    assert set(a.embedding_tables) == {"word_embeddings", "position_embeddings"}
+    assert set(a.embedding_tables) == {"embeddings.word_embeddings", "embeddings.position_embeddings"}
     arch = tiny.architecture()
     assert (arch.model_type, arch.layers, arch.heads, arch.hidden, arch.ffn) == ("mpnet", 2, 4, 32, 64)
     with pytest.raises(ValueError, match="'name' parameter"):
