@@ -166,6 +166,11 @@ def slice_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
     return new
 
 
+def rms_norm_eps(norm: nn.Module) -> float:
+    """The epsilon of an RMSNorm (`variance_epsilon` in Llama/Qwen2, `eps` in Gemma3)."""
+    return float(norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
+
+
 class _NoHeads:
     """Forward of a self-attention whose heads were all removed (mixed into the model's own class).
 

@@ -17,6 +17,19 @@ module names from the model's `core.models.Layout`, W_O is `attention.output.den
 MPNet's relative position bias needs no hook: it only shifts attention scores inside a head,
 whose context the head gate then scales.
 
+For layer l of a Llama-family decoder (pre-norm: x + branch(norm(x)); the branch is W_O / the down
+projection, or Gemma3's post-norm after them; names from the adapter):
+
+    head[l, h]       pre-hook on W_O (o_proj), as above; h is a *query* head: under GQA its KV head
+                     keeps serving the group's other heads
+    mha[l]           hook on the attention branch: its output (B, T, d) times mha[l] * hidden
+    intermediate[l]  pre-hook on the down projection: the (B, T, d_ff) SwiGLU activations times the gates
+    ffn[l]           hook on the FFN branch: its output times ffn[l] * hidden
+    hidden[k]        (CoFi) the token table's output and every branch output (above) are multiplied by
+                     the hidden gates, so the residual stream is 0 in closed dims; every RMSNorm (the
+                     pre-norms, Gemma3's post-norms, the final norm) normalises over the kept dims only,
+                     scaling by (offset + weight) (`layout.norm_offset`); its closed dims are exactly 0
+
 `pruning.surgery.prune` builds a smaller model that computes the same function. Gate tensors may
 require grad (learned gates): everything here is differentiable in the gate values.
 """
@@ -30,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from core.adapter import GateShape, as_adapter
+from core.structure import rms_norm_eps
 from pruning.gate_state import GateState
 
 
@@ -88,6 +102,21 @@ class GateHooks:
             return output * scale.to(output.device, output.dtype)
         return hook
 
+    def _table(self, module, args, output):  # decoders: the token table's output (B, T, d) times the hidden gates
+        if not self._hidden_active:
+            return None
+        return output * self.state.hidden.to(output.device, output.dtype)
+
+    def _rms_norm(self, module, args, output):
+        """An RMSNorm over the kept dims only: x_k / sqrt(mean_k(x_k^2) + eps) * (offset + w_k), 0 elsewhere."""
+        if not self._hidden_active:
+            return None
+        keep = self._keep.to(output.device)
+        x = args[0].index_select(-1, keep).float()  # (B, T, d')
+        scale = self.adapter.layout.norm_offset + module.weight.index_select(0, keep).float()
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + rms_norm_eps(module)) * scale
+        return torch.zeros_like(output).index_copy(-1, keep, y.to(output.dtype))
+
     def _layer_norm(self, pre_scale: bool):
         def hook(module, args, output):
             if not self._hidden_active:
@@ -104,6 +133,9 @@ class GateHooks:
         """Register every hook (idempotent)."""
         if self._handles:
             return self
+        if self.adapter.is_decoder:
+            self._attach_decoder()
+            return self
         a = self.adapter
         h = self._handles
         h.append(a.base.embeddings.LayerNorm.register_forward_hook(self._layer_norm(pre_scale=True)))
@@ -115,6 +147,22 @@ class GateHooks:
             h.append(a.attention_norm(layer).register_forward_hook(self._layer_norm(pre_scale=False)))
             h.append(a.ffn_norm(layer).register_forward_hook(self._layer_norm(pre_scale=False)))
         return self
+
+    def _attach_decoder(self) -> None:
+        a = self.adapter
+        h = self._handles
+        h.append(a.word_embeddings.register_forward_hook(self._table))
+        for layer in range(self.shape.layers):
+            h.append(a.attention_output(layer).register_forward_pre_hook(self._heads(layer)))
+            h.append(a.ffn_out(layer).register_forward_pre_hook(self._units(layer)))
+            for group, branch, inner in (("mha", a.attention_branch(layer), a.attention_output(layer)),
+                                         ("ffn", a.ffn_branch(layer), a.ffn_out(layer))):
+                if branch is not inner:  # a post-norm (Gemma3): normalise over the kept dims, then scale
+                    h.append(branch.register_forward_hook(self._rms_norm))
+                h.append(branch.register_forward_hook(self._sublayer(group, layer)))
+            h.append(a.attention_norm(layer).register_forward_hook(self._rms_norm))
+            h.append(a.ffn_norm(layer).register_forward_hook(self._rms_norm))
+        h.append(a.final_norm.register_forward_hook(self._rms_norm))
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before."""
