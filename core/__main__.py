@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from core.cli import add_data_options, data_spec, load_or_prepare, run_command, run_with_bar
+from core.cpu_queue import BACKGROUND
 from core.data import load_data, load_splits
 from core.finetune import FinetuneConfig, finetune, save_classifier
 from core.folders import write_text_atomically
@@ -43,7 +44,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     names = list(PREPARED_BY_ALL) if args.name == "all" else [args.name]
     for name in names:
-        result = run_with_bar(f"prepare-{name}", lambda bar, name=name: prepare(name, progress=bar, force=args.force))
+        result = run_with_bar(f"prepare-{name}", lambda bar, name=name: prepare(name, progress=bar, force=args.force),
+                              BACKGROUND)
         if isinstance(result, GGUFConversion):  # a decoder is converted, not fine-tuned
             print(f"{name}: {result.describe()}")
         else:

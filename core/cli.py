@@ -21,11 +21,14 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from core.cpu_queue import BACKGROUND, INTERACTIVE, cpu_turn, watch_pauses
 from core.data import DataError, DataSpec, parse_label_map
 from core.jobs import BACKGROUND_ENV, JobReporter
 from core.messages import one_line
 from core.models import LoadedModel, ModelError, ModelNotPrepared, load_model
 from core.prepare import prepare
+
+BACKGROUND_NICE = 10  # niceness added to background processes: the app's server goes first
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,11 +62,18 @@ class Bar:
             self.job.finish(error)
 
 
-def run_with_bar(job: str | None, work):
-    """Run `work(bar)` with a progress bar, recording success or the error in the job store."""
+def run_with_bar(job: str | None, work, priority: int | None = INTERACTIVE):
+    """Run `work(bar)` with a progress bar, recording success or the error in the job store.
+
+    A background process (started by the app or a run launcher) first waits for its turn on the CPU
+    (`core.cpu_queue.cpu_turn` at `priority`: `INTERACTIVE` for what a page waits for, `BACKGROUND`
+    for training and preparation; None: no turn, e.g. for data-parallel ranks), showing the wait on its bar."""
     bar = Bar(job)
+    queued = priority is not None and os.environ.get(BACKGROUND_ENV)
+    turn = cpu_turn(job or "command", priority, progress=bar) if queued else contextlib.nullcontext()
     try:
-        result = work(bar)
+        with turn:
+            result = work(bar)
     except BaseException as exc:
         bar.close(error=f"{type(exc).__name__}: {exc}")
         raise
@@ -77,7 +87,7 @@ def load_or_prepare(spec: str, label_names: list[str] | None = None) -> LoadedMo
         return load_model(spec, label_names=label_names)
     except ModelNotPrepared:
         print(f"Preparing built-in model '{spec}' (one-time fine-tune)...", file=sys.stderr)
-        run_with_bar(f"prepare-{spec}", lambda bar: prepare(spec, progress=bar))
+        run_with_bar(f"prepare-{spec}", lambda bar: prepare(spec, progress=bar), BACKGROUND)
         return load_model(spec)
 
 
@@ -104,8 +114,14 @@ def run_command(args: argparse.Namespace) -> int:
     """Run `args.func(args)`: bad input becomes one `error:` line and exit 2, never a traceback.
 
     A reader that closes stdout early (`... | head`) ends the command quietly with status 141 (as if
-    killed by SIGPIPE), following the recipe in the Python docs' `signal` module notes.
+    killed by SIGPIPE), following the recipe in the Python docs' `signal` module notes. A background
+    process runs niced (`BACKGROUND_NICE`) with one thread fewer than the machine's cores, so the app
+    stays responsive, and counts its pauses (`core.cpu_queue.watch_pauses`).
     """
+    if os.environ.get(BACKGROUND_ENV):
+        os.nice(BACKGROUND_NICE)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        watch_pauses()
     try:
         code = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit

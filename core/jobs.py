@@ -29,8 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.cpu_queue import accounts_for
 from core.messages import quote
 from core.paths import headlab_home
+from core.processes import pid_alive
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, done INTEGER, total INTEGER, message TEXT,
@@ -69,20 +71,6 @@ def _connect(db: Path | None = None) -> sqlite3.Connection:
     return con
 
 
-def pid_alive(pid: int | None) -> bool:
-    """True if process `pid` exists and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a finished child stays a zombie until reaped: not alive for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def is_stale(heartbeat: float, now: float | None = None) -> bool:
     """True if a process's last sign of life at `heartbeat` (Unix seconds) is more than `STALE_S` ago."""
     return (time.time() if now is None else now) - heartbeat > STALE_S
@@ -90,11 +78,12 @@ def is_stale(heartbeat: float, now: float | None = None) -> bool:
 
 def dead_reason(pid: int | None, heartbeat: float, now: float | None = None) -> str | None:
     """Why work said to run in process `pid`, last heard of at `heartbeat` (Unix seconds), is dead: its
-    process is gone (`pid_alive`) or silent (`is_stale`). None while it lives."""
+    process is gone (`pid_alive`) or silent (`is_stale`) without the CPU queue accounting for the
+    silence (waiting for its turn, or paused: `core.cpu_queue.accounts_for`). None while it lives."""
     now = time.time() if now is None else now
     if not pid_alive(pid):
         return f"the job's process (pid {pid}) ended without finishing"
-    if is_stale(heartbeat, now):
+    if is_stale(heartbeat, now) and not accounts_for(pid):
         return f"the job's process (pid {pid}) has not reported for {now - heartbeat:.0f} s"
     return None
 

@@ -1,0 +1,195 @@
+"""One CPU-heavy background job at a time per machine: the queue every background process of HeadLab
+(app jobs and training runs alike) waits in before it works, and the pauses that let interactive work
+and the pages' timings go first.
+
+Turns. A background process calls `cpu_turn(name, kind)` around its work. It waits (polling, its row's
+heartbeat fresh) until no other process holds the CPU and no waiting process comes before it. Order:
+`INTERACTIVE` work (what the page in front of the user waits for: a Heads analysis, a Gates full-dev
+refinement, the Model page's evaluation) before `BACKGROUND` work (training runs, one-time preparation),
+first come first served within a kind. Interactive work that finds a background job holding the CPU
+does not wait for it: it pauses that job (SIGSTOP of its process group), works, and lets it go on
+(SIGCONT) when done. A page timing a model (`paused_for_timing`) pauses whatever holds the CPU for the
+few seconds it times.
+
+Pauses are recorded here (the row's `state` is "paused" and `paused_by` names the pauser's pid), so
+`core.jobs.dead_reason` reads a frozen process, which cannot heartbeat, as alive (`accounts_for`), and
+a waiting one too (its row's heartbeat stands in for the job's own). If a pauser dies
+without resuming what it paused, the next caller of `reconcile` (every waiting process and every page
+poll) resumes it. `core.latency` can tell a timing that overlapped a pause (`pauses_seen` in the
+paused process changes on each SIGCONT) and repeat it, so measured latencies never include a pause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.paths import headlab_home
+from core.processes import continue_work, pid_alive, stop_work
+
+INTERACTIVE, BACKGROUND = 0, 1  # priorities: lower goes first
+KINDS = {INTERACTIVE: "interactive", BACKGROUND: "background"}
+POLL_S = 0.5  # seconds between a waiting process's looks at the queue
+SCHEMA = """CREATE TABLE IF NOT EXISTS turns (
+    name TEXT NOT NULL, pid INTEGER PRIMARY KEY, priority INTEGER NOT NULL, enqueued REAL NOT NULL,
+    state TEXT NOT NULL, heartbeat REAL NOT NULL, paused_by INTEGER)"""
+
+
+@dataclass
+class Turn:
+    """One process's place: `state` is waiting | running | paused (`paused_by`: the pauser's pid)."""
+
+    name: str
+    pid: int
+    priority: int
+    enqueued: float
+    state: str
+    heartbeat: float
+    paused_by: int | None
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.priority]
+
+
+def _connect(db: Path | None = None) -> sqlite3.Connection:
+    con = sqlite3.connect(db or headlab_home() / "cpu.sqlite", timeout=10, isolation_level="IMMEDIATE")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(SCHEMA)
+    return con
+
+
+def _turns(con: sqlite3.Connection) -> list[Turn]:
+    return [Turn(*row) for row in con.execute("SELECT * FROM turns ORDER BY priority, enqueued")]
+
+
+def _reconcile(con: sqlite3.Connection) -> None:
+    """Forget rows of dead processes; resume processes whose pauser is gone."""
+    for turn in _turns(con):
+        if not pid_alive(turn.pid):
+            con.execute("DELETE FROM turns WHERE pid=?", (turn.pid,))
+        elif turn.state == "paused" and not pid_alive(turn.paused_by):
+            continue_work(turn.pid)
+            con.execute("UPDATE turns SET state='running', paused_by=NULL, heartbeat=? WHERE pid=?",
+                        (time.time(), turn.pid))
+
+
+def reconcile(db: Path | None = None) -> list[Turn]:
+    """Clean the queue (see `_reconcile`) and return it: the holder first, then the waiting, in order."""
+    with _connect(db) as con:
+        _reconcile(con)
+        turns = _turns(con)
+    return sorted(turns, key=lambda t: (t.state == "waiting", t.priority, t.enqueued))
+
+
+def accounts_for(pid: int, db: Path | None = None) -> bool:
+    """True if the queue explains why live process `pid` is silent: it waits for its turn (its row's
+    heartbeat is fresh) or the queue froze it on purpose (its pauser lives)."""
+    with _connect(db) as con:
+        row = con.execute("SELECT state, heartbeat, paused_by FROM turns WHERE pid=?", (pid,)).fetchone()
+    if row is None:
+        return False
+    state, heartbeat, paused_by = row
+    return pid_alive(paused_by) if state == "paused" else state == "waiting" and time.time() - heartbeat < 10 * POLL_S
+
+
+def _pause(con: sqlite3.Connection, turn: Turn, by: int) -> None:
+    if stop_work(turn.pid):
+        con.execute("UPDATE turns SET state='paused', paused_by=? WHERE pid=?", (by, turn.pid))
+
+
+def _resume_paused_by(con: sqlite3.Connection, by: int) -> None:
+    for (pid,) in con.execute("SELECT pid FROM turns WHERE state='paused' AND paused_by=?", (by,)).fetchall():
+        continue_work(pid)
+        con.execute("UPDATE turns SET state='running', paused_by=NULL, heartbeat=? WHERE pid=?", (time.time(), pid))
+
+
+def _try_take(con: sqlite3.Connection, me: int) -> str | None:
+    """Take the CPU for `me` if it is its turn (pausing a background holder for interactive work).
+    Returns None when taken, else what `me` waits for."""
+    _reconcile(con)
+    turns = _turns(con)
+    mine = next(t for t in turns if t.pid == me)
+    holders = [t for t in turns if t.state != "waiting" and t.pid != me]  # paused ones still hold it
+    ahead = [t for t in turns if t.state == "waiting" and t.pid != me
+             and (t.priority, t.enqueued) < (mine.priority, mine.enqueued)]
+    if ahead:
+        return f"{ahead[0].name} ({ahead[0].kind}) goes first"
+    busy = [t for t in holders if not (mine.priority == INTERACTIVE and t.priority == BACKGROUND)]
+    if busy:
+        return f"{busy[0].name} is running"
+    for holder in holders:  # interactive work pauses background work rather than waiting behind it
+        if holder.state == "running" or not pid_alive(holder.paused_by):
+            _pause(con, holder, me)
+        else:  # frozen by a page's timing: keep it frozen after that timing, until this work is done
+            con.execute("UPDATE turns SET paused_by=? WHERE pid=?", (me, holder.pid))
+    con.execute("UPDATE turns SET state='running', heartbeat=? WHERE pid=?", (time.time(), me))
+    return None
+
+
+@contextlib.contextmanager
+def cpu_turn(name: str, priority: int = BACKGROUND, *, progress: Callable[[int, int, str], None] | None = None,
+             db: Path | None = None, poll_s: float = POLL_S) -> Iterator[None]:
+    """Hold this machine's CPU turn for the block: wait for it first (reporting "waiting for the CPU: ..."
+    through `progress`), give it back after, and let go on whatever this process paused."""
+    me = os.getpid()
+    with _connect(db) as con:
+        now = time.time()
+        con.execute("INSERT OR REPLACE INTO turns VALUES (?, ?, ?, ?, 'waiting', ?, NULL)",
+                    (name, me, priority, now, now))
+    try:
+        while True:
+            with _connect(db) as con:
+                waits_for = _try_take(con, me)
+                if waits_for is None:
+                    break
+                con.execute("UPDATE turns SET heartbeat=? WHERE pid=?", (time.time(), me))
+            if progress:
+                progress(0, 0, f"waiting for the CPU: {waits_for}")
+            time.sleep(poll_s)
+        yield
+    finally:
+        with _connect(db) as con:
+            _resume_paused_by(con, me)
+            con.execute("DELETE FROM turns WHERE pid=?", (me,))
+
+
+@contextlib.contextmanager
+def paused_for_timing(db: Path | None = None) -> Iterator[int]:
+    """Freeze every process holding a CPU turn while the block times a model; yields how many were
+    frozen. They go on when the block ends, even on error."""
+    me = os.getpid()
+    with _connect(db) as con:
+        _reconcile(con)
+        holders = [t for t in _turns(con) if t.state == "running" and t.pid != me]
+        for turn in holders:
+            _pause(con, turn, me)
+    try:
+        yield len(holders)
+    finally:
+        with _connect(db) as con:
+            _resume_paused_by(con, me)
+
+
+_pauses = 0
+
+
+def _count_pause(signum, frame) -> None:
+    global _pauses
+    _pauses += 1
+
+
+def pauses_seen() -> int:
+    """How many times this process was let go on after a pause (SIGCONTs received since `watch_pauses`)."""
+    return _pauses
+
+
+def watch_pauses() -> None:
+    """Count this process's SIGCONTs (`pauses_seen`), so a timing can tell it overlapped a pause."""
+    signal.signal(signal.SIGCONT, _count_pause)

@@ -1,0 +1,157 @@
+"""The machine's CPU queue (core.cpu_queue): one background job at a time, interactive work first and
+pausing background work, pages' timings freezing the holder, pauses never read as death.
+
+Each worker is a real process that takes a turn and then ticks (appends a timestamp to a file) until
+told to stop; the tests read the ticks and the kernel's process state ("T" = stopped).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from core import cpu_queue
+from core.jobs import dead_reason
+from core.processes import process_state
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from core.cpu_queue import cpu_turn
+    db, name, priority, ticks, stop = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+    with cpu_turn(name, priority, db=db, poll_s=0.05):
+        while not stop.exists():
+            with open(ticks, "a") as f:
+                f.write(f"{time.time()}\\n")
+            time.sleep(0.02)
+""")
+
+
+class Worker:
+    """A process that holds a CPU turn and ticks into `ticks` until `stop()`."""
+
+    def __init__(self, tmp: Path, db: Path, name: str, priority: int):
+        self.ticks, self.stop_file = tmp / f"{name}.ticks", tmp / f"{name}.stop"
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(db), name, str(priority), str(self.ticks),
+                                      str(self.stop_file)], cwd=Path(__file__).resolve().parent.parent,
+                                     start_new_session=True)
+
+    def times(self) -> list[float]:
+        return [float(x) for x in self.ticks.read_text().split()] if self.ticks.exists() else []
+
+    def wait_ticking(self, timeout: float = 20.0) -> None:
+        end = time.time() + timeout
+        while not self.times():
+            assert time.time() < end, "the worker never got its turn"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.stop_file.touch()
+        self.proc.wait(timeout=20)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    made: list[Worker] = []
+    db = tmp_path / "cpu.sqlite"  # the queue of this HEADLAB_HOME, which core.jobs consults
+
+    def make(name: str, priority: int) -> Worker:
+        made.append(Worker(tmp_path, db, name, priority))
+        return made[-1]
+
+    make.db = db
+    yield make
+    for w in made:
+        w.kill()
+
+
+def test_background_jobs_take_turns_first_come_first_served(workers):
+    first = workers("first", cpu_queue.BACKGROUND)
+    first.wait_ticking()
+    second = workers("second", cpu_queue.BACKGROUND)
+    time.sleep(1.0)
+    assert second.times() == []  # waits while the first holds the CPU
+    queue = cpu_queue.reconcile(workers.db)
+    assert [(t.name, t.state) for t in queue] == [("first", "running"), ("second", "waiting")]
+    assert cpu_queue.accounts_for(second.proc.pid, workers.db)  # waiting with a fresh heartbeat: alive
+    first.stop()
+    second.wait_ticking()
+    assert min(second.times()) > max(first.times())  # never both at once
+    second.stop()
+    assert cpu_queue.reconcile(workers.db) == []
+
+
+def test_interactive_work_pauses_background_work_and_resumes_it(workers):
+    training = workers("training", cpu_queue.BACKGROUND)
+    training.wait_ticking()
+    analysis = workers("analysis", cpu_queue.INTERACTIVE)
+    analysis.wait_ticking()  # did not wait behind the training run
+    time.sleep(0.3)
+    assert process_state(training.proc.pid) == "T"
+    frozen = len(training.times())
+    time.sleep(0.5)
+    assert len(training.times()) == frozen  # no tick while paused
+    assert cpu_queue.accounts_for(training.proc.pid, workers.db)
+    assert dead_reason(training.proc.pid, heartbeat=0.0) is None  # silent for ages, but paused on purpose
+    analysis.stop()
+    time.sleep(0.5)
+    assert process_state(training.proc.pid) != "T"
+    assert len(training.times()) > frozen  # goes on after the interactive work
+    paused = [t for t in training.times() if min(analysis.times()) < t < max(analysis.times())]
+    assert paused == []
+    training.stop()
+
+
+def test_interactive_work_waits_for_interactive_work(workers):
+    first = workers("heads", cpu_queue.INTERACTIVE)
+    first.wait_ticking()
+    second = workers("refine", cpu_queue.INTERACTIVE)
+    time.sleep(0.8)
+    assert second.times() == [] and process_state(first.proc.pid) != "T"
+    first.stop()
+    second.wait_ticking()
+    second.stop()
+
+
+def test_a_page_timing_freezes_the_holder_for_the_block_only(workers):
+    training = workers("training", cpu_queue.BACKGROUND)
+    training.wait_ticking()
+    with cpu_queue.paused_for_timing(workers.db) as frozen:
+        assert frozen == 1
+        time.sleep(0.2)
+        assert process_state(training.proc.pid) == "T"
+        during = len(training.times())
+        time.sleep(0.4)
+        assert len(training.times()) == during
+    time.sleep(0.3)
+    assert len(training.times()) > during
+    training.stop()
+
+
+def test_work_paused_by_a_dead_pauser_is_resumed(workers):
+    training = workers("training", cpu_queue.BACKGROUND)
+    training.wait_ticking()
+    analysis = workers("analysis", cpu_queue.INTERACTIVE)
+    analysis.wait_ticking()
+    time.sleep(0.2)
+    assert process_state(training.proc.pid) == "T"
+    analysis.kill()  # dies without resuming what it paused
+    assert not cpu_queue.accounts_for(training.proc.pid, workers.db)
+    cpu_queue.reconcile(workers.db)
+    time.sleep(0.3)
+    assert process_state(training.proc.pid) != "T"
+    assert [t.name for t in cpu_queue.reconcile(workers.db)] == ["training"]
+    training.stop()
