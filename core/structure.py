@@ -21,6 +21,19 @@ layer, so the table cannot be sliced: it stays whole, and a layer that keeps H' 
 its heads' planes by index (`keep_heads`, a non-persistent `bias_heads` buffer rebuilt from the plan
 on load). Exact, and it costs one index_select per layer; the table is 32 x H parameters.
 
+Decoders (Llama family, pre-norm, GQA). A query head goes alone (its Q rows, its W_O columns); a KV
+head's K/V rows go only when every query head of its group is closed (`PruningPlan.kv_heads`). When
+each kept KV group keeps the same number c of query heads, the attention's `num_key_value_groups`
+becomes c; when the counts differ, K/V keep the kept groups' rows and their output is expanded to one
+block per kept query head (`_KVPerQueryHead`, num_key_value_groups 1): exact, since RoPE and Gemma3's
+k_norm act per head after the projection. A layer with no head runs no attention (`_NoHeads`: o_proj
+of an empty context = its bias or 0, so Gemma3's post-norm gives 0 too); an MLP with no unit keeps
+zero-width gate/up/down projections (down_proj adds its bias or 0). SwiGLU's gate and up rows go with
+the down projection's columns. Hidden dims: the token table's columns (its class kept: Gemma3 scales
+by sqrt(d) of the original d), the LM head's columns — with tied embeddings the head gets the very
+sliced table tensor, so the tie holds — and every RMSNorm (pre-norms, Gemma3's post-norms, the final
+norm), sliced in place.
+
 The pruned model keeps the original `config` (its sizes are stale; read weight shapes instead) and
 carries a `PruningInfo` as `model.headlab_pruning` (the plan and the gate state, for export).
 """
@@ -72,6 +85,10 @@ class PruningPlan:
             raise ValueError("The gate state closes every hidden dim; keep at least one.")
         return cls(heads=heads, units=units, hidden=hidden)
 
+    def kv_heads(self, group_size: int) -> list[list[int]]:
+        """Kept KV heads per layer under GQA (`group_size` query heads per KV head): those with a kept query head."""
+        return [sorted({h // group_size for h in kept}) for kept in self.heads]
+
     def to_dict(self) -> dict:
         return {"kept_heads": self.heads, "kept_units": self.units, "kept_hidden": self.hidden,
                 "skipped_attention": self.skipped_attention, "skipped_ffn": self.skipped_ffn}
@@ -104,7 +121,9 @@ class PruningPlan:
 
     def describe(self, shape: GateShape) -> str:
         """One line, e.g. "kept 60/72 heads, 4608/9216 FFN units, 384/384 hidden dims; skipped attention in 1 layer"."""
-        text = (f"kept {sum(map(len, self.heads))}/{shape.layers * shape.heads} heads, "
+        kv = (f" ({sum(map(len, self.kv_heads(shape.group_size)))}/{shape.layers * shape.kv_heads} KV heads)"
+              if shape.group_size > 1 else "")
+        text = (f"kept {sum(map(len, self.heads))}/{shape.layers * shape.heads} heads{kv}, "
                 f"{sum(map(len, self.units))}/{shape.layers * shape.intermediate} FFN units, "
                 f"{len(self.hidden)}/{shape.hidden} hidden dims")
         skipped = [f"{what} in layer(s) {', '.join(map(str, layers))}"
@@ -166,6 +185,11 @@ def slice_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
     return new
 
 
+def slice_rms_norm(norm: nn.Module, keep: torch.Tensor) -> None:
+    """Keep the weights of dims `keep` (d',) of an RMSNorm, in place (its class and eps unchanged)."""
+    norm.weight = nn.Parameter(norm.weight.detach().index_select(0, keep))
+
+
 def rms_norm_eps(norm: nn.Module) -> float:
     """The epsilon of an RMSNorm (`variance_epsilon` in Llama/Qwen2, `eps` in Gemma3)."""
     return float(norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
@@ -212,6 +236,22 @@ class _SharedBiasSubset:
         return super().forward(hidden_states, attention_mask, position_bias, *args, **kwargs)
 
 
+class _KVPerQueryHead:
+    """Forward of a K or V projection whose layer keeps unequal numbers of query heads per KV head (mixed
+    into its Linear): the output (..., G' d_h) of the kept KV heads is expanded to the block of each kept
+    query head's KV head, (..., H' d_h), so the attention runs with num_key_value_groups = 1 and every
+    query head reads exactly its own K/V. `kv_index` (H',): each kept query head's position among the
+    kept KV heads (a non-persistent buffer rebuilt from the plan on load); `head_dim` = d_h.
+    """
+
+    kv_index: torch.Tensor
+    head_dim: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)  # (..., G' d_h)
+        return out.unflatten(-1, (-1, self.head_dim)).index_select(-2, self.kv_index).flatten(-2)
+
+
 _SUBCLASSES: dict[tuple[type, type, tuple], type] = {}
 
 
@@ -236,16 +276,19 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
 
-def remove_all_heads(adapter, layer: int, hidden: int) -> None:
-    """Turn the self-attention of `layer` into one with 0 heads, in place; Q/K/V become 0 x `hidden`."""
+def remove_all_heads(adapter, layer: int, cols: torch.Tensor | None) -> None:
+    """Turn the self-attention of `layer` into one with 0 heads, in place; Q/K/V become 0 x d' (their input
+    cut to `cols`, None = all), with a (0,) bias where they had one."""
     layout = adapter.layout
     inner_output = layout.attention_output.removeprefix(f"{layout.self_attention}.")
     _mix_in(adapter.self_attention(layer), _NoHeads, _projections=(layout.query, layout.key, layout.value),
             _inner_output=None if inner_output == layout.attention_output else inner_output)
+    none = torch.zeros(0, dtype=torch.long)
     for name in ("query", "key", "value"):
-        adapter.set_part(layer, name, _linear(hidden, 0, torch.empty(0, hidden), torch.empty(0)))
-    self_attention = adapter.self_attention(layer)
-    self_attention.num_attention_heads, self_attention.all_head_size = 0, 0
+        adapter.set_part(layer, name, slice_linear(adapter.part(layer, name), rows=none, cols=cols))
+    if not adapter.is_decoder:
+        self_attention = adapter.self_attention(layer)
+        self_attention.num_attention_heads, self_attention.all_head_size = 0, 0
 
 
 def keep_heads(adapter, layer: int, heads: torch.Tensor, cols: torch.Tensor | None) -> None:
@@ -267,7 +310,71 @@ def keep_heads(adapter, layer: int, heads: torch.Tensor, cols: torch.Tensor | No
     self_attention.all_head_size = heads.numel() * dh
 
 
+def keep_query_heads(adapter, layer: int, heads: torch.Tensor, cols: torch.Tensor | None, group_size: int) -> None:
+    """Decoders: slice Q of `layer` to the query `heads` (H',) it keeps and K/V to their KV heads (query
+    head h reads KV head h // `group_size`), inputs cut to `cols`, in place; see the module docstring."""
+    dh = adapter.head_dim(layer)
+    kv, position, counts = torch.unique(heads // group_size, return_inverse=True, return_counts=True)
+    even = bool((counts == counts[0]).all())
+    adapter.set_part(layer, "query", slice_linear(adapter.query(layer), rows=head_rows(heads, dh), cols=cols))
+    for name in ("key", "value"):
+        projection = slice_linear(adapter.part(layer, name), rows=head_rows(kv, dh), cols=cols)
+        if not even:
+            _mix_in(projection, _KVPerQueryHead, head_dim=dh)
+            projection.register_buffer("kv_index", position.to(projection.weight.device), persistent=False)
+        adapter.set_part(layer, name, projection)
+    adapter.self_attention(layer).num_key_value_groups = int(counts[0]) if even else 1
+
+
 # ----------------------------------------------------------------------------- slicing
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The `*ForCausalLM` of a prompted decoder (`core.prompting.PromptClassifier`) or the model itself."""
+    return getattr(model, "lm", model)
+
+
+def _slice_encoder_stream(a, keep: torch.Tensor) -> None:
+    """Encoders: the embedding tables' columns, the embedding LayerNorm and the classifier's reader."""
+    if hasattr(a.base, "embeddings_project"):
+        raise ValueError("Hidden-dim pruning is not supported for models with an embedding projection (ELECTRA).")
+    emb = a.embeddings
+    for path, old in a.embedding_tables.items():
+        new = torch.nn.utils.skip_init(nn.Embedding, old.num_embeddings, keep.numel(), padding_idx=old.padding_idx,
+                                       device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.copy_(old.weight.index_select(1, keep))
+        setattr(emb, path.rpartition(".")[2], new)
+    emb.LayerNorm = slice_norm(emb.LayerNorm, keep)
+    parent, attr = _stream_reader(a.model)
+    setattr(parent, attr, slice_linear(getattr(parent, attr), cols=keep))
+
+
+def _slice_decoder_stream(a, keep: torch.Tensor) -> None:
+    """Decoders: the token table's columns in place (its class kept), the LM head's columns (a tied head
+    gets the sliced table itself) and the final norm."""
+    table = a.word_embeddings
+    lm = causal_lm(a.model)
+    head = lm.get_output_embeddings()
+    tied = head.weight is table.weight
+    table.weight = nn.Parameter(table.weight.detach().index_select(1, keep))
+    table.embedding_dim = keep.numel()
+    if tied:
+        head.weight, head.in_features = table.weight, keep.numel()
+    else:
+        lm.set_output_embeddings(slice_linear(head, cols=keep))
+    slice_rms_norm(a.final_norm, keep)
+
+
+def _slice_layer_norms(a, layer: int, keep: torch.Tensor) -> None:
+    """Every norm of `layer` that reads or writes the stream, cut to the hidden dims `keep`."""
+    if not a.is_decoder:
+        for norm in ("attention_norm", "ffn_norm"):
+            a.set_part(layer, norm, slice_norm(a.part(layer, norm), keep))
+        return
+    branches = [a.attention_branch(layer), a.ffn_branch(layer)]
+    post_norms = [m for m, inner in zip(branches, (a.attention_output(layer), a.ffn_out(layer))) if m is not inner]
+    for norm in (a.attention_norm(layer), a.ffn_norm(layer), *post_norms):
+        slice_rms_norm(norm, keep)
 
 
 def _stream_reader(model: nn.Module) -> tuple[nn.Module, str]:
@@ -295,31 +402,23 @@ def apply_plan(arch, plan: PruningPlan) -> None:
     shape = GateShape.of(a)
     dh = shape.head_dim
     keep = torch.as_tensor(plan.hidden, dtype=torch.long)  # (d',)
-    all_hidden = len(plan.hidden) == shape.hidden
-    cols = None if all_hidden else keep
-    if not all_hidden:
-        if hasattr(a.base, "embeddings_project"):
-            raise ValueError("Hidden-dim pruning is not supported for models with an embedding projection (ELECTRA).")
-        emb = a.embeddings
-        for path, old in a.embedding_tables.items():
-            new = torch.nn.utils.skip_init(nn.Embedding, old.num_embeddings, keep.numel(), padding_idx=old.padding_idx,
-                                           device=old.weight.device, dtype=old.weight.dtype)
-            new.weight.copy_(old.weight.index_select(1, keep))
-            setattr(emb, path.rpartition(".")[2], new)
-        emb.LayerNorm = slice_norm(emb.LayerNorm, keep)
-        parent, attr = _stream_reader(a.model)
-        setattr(parent, attr, slice_linear(getattr(parent, attr), cols=keep))
+    cols = None if len(plan.hidden) == shape.hidden else keep
+    if cols is not None:
+        (_slice_decoder_stream if a.is_decoder else _slice_encoder_stream)(a, keep)
     for layer in range(len(a.layers)):
         heads = torch.as_tensor(plan.heads[layer], dtype=torch.long)
-        rows = head_rows(heads, dh)
         if heads.numel() == 0:
-            remove_all_heads(a, layer, keep.numel())
+            remove_all_heads(a, layer, cols)
+        elif a.is_decoder:
+            keep_query_heads(a, layer, heads, cols, shape.group_size)
         else:
             keep_heads(a, layer, heads, cols)
-        a.set_part(layer, "attention_output", slice_linear(a.attention_output(layer), rows=cols, cols=rows))
+        a.set_part(layer, "attention_output",
+                   slice_linear(a.attention_output(layer), rows=cols, cols=head_rows(heads, dh)))
         units = torch.as_tensor(plan.units[layer], dtype=torch.long)  # maybe empty: the FFN adds only its bias
-        a.set_part(layer, "ffn_in", slice_linear(a.ffn_in(layer), rows=units, cols=cols))
+        for name in ("ffn_gate", "ffn_in"):  # SwiGLU's gate rows go with the up rows (no gate: encoders)
+            if a.part(layer, name) is not None:
+                a.set_part(layer, name, slice_linear(a.part(layer, name), rows=units, cols=cols))
         a.set_part(layer, "ffn_out", slice_linear(a.ffn_out(layer), rows=cols, cols=units))
         if cols is not None:
-            for norm in ("attention_norm", "ffn_norm"):
-                a.set_part(layer, norm, slice_norm(a.part(layer, norm), keep))
+            _slice_layer_norms(a, layer, keep)

@@ -6,7 +6,9 @@
    W_O's rows and bias, intermediate gates into the FFN output's columns, ffn and hidden gates into
    its rows and bias, hidden gates into the embedding tables and every LayerNorm's weight and bias);
 2. slice every module as the gate state's plan says (`core.structure.apply_plan`, which also
-   describes how sublayers with nothing left and MPNet's shared position bias are handled).
+   describes how sublayers with nothing left, MPNet's shared position bias and GQA are handled).
+
+Decoders fold the same gates where their branches end (`_fold_decoder`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from core.adapter import Adapter, GateShape, as_adapter
 from core.loaded import LoadedModel
-from core.structure import PruningInfo, PruningPlan, apply_plan
+from core.structure import PruningInfo, PruningPlan, apply_plan, causal_lm
 from pruning.gate_state import GateState
 
 
@@ -31,6 +33,9 @@ def fold_gates(arch, state: GateState) -> None:
     """
     a = as_adapter(arch)
     s = state.detach()
+    if a.is_decoder:
+        _fold_decoder(a, s)
+        return
     z = s.hidden  # (d,)
     dh = GateShape.of(a).head_dim
     emb = a.base.embeddings
@@ -50,6 +55,41 @@ def fold_gates(arch, state: GateState) -> None:
         for norm in (a.attention_norm(layer), a.ffn_norm(layer)):
             norm.weight.mul_(z)
             norm.bias.mul_(z)
+
+
+def _scale_rms_norm(norm: torch.nn.Module, factor: torch.Tensor, offset: float) -> None:
+    """Make an RMSNorm scaling by (offset + w) scale by (offset + w) * factor (d,) instead."""
+    norm.weight.copy_((offset + norm.weight) * factor - offset)
+
+
+def _fold_decoder(a, s: GateState) -> None:
+    """Decoders: head / unit gates into the columns of o_proj / down_proj; mha / ffn times hidden gates
+    into the branch (the rows and bias of o_proj / down_proj, or the scale of Gemma3's post-norm); the
+    hidden gates into the token table's columns. A tied LM head reads the table too, so then the final
+    norm's scale is divided by the kept hidden gates: the head sees W z / z = W. Pre-norms need nothing:
+    they read the (already scaled) stream and write no stream."""
+    z = s.hidden  # (d,)
+    offset = a.layout.norm_offset
+    dh = GateShape.of(a).head_dim
+    table = a.word_embeddings
+    head = causal_lm(a.model).get_output_embeddings()
+    tied = head.weight is table.weight
+    table.weight.mul_(z)  # (V, d)
+    if tied:
+        _scale_rms_norm(a.final_norm, torch.where(z > 0, 1 / z.clamp_min(1e-30), 1.0), offset)
+    for layer in range(len(a.layers)):
+        for inner, units, branch, gate in ((a.attention_output(layer), s.head[layer].repeat_interleave(dh),
+                                            a.attention_branch(layer), s.mha[layer]),
+                                           (a.ffn_out(layer), s.intermediate[layer], a.ffn_branch(layer),
+                                            s.ffn[layer])):
+            inner.weight.mul_(units[None, :])  # (d, units)
+            row = z * gate
+            if branch is inner:
+                inner.weight.mul_(row[:, None])
+                if inner.bias is not None:
+                    inner.bias.mul_(row)
+            else:  # a post-norm (Gemma3): its output is the branch
+                _scale_rms_norm(branch, row, offset)
 
 
 def prune(loaded, state: GateState):
@@ -81,10 +121,11 @@ def prune(loaded, state: GateState):
     adapter = Adapter(model)
     fold_gates(adapter, state)
     apply_plan(adapter, plan)
-    model.headlab_pruning = PruningInfo(plan=plan, gate_state=state.to_dict(), original=shape)
+    # on the causal LM of a prompted decoder (its PromptClassifier reads it from there)
+    causal_lm(model).headlab_pruning = PruningInfo(plan=plan, gate_state=state.to_dict(), original=shape)
     digest = hashlib.sha1(f"{loaded.fingerprint}:{state.to_json()}".encode()).hexdigest()[:12]
     return LoadedModel(
         model=model, tokenizer=loaded.tokenizer, adapter=adapter, source=f"{loaded.source} (pruned)",
         path=loaded.path, label_names=list(loaded.label_names), has_classifier=loaded.has_classifier,
-        fingerprint=digest, notes=[*loaded.notes, f"Pruned: {plan.describe(shape)}."],
+        fingerprint=digest, notes=[*loaded.notes, f"Pruned: {plan.describe(shape)}."], prompt=loaded.prompt,
     )

@@ -1,0 +1,183 @@
+"""Gates and physical pruning of decoders: the gated model and its pruned copy compute the same class
+logits and LM logits; GQA's rule (a KV head's rows survive iff one of its query heads does); exact
+parameter counts; tied embeddings sliced once; save -> load and ONNX round trips.
+
+The three tiny random decoders (conftest `tiny_decoders`: Llama 4/2 heads tied, Qwen2 6/2 with Q/K/V
+biases untied, Gemma3 4/1 with sandwich norms) cover every granularity; the real SmolLM2 is checked once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.adapter import GateShape
+from core.models import load_model
+from core.structure import pruning_info
+from pruning.gate_state import GateState
+from pruning.hooks import gated
+from pruning.surgery import prune
+
+TOL = 1e-5
+ARCHS = ("llama", "qwen2", "gemma3")
+TEXTS = ["a great film, warm and funny", "an awful, boring movie that never seems to end at all", "meh"]
+
+
+@pytest.fixture(scope="module")
+def decoders(tiny_decoders):
+    torch.set_num_threads(1)
+    return {arch: load_model(str(tiny_decoders[arch])) for arch in ARCHS}
+
+
+def batch_of(loaded, texts=TEXTS):
+    return loaded.tokenizer(texts, padding=True, return_tensors="pt")
+
+
+@torch.no_grad()
+def outputs(loaded, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits (B, labels) and LM logits at the real tokens (N, V)."""
+    lm_logits = loaded.lm(**batch).logits[batch["attention_mask"].bool()]
+    return loaded.model(**batch).logits, lm_logits
+
+
+def gated_outputs(loaded, state, batch):
+    with gated(loaded, state):
+        return outputs(loaded, batch)
+
+
+def check_equal(loaded, state, batch=None):
+    """Gated == pruned (class and LM logits) within TOL, and the gates visibly change the model."""
+    batch = batch if batch is not None else batch_of(loaded)
+    pruned = prune(loaded, state)
+    for got, want in zip(outputs(pruned, batch), gated_outputs(loaded, state, batch)):
+        diff = (got - want).abs().max().item()
+        assert diff <= TOL, f"gated and pruned logits differ by {diff:.2e}"
+    assert (gated_outputs(loaded, state, batch)[0] - outputs(loaded, batch)[0]).abs().max() > 1e-3, "vacuous"
+    return pruned
+
+
+def random_state(loaded, seed: int, soft: bool = False) -> GateState:
+    """Random query heads (layer 1 without any), FFN units (layer 2's FFN closed), hidden dims."""
+    g = torch.Generator().manual_seed(seed)
+    L, H, d_ff, d = GateState.dense(loaded).shape
+    head = (torch.rand(L, H, generator=g) > 0.4).float()
+    head[0, 0], head[1] = 1.0, 0.0
+    inter = (torch.rand(L, d_ff, generator=g) > 0.5).float()
+    hidden = (torch.rand(d, generator=g) > 0.25).float()
+    mha, ffn = torch.ones(L), torch.tensor([1.0, 1.0, 0.0])
+    if soft:  # open gates take values in (0.2, 1]
+        head = head * (0.2 + 0.8 * torch.rand(L, H, generator=g))
+        inter = inter * (0.2 + 0.8 * torch.rand(L, d_ff, generator=g))
+        hidden = hidden * (0.2 + 0.8 * torch.rand(d, generator=g))
+        mha, ffn = mha * 0.6, ffn * 0.7
+    return GateState(head=head, mha=mha, intermediate=inter, ffn=ffn, hidden=hidden)
+
+
+# Kept query heads of layer 0 spread unevenly over its KV heads (Gemma3 has a single KV head: even).
+UNEVEN = {"llama": [0, 1, 2], "qwen2": [0, 3, 4], "gemma3": [1, 3]}
+
+
+def structured_state(loaded, arch: str) -> GateState:
+    """Layer 0: UNEVEN heads; layer 1: no head; layer 2: no FFN; half the units, 3/4 of the hidden dims."""
+    dense = GateState.dense(loaded)
+    head = torch.zeros_like(dense.head)
+    head[0, UNEVEN[arch]] = 1.0
+    head[2] = 1.0
+    state = dense.replace(head=head, ffn=torch.tensor([1.0, 1.0, 0.0]))
+    return state.with_ffn_keep(loaded.adapter, 0.5).with_hidden_keep(loaded.adapter, 0.75, criterion="random")
+
+
+# ----------------------------------------------------------------------------- gated == pruned
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_gates_change_nothing(decoders, arch):
+    loaded = decoders[arch]
+    batch = batch_of(loaded)
+    for got, want in zip(gated_outputs(loaded, GateState.dense(loaded), batch), outputs(loaded, batch)):
+        assert torch.equal(got, want)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("seed, soft", [(0, False), (1, False), (2, True), (3, True)])
+def test_random_gates_prune_to_the_same_logits(decoders, arch, seed, soft):
+    check_equal(decoders[arch], random_state(decoders[arch], seed, soft))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uneven_groups_empty_attention_and_empty_mlp(decoders, arch):
+    loaded = decoders[arch]
+    state = structured_state(loaded, arch)
+    pruned = check_equal(loaded, state)
+    a = pruned.adapter
+    group = GateShape.of(loaded).group_size
+    attention = a.self_attention(0)
+    kept_kv = sorted({h // group for h in UNEVEN[arch]})
+    assert a.num_heads(0) == len(UNEVEN[arch]) and a.num_kv_heads(0) == len(kept_kv)
+    if arch == "gemma3":  # 2 query heads on the one KV head: repeat_kv with 2
+        assert attention.num_key_value_groups == 2
+    else:  # each kept query head reads its own expanded K/V block
+        assert attention.num_key_value_groups == 1
+        expected = [kept_kv.index(h // group) for h in UNEVEN[arch]]
+        assert a.key(0).kv_index.tolist() == a.value(0).kv_index.tolist() == expected
+    assert a.num_heads(1) == a.num_kv_heads(1) == 0 and a.attention_output(1).weight.shape == (24, 0)
+    assert a.ffn_in(2).weight.shape == a.ffn_gate(2).weight.shape == (0, 24) and a.ffn_out(2).weight.shape == (24, 0)
+    with torch.no_grad():  # attention maps: one entry per layer, none for the layer without heads
+        maps = pruned.model(**batch_of(pruned), output_attentions=True).attentions
+    assert [m.shape[1] for m in maps] == [len(UNEVEN[arch]), 0, GateShape.of(loaded).heads]
+
+
+def expected_parameters(loaded, state: GateState) -> int:
+    """Parameters of the pruned model counted from the config and the gate state alone."""
+    cfg, a = loaded.model.config, loaded.adapter
+    shape = GateShape.of(loaded)
+    dh, group = shape.head_dim, shape.group_size
+    d = int((state.hidden > 0).sum())
+    qkv_bias = a.query(0).bias is not None
+    norms_per_layer = 4 if arch_of(loaded) == "gemma3" else 2
+    total = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d  # table, LM head, final norm
+    for layer in range(shape.layers):
+        heads = torch.nonzero(state.head[layer] > 0).flatten().tolist() if state.mha[layer] > 0 else []
+        kv = len({h // group for h in heads})
+        units = int((state.intermediate[layer] > 0).sum()) if state.ffn[layer] > 0 else 0
+        total += (len(heads) + 2 * kv) * dh * (d + qkv_bias) + d * len(heads) * dh  # q, k, v, o (no o bias)
+        total += 3 * d * units + norms_per_layer * d
+        total += 2 * dh if arch_of(loaded) == "gemma3" else 0  # q_norm, k_norm (per head)
+    return total
+
+
+def arch_of(loaded) -> str:
+    return {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}[loaded.model.config.model_type]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_gqa_rule_and_exact_parameter_counts(decoders, arch, seed):
+    loaded = decoders[arch]
+    state = random_state(loaded, seed)
+    pruned = prune(loaded, state)
+    a, group, dh = pruned.adapter, GateShape.of(loaded).group_size, GateShape.of(loaded).head_dim
+    plan = pruning_info(pruned.model).plan
+    for layer in range(3):
+        kept = plan.heads[layer]
+        assert a.query(layer).weight.shape[0] == len(kept) * dh
+        kv = [g for g in range(GateShape.of(loaded).kv_heads) if any(h // group == g for h in kept)]
+        assert plan.kv_heads(group)[layer] == kv
+        original = loaded.adapter.key(layer).weight
+        rows = torch.cat([original[g * dh:(g + 1) * dh] for g in kv]) if kv else original[:0]
+        hidden = torch.as_tensor(plan.hidden)
+        assert torch.equal(a.key(layer).weight, rows[:, hidden])  # the kept KV heads' rows, as they were
+    assert sum(p.numel() for p in pruned.model.parameters()) == expected_parameters(loaded, state)
+    assert loaded.architecture().parameters == expected_parameters(loaded, GateState.dense(loaded))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tied_embeddings_are_sliced_once(decoders, arch):
+    loaded = decoders[arch]
+    pruned = prune(loaded, structured_state(loaded, arch))
+    table, head = pruned.adapter.word_embeddings, pruned.lm.get_output_embeddings()
+    assert head.weight is table.weight and head.weight.data_ptr() == table.weight.data_ptr()
+    assert table.weight.shape == (loaded.model.config.vocab_size, 24)
+    assert type(table) is type(loaded.adapter.word_embeddings)  # Gemma3 keeps its sqrt(d)-scaled table
+    assert "lm_head.weight" not in dict(pruned.lm.named_parameters())  # one tensor, listed once
