@@ -310,20 +310,25 @@ def keep_heads(adapter, layer: int, heads: torch.Tensor, cols: torch.Tensor | No
     self_attention.all_head_size = heads.numel() * dh
 
 
-def keep_query_heads(adapter, layer: int, heads: torch.Tensor, cols: torch.Tensor | None, group_size: int) -> None:
-    """Decoders: slice Q of `layer` to the query `heads` (H',) it keeps and K/V to their KV heads (query
-    head h reads KV head h // `group_size`), inputs cut to `cols`, in place; see the module docstring."""
+def keep_query_heads(adapter, layer: int, heads: list[int], cols: torch.Tensor | None, group_size: int) -> None:
+    """Decoders: slice Q of `layer` to the query `heads` it keeps (sorted) and K/V to their KV heads (query
+    head h reads KV head h // `group_size`), inputs cut to `cols`, in place; see the module docstring.
+
+    Index arithmetic stays in Python: the architecture is also built on the meta device (`core.pruned`)."""
     dh = adapter.head_dim(layer)
-    kv, position, counts = torch.unique(heads // group_size, return_inverse=True, return_counts=True)
-    even = bool((counts == counts[0]).all())
-    adapter.set_part(layer, "query", slice_linear(adapter.query(layer), rows=head_rows(heads, dh), cols=cols))
+    groups = [h // group_size for h in heads]
+    kv = sorted(set(groups))
+    counts = {groups.count(g) for g in kv}
+    adapter.set_part(layer, "query", slice_linear(adapter.query(layer), rows=head_rows(torch.as_tensor(heads), dh),
+                                                  cols=cols))
     for name in ("key", "value"):
-        projection = slice_linear(adapter.part(layer, name), rows=head_rows(kv, dh), cols=cols)
-        if not even:
+        projection = slice_linear(adapter.part(layer, name), rows=head_rows(torch.as_tensor(kv), dh), cols=cols)
+        if len(counts) > 1:
             _mix_in(projection, _KVPerQueryHead, head_dim=dh)
-            projection.register_buffer("kv_index", position.to(projection.weight.device), persistent=False)
+            position = torch.as_tensor([kv.index(g) for g in groups], device=projection.weight.device)
+            projection.register_buffer("kv_index", position, persistent=False)
         adapter.set_part(layer, name, projection)
-    adapter.self_attention(layer).num_key_value_groups = int(counts[0]) if even else 1
+    adapter.self_attention(layer).num_key_value_groups = counts.pop() if len(counts) == 1 else 1
 
 
 # ----------------------------------------------------------------------------- slicing
@@ -410,7 +415,7 @@ def apply_plan(arch, plan: PruningPlan) -> None:
         if heads.numel() == 0:
             remove_all_heads(a, layer, cols)
         elif a.is_decoder:
-            keep_query_heads(a, layer, heads, cols, shape.group_size)
+            keep_query_heads(a, layer, plan.heads[layer], cols, shape.group_size)
         else:
             keep_heads(a, layer, heads, cols)
         a.set_part(layer, "attention_output",

@@ -16,8 +16,8 @@ from torch import nn
 
 from core.folders import FolderExists, atomic_folder
 from core.messages import quote
-from core.pruned import FORMAT, PRUNING_FILE
-from core.structure import pruning_info
+from core.pruned import FORMAT, PRUNING_FILE, tied_names
+from core.structure import causal_lm, pruning_info
 
 ONNX_FILE = "model.onnx"
 WRITER = "pruning.export.save_pruned"  # names the writer in an export's marker (core.folders)
@@ -51,17 +51,20 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
     if info is None:
         raise ValueError("save_pruned() needs a physically pruned model: call pruning.surgery.prune() first.")
     out = Path(out).expanduser()
+    model = causal_lm(loaded.model)  # a decoder's weights are its causal LM's
+    tied = tied_names(model)
     with atomic_folder(out, written_by=WRITER, overwrite=overwrite) as tmp:
-        loaded.model.config.save_pretrained(tmp)
-        tensors = {k: v.detach().contiguous() for k, v in loaded.model.state_dict().items()}
+        model.config.save_pretrained(tmp)
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        loaded.tokenizer.save_pretrained(tmp)
+        loaded.text_tokenizer.save_pretrained(tmp)
         record = {
             "format": FORMAT,
             **info.plan.to_dict(),
             "original": vars(info.original),
             "gate_state": info.gate_state,
             "source": loaded.source,
+            **({"prompt": loaded.prompt.to_dict()} if loaded.prompt is not None else {}),
         }
         (tmp / PRUNING_FILE).write_text(json.dumps(record))
         if onnx:

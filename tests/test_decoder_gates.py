@@ -8,12 +8,18 @@ biases untied, Gemma3 4/1 with sandwich norms) cover every granularity; the real
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from core.adapter import GateShape
 from core.models import load_model
+from core.prompting import PromptClassifier
+from core.pruned import PRUNING_FILE
 from core.structure import pruning_info
+from pruning.export import ONNX_FILE, onnx_max_diff, save_pruned
 from pruning.gate_state import GateState
 from pruning.hooks import gated
 from pruning.surgery import prune
@@ -181,3 +187,35 @@ def test_tied_embeddings_are_sliced_once(decoders, arch):
     assert table.weight.shape == (loaded.model.config.vocab_size, 24)
     assert type(table) is type(loaded.adapter.word_embeddings)  # Gemma3 keeps its sqrt(d)-scaled table
     assert "lm_head.weight" not in dict(pruned.lm.named_parameters())  # one tensor, listed once
+
+
+# ----------------------------------------------------------------------------- save, load, ONNX
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_and_onnx_round_trip(decoders, arch, tmp_path):
+    loaded = decoders[arch]
+    state = structured_state(loaded, arch)
+    pruned = prune(loaded, state.replace(head=state.head * 0.8))  # soft head gates folded in
+    folder = save_pruned(pruned, tmp_path / "pruned", onnx=True)
+    record = json.loads((folder / PRUNING_FILE).read_text())
+    assert record["prompt"] == loaded.prompt.to_dict() and record["kept_heads"][1] == []
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_attention_heads"] == GateShape.of(loaded).heads and config["hidden_size"] == 32  # original
+    names = set(load_file(str(folder / "model.safetensors")))
+    assert ("lm_head.weight" in names) == (arch == "qwen2") and "model.embed_tokens.weight" in names
+    assert not any(".bias" in n for n in names if "k_proj" in n and arch != "qwen2")  # transformers' names only
+
+    back = load_model(str(folder))
+    assert isinstance(back.model, PromptClassifier) and back.prompt == loaded.prompt
+    assert back.label_names == loaded.label_names and back.is_decoder
+    assert pruning_info(back.model).plan == pruning_info(pruned.model).plan
+    batch = batch_of(pruned)
+    for got, want in zip(outputs(back, batch), outputs(pruned, batch)):
+        assert torch.equal(got, want)
+    if arch != "qwen2":
+        assert back.lm.get_output_embeddings().weight is back.adapter.word_embeddings.weight
+
+    # ONNX: class logits for (input_ids, attention_mask), new batch size and length after export
+    assert onnx_max_diff(pruned, folder / ONNX_FILE) <= TOL
+    assert onnx_max_diff(pruned, folder / ONNX_FILE, ["the film " * 40]) <= TOL
