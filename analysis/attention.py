@@ -1,9 +1,15 @@
 """Eager attention capture per sentence, token → word aggregation, and HF-word ↔ spaCy alignment.
 
 A "word" is what the tokenizer's pre-tokenizer saw (BERT splits punctuation off, so "don't" is the
-three words "don", "'", "t"); `word_ids()` and `offset_mapping` of a fast tokenizer give the pieces
-of each word and its character span. Everything returned is numpy; no function here keeps torch
-tensors alive.
+three words "don", "'", "t"; a byte-level BPE decoder's pre-tokenizer keeps the leading space with the
+word and splits contractions off, so "don't" is "Ġdon", "'t"); `word_ids()` and `offset_mapping` of a
+fast tokenizer give the pieces of each word and its character span (without the leading space).
+
+Decoders (Llama family) are run on the plain text, not the prompt: their plain tokenizer
+(`LoadedModel.text_tokenizer`) and decoder stack (`adapter.base`), with the model's start token in
+front when the tokenizer adds none (`start_token`). Their attention is causal (zero above the
+diagonal) and their tokens are shown as the text they stand for ("Ġfilm" → " film", `readable_tokens`).
+Everything returned is numpy; no function here keeps torch tensors alive.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class AttentionRecord:
     word_spans: list[tuple[int, int]]  # (W,) character offsets [start, end) into `text`
     attention: np.ndarray  # (layers, heads, T, T) float32
     truncated: bool  # the text was cut at max_length tokens (words past the cut are absent)
+    causal: bool = False  # a decoder's: token i attends to tokens 0..i only
 
     def word_attention(self) -> np.ndarray:
         """(layers, heads, W, W) word-level attention of this sentence; see `word_attention`."""
@@ -48,9 +55,21 @@ def _require_fast(tokenizer) -> None:
         )
 
 
-def _cut(seq: list, max_length: int) -> list:
-    """Keep the first max_length-1 items and the last one (the closing special token), like core.batching."""
-    return seq if len(seq) <= max_length else seq[: max_length - 1] + [seq[-1]]
+def _cut(seq: list, max_length: int, causal: bool) -> list:
+    """Keep the first max_length-1 items and the last one (the closing special token), like core.batching;
+    a decoder's sequence has no closing token and keeps its first max_length items."""
+    if len(seq) <= max_length:
+        return seq
+    return seq[:max_length] if causal else seq[: max_length - 1] + [seq[-1]]
+
+
+def _strip(text: str, start: int, end: int) -> tuple[int, int]:
+    """The span without surrounding whitespace (a BPE word's offsets include its leading space); a
+    whitespace-only word (a double space, a newline) keeps its span."""
+    piece = text[start:end]
+    if not piece.strip():
+        return start, end
+    return start + len(piece) - len(piece.lstrip()), end - (len(piece) - len(piece.rstrip()))
 
 
 def _words(text: str, word_ids: list[int | None], offsets: list[tuple[int, int]]):
@@ -68,24 +87,67 @@ def _words(text: str, word_ids: list[int | None], offsets: list[tuple[int, int]]
         w = dense[wid]
         spans[w][0], spans[w][1] = min(spans[w][0], start), max(spans[w][1], end)
         new_ids.append(w)
-    word_spans = [(s, e) for s, e in spans]
+    word_spans = [_strip(text, s, e) for s, e in spans]
     return new_ids, [text[s:e] for s, e in word_spans], word_spans
 
 
-def _prepare(tokenizer, texts: list[str], max_length: int) -> tuple[Encoded, list[dict]]:
-    """Tokenize with offsets; returns the (cut) ids and, per text, its tokens/word ids/words/spans."""
+def start_token(tokenizer, config) -> int | None:
+    """The token a decoder's plain-text sequence starts with when its tokenizer adds none itself: the
+    model's `bos_token_id`, else the tokenizer's; None if the tokenizer adds its own or neither has one.
+
+    SmolLM2's tokenizer adds nothing, so its sequences start with <|im_start|> (config bos_token_id 1),
+    as TransformerLens prepends the BOS token: the first position is where decoders park attention they
+    do not need, and as a special token it is left out of the words.
+    """
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if probe and probe[0] in tokenizer.all_special_ids:
+        return None
+    bos = getattr(config, "bos_token_id", None)
+    return bos if bos is not None else tokenizer.bos_token_id
+
+
+def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token id as the text it stands for ("Ġfilm" → " film"), a newline shown as "↵"; special tokens
+    by name. A piece holding part of a character's bytes shows as "�"."""
+    return [t.replace("\n", "↵") for t in tokenizer.batch_decode([[int(i)] for i in ids])]
+
+
+def _prepare(tokenizer, texts: list[str], max_length: int, *, causal: bool = False,
+             start: int | None = None) -> tuple[Encoded, list[dict]]:
+    """Tokenize with offsets; returns the (cut) ids and, per text, its tokens/word ids/words/spans.
+
+    `start`: a token id put in front of every sequence (a decoder's start token, a special: word id None).
+    """
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=False, return_offsets_mapping=True)
     ids, meta = [], []
     for i, text in enumerate(texts):
-        full = enc["input_ids"][i]
-        cut_ids = _cut(full, max_length)
-        word_ids, words, spans = _words(text, _cut(enc.word_ids(i), max_length),
-                                        _cut([tuple(o) for o in enc["offset_mapping"][i]], max_length))
+        full, word_ids, offsets = enc["input_ids"][i], enc.word_ids(i), [tuple(o) for o in enc["offset_mapping"][i]]
+        if start is not None:
+            full, word_ids, offsets = [start, *full], [None, *word_ids], [(0, 0), *offsets]
+        if not full:
+            raise ValueError(f"Text {i} has no tokens and the model no start token: nothing to attend over.")
+        cut_ids = _cut(full, max_length, causal)
+        word_ids, words, spans = _words(text, _cut(word_ids, max_length, causal), _cut(offsets, max_length, causal))
         ids.append(cut_ids)
-        meta.append(dict(tokens=tokenizer.convert_ids_to_tokens(cut_ids), word_ids=word_ids, words=words,
-                         word_spans=spans, truncated=len(full) > max_length))
+        tokens = readable_tokens(tokenizer, cut_ids) if causal else tokenizer.convert_ids_to_tokens(cut_ids)
+        meta.append(dict(tokens=tokens, word_ids=word_ids, words=words, word_spans=spans,
+                         truncated=len(full) > max_length, causal=causal))
     truncated = sum(m["truncated"] for m in meta)
     return Encoded(ids=ids, truncated=truncated, max_length=max_length), meta
+
+
+@torch.inference_mode()
+def forward_attention(loaded, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """(B, layers, max heads, T, T) float32 attention of one right-padded batch (input_ids, attention_mask).
+
+    An encoder runs whole; a decoder runs its decoder stack only (no LM head, no prompt): under GQA the
+    eager maps are per query head (KV heads are repeated before the softmax).
+    """
+    if loaded.is_decoder:
+        out = loaded.adapter.base(**batch, output_attentions=True, use_cache=False)
+    else:
+        out = loaded.model(**batch, output_attentions=True)
+    return _stack_layers(out.attentions)
 
 
 @torch.inference_mode()
@@ -100,16 +162,19 @@ def capture_attention(
     """Run the eager model once over `texts` and keep every head's attention per sentence.
 
     Args:
-        loaded: a `core.models.LoadedModel` loaded with attn_implementation="eager".
+        loaded: a `core.models.LoadedModel` loaded with attn_implementation="eager". A decoder runs on the
+            plain texts (start token + text, `start_token`), not the prompt template.
         texts: sentences; returned records are in the same order.
         batch_size: sentences per forward pass (batches are length-sorted to cut padding).
         max_length: tokens per sentence (default and cap: `loaded.max_length`); longer sentences keep
-            their first max_length-1 tokens plus the closing special token and get `truncated=True`.
+            their first max_length-1 tokens plus the closing special token (a decoder: the first
+            max_length tokens) and get `truncated=True`.
         progress: called as `progress(done, total, message)` after each batch.
 
     Returns:
-        One `AttentionRecord` per text, attention (layers, heads, T, T) float32 over its real tokens.
-        Layers with fewer heads than the widest layer (pruned models) are padded with NaN heads.
+        One `AttentionRecord` per text, attention (layers, heads, T, T) float32 over its real tokens
+        (`causal` for a decoder). Layers with fewer heads than the widest layer (pruned models) are
+        padded with NaN heads.
     """
     if batch_size < 1:
         raise ValueError(f"The 'batch_size' parameter of capture_attention() must be >= 1. Got {batch_size} instead.")
@@ -118,18 +183,19 @@ def capture_attention(
         raise ValueError(f"The 'max_length' parameter of capture_attention() must be >= 2. Got {max_length} instead.")
     if loaded.model.config._attn_implementation != "eager":
         raise ValueError("capture_attention() needs a model loaded with attn_implementation='eager'.")
-    _require_fast(loaded.tokenizer)
+    tokenizer = loaded.text_tokenizer
+    _require_fast(tokenizer)
     texts = list(texts)
     if not texts:
         return []
-    enc, meta = _prepare(loaded.tokenizer, texts, limit)
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    causal = loaded.is_decoder
+    start = start_token(tokenizer, loaded.model.config) if causal else None
+    enc, meta = _prepare(tokenizer, texts, limit, causal=causal, start=start)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     records: list[AttentionRecord | None] = [None] * len(texts)
     done = 0
     for idx in sorted_batches(enc, batch_size):
-        batch = collate([enc.ids[i] for i in idx], pad_id)
-        attentions = loaded.model(**batch, output_attentions=True).attentions
-        stacked = _stack_layers(attentions)  # (B, layers, heads, T_pad, T_pad)
+        stacked = forward_attention(loaded, collate([enc.ids[i] for i in idx], pad_id))  # (B, L, H, T_pad, T_pad)
         for row, i in enumerate(idx):
             n = len(enc.ids[i])
             records[i] = AttentionRecord(text=texts[i], attention=np.ascontiguousarray(stacked[row, :, :, :n, :n]),

