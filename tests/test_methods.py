@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from pruning.gate_state import GateState
 from pruning.methods import PLUGINS_ENV, PruningMethod, methods, register
 from pruning.options import option
 from pruning.runs import RunStore
-from tests.conftest import link_prepared
+from tests.conftest import link_prepared, stop_background_work
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--batch-size", "8", "--eval-every", "10", "--eval-budget", "1", "--eval-examples", "8"]
@@ -81,8 +82,14 @@ def test_a_method_from_this_file_runs_through_the_cli(tiny_dir, reviews, tmp_pat
                  "--target-sparsity", "0.5"]) == 2  # an option of other methods: refused, one line
 
 
-def test_a_method_from_this_file_runs_through_the_prune_page_form(tiny_dir, reviews, tmp_path, monkeypatch):
+@pytest.fixture
+def app_home(tmp_path, monkeypatch) -> Iterator[Path]:
     monkeypatch.setenv("HEADLAB_HOME", str(link_prepared(tmp_path)))
+    yield tmp_path
+    stop_background_work(tmp_path)
+
+
+def test_a_method_from_this_file_runs_through_the_prune_page_form(tiny_dir, reviews, app_home, monkeypatch):
     monkeypatch.setenv(PLUGINS_ENV, "tests.test_methods")  # the background job imports it too
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.session_state["model_spec"], at.session_state["data_spec"] = str(tiny_dir), DataSpec(str(reviews))
