@@ -2,10 +2,12 @@
 
 import streamlit as st
 
+from ui.jobs import cpu_queue_panel
 from ui.network import warn_if_exposed
 
 st.set_page_config(page_title="HeadLab", layout="wide")
 warn_if_exposed()  # above every page
+cpu_queue_panel()  # in the sidebar of every page
 st.navigation([
     st.Page("pages/model.py", title="Model", default=True),
     st.Page("pages/heads.py", title="Heads"),

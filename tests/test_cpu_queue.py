@@ -16,16 +16,19 @@ import time
 from pathlib import Path
 
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from core import cpu_queue
 from core.jobs import dead_reason
 from core.processes import process_state
+from ui.jobs import queue_line
 
 WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from core.cpu_queue import cpu_turn
-    db, name, priority, ticks, stop = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+    db, name, priority = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    ticks, stop = Path(sys.argv[4]), Path(sys.argv[5])
     with cpu_turn(name, priority, db=db, poll_s=0.05):
         while not stop.exists():
             with open(ticks, "a") as f:
@@ -155,3 +158,18 @@ def test_work_paused_by_a_dead_pauser_is_resumed(workers):
     assert process_state(training.proc.pid) != "T"
     assert [t.name for t in cpu_queue.reconcile(workers.db)] == ["training"]
     training.stop()
+
+
+def test_every_page_says_what_the_background_work_does(workers):
+    training = workers("pruning train --run-id 3", cpu_queue.BACKGROUND)
+    training.wait_ticking()
+    analysis = workers("heads-0a8eab592c0f-5f4c75d48d293d40-500-None", cpu_queue.INTERACTIVE)
+    analysis.wait_ticking()
+    assert queue_line(cpu_queue.reconcile(workers.db)) == (
+        "CPU: Heads analysis runs; pruning train --run-id 3 is paused (interactive work goes first).")
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("CPU: Heads analysis runs") for c in at.sidebar.caption)
+    analysis.stop()
+    training.stop()
+    assert queue_line(cpu_queue.reconcile(workers.db)) is None

@@ -18,6 +18,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.heads import HeadsReport
+from core.cpu_queue import paused_for_timing
 from core.data import TextDataset
 from core.models import LoadedModel
 from core.paths import headlab_home
@@ -97,9 +98,12 @@ def pruned_model(loaded: LoadedModel, gates: ManualGates) -> LoadedModel:
 @st.cache_data(max_entries=64, show_spinner="Pruning a copy and measuring it...", hash_funcs={**_MODEL, **_DATA})
 def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Comparison:
     """Dense vs pruned on `subset` (`pruning.live.measure_pruned`, cached per gate choice: undo and
-    repeats are instant). Both models just ran, so batch 32 is not warmed up; `seconds` includes pruning."""
+    repeats are instant). Both models just ran, so batch 32 is not warmed up; `seconds` includes pruning.
+    Background work holding the CPU is frozen while the two models are timed (`paused_for_timing`)."""
     start = time.perf_counter()
-    cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense_figures(loaded, subset), warm_b32=False)
+    pruned, dense = pruned_model(loaded, gates), dense_figures(loaded, subset)
+    with paused_for_timing():
+        cmp = measure_pruned(loaded, pruned, subset, dense, warm_b32=False)
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.cpu_queue import Turn, reconcile
 from core.jobs import JobState, job_state, start_job
+
+# What the app's job names (their prefix before the fingerprints) do, as the queue panel says it.
+JOB_KINDS = {"summary": "Model evaluation", "heads": "Heads analysis", "gates-eval": "Gates full-dev evaluation",
+             "prepare": "preparing", "finetune": "fine-tuning", "export": "export"}
 
 
 def ensure_job(name: str, args: list[str]) -> JobState | None:
@@ -40,3 +45,36 @@ def wait_for(name: str, label: str, finished) -> None:
             st.rerun()
 
     _poll()
+
+
+def describe_turn(turn: Turn) -> str:
+    """A queue entry as a person reads it: "Heads analysis", "preparing smollm2", "pruning train --run-id 3"."""
+    for prefix, what in sorted(JOB_KINDS.items(), key=lambda kv: -len(kv[0])):
+        if turn.name.startswith(f"{prefix}-"):
+            rest = turn.name.removeprefix(f"{prefix}-")
+            return f"{what} {rest}" if prefix == "prepare" else what
+    return turn.name
+
+
+def queue_line(turns: list[Turn]) -> str | None:
+    """One line on what HeadLab's background work does with the CPU (None when nothing is queued)."""
+    if not turns:
+        return None
+    parts = []
+    for turn in turns:
+        state = {"running": "runs", "paused": "is paused (interactive work goes first)", "waiting": "waits"}[turn.state]
+        parts.append(f"{describe_turn(turn)} {state}")
+    return "CPU: " + "; ".join(parts) + "."
+
+
+def cpu_queue_panel() -> None:
+    """The sidebar line on every page: what background work runs, what is paused, what waits (polled every 2 s)."""
+
+    @st.fragment(run_every=2.0)
+    def _poll() -> None:
+        line = queue_line(reconcile())
+        if line:
+            st.caption(line)
+
+    with st.sidebar:
+        _poll()
