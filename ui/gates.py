@@ -77,7 +77,8 @@ def _load_report(folder: str) -> HeadsReport:
 
 @st.cache_data(max_entries=4, show_spinner="Measuring the dense model...", hash_funcs={**_MODEL, **_DATA})
 def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
-    return figures(loaded, subset, median_tokens(loaded, subset.texts))
+    with paused_for_timing():
+        return figures(loaded, subset, median_tokens(loaded, subset.texts))
 
 
 @st.cache_data(max_entries=64, show_spinner=False, hash_funcs=_MODEL)
@@ -99,11 +100,12 @@ def pruned_model(loaded: LoadedModel, gates: ManualGates) -> LoadedModel:
 def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Comparison:
     """Dense vs pruned on `subset` (`pruning.live.measure_pruned`, cached per gate choice: undo and
     repeats are instant). Both models just ran, so batch 32 is not warmed up; `seconds` includes pruning.
-    Background work holding the CPU is frozen while the two models are timed (`paused_for_timing`)."""
+    Background work holding the CPU is frozen meanwhile (`paused_for_timing`): a toggle is interactive
+    work, and the two models' timings must not share the cores with it."""
     start = time.perf_counter()
-    pruned, dense = pruned_model(loaded, gates), dense_figures(loaded, subset)
+    dense = dense_figures(loaded, subset)
     with paused_for_timing():
-        cmp = measure_pruned(loaded, pruned, subset, dense, warm_b32=False)
+        cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense, warm_b32=False)
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
 
