@@ -19,6 +19,7 @@ forever. Files the work writes go through `core.folders` (`atomic_file`, `atomic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -29,10 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.cpu_queue import accounts_for
+from core.cpu_queue import accounts_for, reconcile
 from core.messages import quote
 from core.paths import headlab_home
-from core.processes import pid_alive
+from core.processes import continue_work, pid_alive, signal_work
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, done INTEGER, total INTEGER, message TEXT,
@@ -206,3 +207,18 @@ def cancel_job(name: str, db: Path | None = None) -> bool:
     with _connect(db) as con:
         con.execute("DELETE FROM jobs WHERE name=?", (name,))
     return stopped
+
+
+def stop_background_work(home: Path, extra_pids: set[int] = frozenset()) -> None:
+    """End every background process started for HEADLAB_HOME `home`: its running app jobs, whatever holds or
+    waits for a CPU turn, and `extra_pids` (e.g. training runs started with --parallel). Paused work is
+    let go on first, so that it acts on the SIGTERM."""
+    pids = set(extra_pids)
+    if (home / "jobs.sqlite").exists():
+        with contextlib.closing(_connect(home / "jobs.sqlite")) as con:
+            pids |= {pid for (pid,) in con.execute("SELECT pid FROM jobs WHERE status='running'") if pid}
+    if (home / "cpu.sqlite").exists():
+        pids |= {turn.pid for turn in reconcile(home / "cpu.sqlite")}
+    for pid in pids:
+        continue_work(pid)
+        signal_work(pid, signal.SIGTERM)

