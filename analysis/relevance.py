@@ -1,22 +1,29 @@
 """Which heads matter: LRP head relevance (Voita et al. 2019), Michel et al. 2019 importance, head masking.
 
-Head relevance follows Voita with the conservative rules of Ali et al. 2022 (see
-`analysis.conservative`): in conservative mode gradient x input is LRP, so the relevance of head h of
-layer l for one example is
+Head relevance follows Voita with one of two LRP methods by gradient x input (`analysis.lrp_pass`):
+"conservative" (CP-LRP, Ali et al. 2022: attention probabilities constant, `analysis.conservative`) or
+"attnlrp" (Achtibat et al. 2024: relevance through the softmax too, `analysis.attnlrp`). The relevance of
+head h of layer l for one example is
 
     r_lh = sum over tokens t and the head's d_h dims of ctx * dlogit/dctx,
 
-ctx being the input of that layer's `attention.output.dense` (W_O), and `logit` the explained logit.
-One forward and one backward pass per batch give every head of every layer, the relevance reaching
-the input embeddings, and the share of every bias — which is how conservation is checked:
+ctx being the input of that layer's W_O (`attention.output.dense`, a decoder's `o_proj`: one slice per
+*query* head under GQA), and `logit` the explained logit. One forward and one backward pass per batch give
+every head of every layer, the relevance reaching the stream's input (embedding output), the share of
+every bias and, under AttnLRP, the share the softmax rule absorbs — which is how conservation is checked:
 
-    logit == input_relevance + bias_relevance        (`convergence_delta` is the difference).
+    logit == input_relevance + bias_relevance + absorbed_relevance   (`convergence_delta` is the difference).
+
+What is explained: for a classifier the class logit (`attribute`, `token_relevance`; for a prompted decoder
+the label word's LM-head logit at the prompt's last token, `core.prompting`); for a causal LM on plain text
+the next-token logit of the actual next token at a chosen position (`attribute_next_token`,
+`next_token_relevance`).
 
 Where Captum fits, and why it is not the engine: `captum.attr.LayerGradientXActivation` accepts a
 list of layers and does one pass for all of them, and the tests check that it gives the same head
 relevance. But the conservation check also needs the gradient at the embedding output and at the
 output of every Linear/LayerNorm (for the bias share) in the *same* pass, per example, which its
-single `attribute_to_layer_input` switch cannot express without a second pass; so the pass here
+single `attribute_to_layer_input` switch cannot express without a second pass; so the pass
 uses plain forward hooks (`analysis.conservative.record_activations`) and one `torch.autograd.grad`.
 
 The pooler's tanh (and RoBERTa/ELECTRA head activations) get the identity rule like GELU, so the
@@ -26,7 +33,7 @@ explanation starts at the logit itself, not at the classifier's input.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,13 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.conservative import conservative, record_activations, record_head_context
-from core.batching import collate, encode, sorted_batches
+from analysis.conservative import record_activations, record_head_context
+from analysis.lrp_pass import (
+    ClassLogit,
+    NextTokenLogit,
+    Objective,
+    Target,
+    check_method,
+    grad_mode,
+    head_counts,
+    lrp_pass,
+    per_head,
+)
+from core.batching import Encoded, collate, encode, sorted_batches
 from core.data import TextDataset
 from core.evaluate import Progress
-
-Target = int | Sequence[int] | None
-
 
 # ----------------------------------------------------------------------------- result
 
@@ -58,11 +73,14 @@ class RelevanceResult:
     relevance_signed: np.ndarray  # (L, H) mean over examples of r_lh / sum_lh |r_lh|
     per_example: np.ndarray  # (N, L, H) raw signed r_lh, logit units
     logits: np.ndarray  # (N,) the explained logit of each example
-    targets: np.ndarray  # (N,) int, the class whose logit was explained
-    input_relevance: np.ndarray  # (N,) sum over tokens and dims of emb * grad at the encoder input
+    targets: np.ndarray  # (N,) int, the class (next-token: the vocabulary id) whose logit was explained
+    input_relevance: np.ndarray  # (N,) sum over tokens and dims of emb * grad at the stream's input
     bias_relevance: np.ndarray  # (N,) sum over every downstream bias b (Linear, LayerNorm beta) of b * grad
-    convergence_delta: np.ndarray  # (N,) logits - input_relevance - bias_relevance; ~0 (float error)
+    absorbed_relevance: np.ndarray  # (N,) absorbed by AttnLRP's softmax rule (0 for "conservative")
+    convergence_delta: np.ndarray  # (N,) logits - input - bias - absorbed; ~0 (float error)
     truncated: int  # examples cut at max_length tokens
+    method: str = "conservative"  # "conservative" or "attnlrp"
+    positions: np.ndarray | None = None  # (N,) next-token relevance: the position explained; else None
 
     def to_frame(self) -> pd.DataFrame:
         """One row per existing head: columns layer, head (0-based), relevance, relevance_signed."""
@@ -85,49 +103,7 @@ def normalise_examples(per_example: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.mean(np.abs(per_example) * scale, axis=0), np.mean(per_example * scale, axis=0)
 
 
-# ----------------------------------------------------------------------------- shared mechanics
-
-
-def _heads(adapter) -> list[int]:
-    """Number of heads of each layer (pruned layers may have fewer)."""
-    return [adapter.num_heads(layer) for layer in range(len(adapter.layers))]
-
-
-def _bias_modules(adapter) -> list[nn.Module]:
-    """Every Linear and LayerNorm with a bias between the embedding output and the logits, except the
-    Q and K projections: with constant attention no relevance passes through them (share 0)."""
-    skip = {id(m) for m in adapter.base.embeddings.modules()}
-    skip |= {id(projection(layer)) for layer in range(len(adapter.layers))
-             for projection in (adapter.query, adapter.key)}
-    return [m for m in adapter.model.modules()
-            if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None and id(m) not in skip]
-
-
-def _per_head(ctx: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """sum over tokens and head dims of ctx * grad: (B, T, H*d) x2, mask (B, T) -> (B, H) float64."""
-    if grad is None or heads == 0:
-        return torch.zeros(ctx.shape[0], heads, dtype=torch.float64)
-    prod = (ctx.detach() * grad * mask[:, :, None]).view(ctx.shape[0], ctx.shape[1], heads, -1)  # (B, T, H, d_h)
-    return prod.double().sum(dim=(1, 3))
-
-
-def _bias_share(module: nn.Module, grad: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-    """sum of bias * grad at the module's output (B, [T,] D) over tokens and dims -> (B,) float64."""
-    if grad is None:  # the module's output does not reach the explained logit
-        return torch.zeros(mask.shape[0], dtype=torch.float64)
-    prod = grad * module.bias.detach()
-    if prod.dim() == 3:
-        prod = prod * mask[:, :, None]
-    return prod.double().flatten(1).sum(dim=1)
-
-
-def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
-    """(B,) class index per row: argmax for None, the same class for an int, or the given ids."""
-    if target is None:
-        return logits.argmax(dim=1)
-    if isinstance(target, int):
-        return torch.full((logits.shape[0],), target, dtype=torch.long)
-    return torch.as_tensor(target, dtype=torch.long)
+# ----------------------------------------------------------------------------- validation
 
 
 def _check_target(target: Target, n: int, classes: int, where: str) -> None:
@@ -157,62 +133,61 @@ def _check_texts(texts: Sequence[str], batch_size: int, where: str) -> None:
         raise ValueError(f"The 'batch_size' parameter of {where} must be >= 1. Got {batch_size} instead.")
 
 
-@dataclass
-class _BatchPass:
-    """One conservative forward/backward pass over a padded batch of B examples, T tokens."""
-
-    heads: np.ndarray  # (B, L, H) float64 signed head relevance, NaN for missing heads
-    logits: np.ndarray  # (B,) explained logit
-    targets: np.ndarray  # (B,) explained class
-    tokens: np.ndarray  # (B, T) float64 relevance per token at the encoder input, 0 on padding
-    bias: np.ndarray  # (B,) float64 bias share
+def _check_eval(loaded, where: str) -> None:
+    if (loaded.lm or loaded.model).training:  # a PromptClassifier's own flag is not its LM's
+        raise ValueError(f"{where} needs the model in eval mode (dropout breaks conservation).")
 
 
-@contextlib.contextmanager
-def _grad_mode() -> Iterator[None]:
-    """Gradients on, even when called under torch.inference_mode / no_grad (e.g. from a UI)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
+def _check_decoder(loaded, where: str) -> None:
+    if not loaded.is_decoder:
+        raise ValueError(f"{where} explains a causal LM's next token; {loaded.model.config.model_type} is an "
+                         "encoder. Use the class logit (attribute / token_relevance).")
 
 
-def _conservative_pass(loaded, batch: dict[str, torch.Tensor], target: Target) -> _BatchPass:
-    """Explain `target` logits of one batch in conservative mode (see module docstring)."""
-    model, adapter = loaded.model, loaded.adapter
-    heads = _heads(adapter)
-    biases = _bias_modules(adapter)
-    mask = batch["attention_mask"].to(torch.float32)
-    with _grad_mode(), conservative(model), \
-            record_activations([adapter.base.embeddings], inputs=False, leaf=True) as emb, \
-            record_head_context(model, adapter) as ctx, record_activations(biases, inputs=False) as outs:
-        logits = model(**batch).logits  # (B, C)
-        tgt = _targets(logits, target)
-        explained = logits.gather(1, tgt[:, None])[:, 0]  # (B,)
-        grads = torch.autograd.grad(explained.sum(), [*ctx.tensors, *emb.tensors, *outs.tensors], allow_unused=True)
-        g_ctx, g_emb, g_out = grads[: len(heads)], grads[len(heads)], grads[len(heads) + 1:]
-        per_head = np.full((mask.shape[0], len(heads), max(heads, default=0)), np.nan)
-        for layer, h in enumerate(heads):
-            per_head[:, layer, :h] = _per_head(ctx.tensors[layer], g_ctx[layer], mask, h).numpy()
-        tokens = (emb.tensors[0].detach() * g_emb * mask[:, :, None]).double().sum(dim=2)  # (B, T)
-        bias = torch.zeros(mask.shape[0], dtype=torch.float64)
-        for module, grad in zip(biases, g_out):
-            bias += _bias_share(module, grad, mask)
-    return _BatchPass(per_head, explained.detach().double().numpy(), tgt.numpy(), tokens.numpy(), bias.numpy())
+def _encode_text(loaded, texts: Sequence[str], max_length: int) -> Encoded:
+    """Plain text for a causal LM (no prompt): the text tokenizer's ids, the first `max_length` kept."""
+    full = loaded.text_tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    return Encoded(ids=[x[:max_length] for x in full], truncated=sum(len(x) > max_length for x in full),
+                   max_length=max_length)
+
+
+def _next_token_targets(ids: list[list[int]], position: int | None, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per text: the position explained (N,) and the token explained there (N,), -1 = the predicted one.
+
+    `position` None is each text's second-to-last token (its last token is explained; a one-token text
+    explains the predicted next token); an int indexes every text like a Python list (-1 = last token).
+    """
+    if position is not None and not isinstance(position, (int, np.integer)):
+        raise ValueError(f"The 'position' parameter of {where} must be an int or None. Got {position!r} instead.")
+    positions, tokens = np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=np.int64)
+    for i, x in enumerate(ids):
+        p = max(len(x) - 2, 0) if position is None else int(position) + (len(x) if position < 0 else 0)
+        if not 0 <= p < len(x):
+            raise ValueError(f"The 'position' parameter of {where} must index a token of every text; text {i} "
+                             f"has {len(x)} tokens. Got {position} instead.")
+        positions[i], tokens[i] = p, x[p + 1] if p + 1 < len(x) else -1
+    return positions, tokens
 
 
 # ----------------------------------------------------------------------------- head relevance
 
 
 class HeadRelevance:
-    """Voita et al. (2019) head relevance by conservative LRP (gradient x input in conservative mode).
+    """Voita et al. (2019) head relevance by LRP (gradient x input in the method's mode).
 
     Args:
-        loaded: a `core.models.LoadedModel` (eval mode; any attention implementation).
-        max_length: tokens per text (default and cap: `loaded.max_length`); longer texts keep their
-            first max_length-1 tokens and the closing special token.
+        loaded: a `core.models.LoadedModel` (eval mode; any attention implementation): an encoder
+            classifier or a prompted decoder.
+        method: "conservative" (CP-LRP, default) or "attnlrp" (AttnLRP; needs attention through
+            transformers' AttentionInterface, so not MPNet).
+        max_length: tokens per text (default and cap: `loaded.max_length`). Classification keeps the
+            first max_length-1 tokens and the closing token; next-token relevance the first max_length.
     """
 
-    def __init__(self, loaded, *, max_length: int | None = None):
+    def __init__(self, loaded, *, method: str = "conservative", max_length: int | None = None):
+        check_method(method, "HeadRelevance()")
         self.loaded = loaded
+        self.method = method
         self.max_length = max_length
 
     def attribute(
@@ -223,10 +198,10 @@ class HeadRelevance:
         batch_size: int = 32,
         progress: Progress | None = None,
     ) -> RelevanceResult:
-        """Relevance of every head for each text, with the conservation check.
+        """Relevance of every head for each text's class logit, with the conservation check.
 
         Args:
-            texts: N sentences.
+            texts: N sentences (a decoder formats each through its prompt).
             target: None explains each text's predicted class; an int explains that class for all;
                 a sequence of N ints explains one class per text.
             batch_size: texts per forward/backward pass (length-sorted batches, padding contributes 0).
@@ -237,61 +212,127 @@ class HeadRelevance:
         """
         where = "HeadRelevance.attribute()"
         _check_texts(texts, batch_size, where)
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        if model.training:
-            raise ValueError("HeadRelevance needs the model in eval mode (dropout breaks conservation).")
-        _check_target(target, len(texts), model.config.num_labels, where)
+        _check_eval(self.loaded, where)
+        _check_target(target, len(texts), self.loaded.model.config.num_labels, where)
         if target is not None:
             target = int(target) if isinstance(target, (int, np.integer)) else np.asarray(target, dtype=np.int64)
-        enc = encode(tokenizer, list(texts), _max_length(self.loaded, self.max_length, where))
-        n, heads = len(texts), _heads(self.loaded.adapter)
+        enc = encode(self.loaded.tokenizer, list(texts), _max_length(self.loaded, self.max_length, where))
+
+        def objective(idx: np.ndarray) -> Objective:
+            return ClassLogit(target if target is None or isinstance(target, int) else target[idx])
+        return self._run(enc, self.loaded.tokenizer.pad_token_id, objective, batch_size, progress)
+
+    def attribute_next_token(
+        self,
+        texts: Sequence[str],
+        *,
+        position: int | None = None,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> RelevanceResult:
+        """Relevance of every head for a causal LM's next-token logit on plain text (no prompt).
+
+        Args:
+            texts: N texts, tokenized by `loaded.text_tokenizer` (with its special tokens).
+            position: the 0-based token position whose next-token logit is explained, Python-style
+                (negative counts from each text's end). The logit explained is that of the actual next
+                token; at the last token (-1), of the model's predicted next token. None (default): each
+                text's second-to-last token, i.e. the logit of its actual last token.
+            batch_size, progress: as in `attribute`.
+
+        Returns:
+            A `RelevanceResult`; `targets` are the vocabulary ids explained, `positions` the positions.
+        """
+        where = "HeadRelevance.attribute_next_token()"
+        _check_texts(texts, batch_size, where)
+        _check_eval(self.loaded, where)
+        _check_decoder(self.loaded, where)
+        enc = _encode_text(self.loaded, texts, _max_length(self.loaded, self.max_length, where))
+        positions, tokens = _next_token_targets(enc.ids, position, where)
+
+        def objective(idx: np.ndarray) -> Objective:
+            return NextTokenLogit(positions[idx], tokens[idx])
+        result = self._run(enc, self.loaded.text_tokenizer.pad_token_id or 0, objective, batch_size, progress)
+        result.positions = positions
+        return result
+
+    def _run(self, enc: Encoded, pad_id: int, objective: Callable[[np.ndarray], Objective], batch_size: int,
+             progress: Progress | None) -> RelevanceResult:
+        """Length-sorted batches of `enc` through `lrp_pass`, each explaining `objective(indices)`."""
+        n, heads = len(enc), head_counts(self.loaded.adapter)
         per_example = np.zeros((n, len(heads), max(heads, default=0)))
         logits, targets = np.zeros(n), np.zeros(n, dtype=np.int64)
-        inputs, bias = np.zeros(n), np.zeros(n)
+        inputs, bias, absorbed = np.zeros(n), np.zeros(n), np.zeros(n)
         done = 0
         for idx in sorted_batches(enc, batch_size):
-            batch = collate([enc.ids[i] for i in idx], tokenizer.pad_token_id)
-            part = target if target is None or isinstance(target, int) else target[idx]
-            out = _conservative_pass(self.loaded, batch, part)
+            batch = collate([enc.ids[i] for i in idx], pad_id)
+            out = lrp_pass(self.loaded, batch, objective(idx), self.method)
             per_example[idx], logits[idx], targets[idx] = out.heads, out.logits, out.targets
-            inputs[idx], bias[idx] = out.tokens.sum(axis=1), out.bias
+            inputs[idx], bias[idx], absorbed[idx] = out.tokens.sum(axis=1), out.bias, out.absorbed
             done += len(idx)
             if progress:
                 progress(done, n, "relevance")
         relevance, signed = normalise_examples(per_example)
         return RelevanceResult(
             relevance=relevance, relevance_signed=signed, per_example=per_example, logits=logits, targets=targets,
-            input_relevance=inputs, bias_relevance=bias, convergence_delta=logits - inputs - bias,
-            truncated=enc.truncated,
+            input_relevance=inputs, bias_relevance=bias, absorbed_relevance=absorbed,
+            convergence_delta=logits - inputs - bias - absorbed, truncated=enc.truncated, method=self.method,
         )
 
 
 @dataclass
 class TokenRelevance:
-    """Conservative LRP of one sentence taken down to the encoder input (logit units).
+    """LRP of one text taken down to the stream's input (logit units).
 
-    `relevance.sum() + bias == logit` up to float32 rounding (the conservation property).
+    `relevance.sum() + bias + absorbed == logit` up to float32 rounding (the conservation property).
     """
 
-    tokens: list[str]  # T word pieces, specials included
+    tokens: list[str]  # T tokens, specials (and a decoder's prompt) included
     relevance: np.ndarray  # (T,) float64: sum over dims of emb * dlogit/demb at the embedding output
     bias: float  # share of the logit carried by the bias terms
     logit: float  # the explained logit
-    target: int  # the explained class
+    target: int  # the explained class (next-token: the vocabulary id)
+    absorbed: float = 0.0  # share absorbed by AttnLRP's softmax rule (0 for "conservative")
+    method: str = "conservative"
+    position: int | None = None  # next-token relevance: the position explained
 
 
-def token_relevance(loaded, text: str, *, target: int | None = None) -> TokenRelevance:
-    """Why this prediction: conservative LRP down to the encoder input, per token.
+def _check_text(text: str, where: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"The 'text' parameter of {where} must be a non-empty string. Got {text!r}.")
+
+
+def token_relevance(loaded, text: str, *, target: int | None = None, method: str = "conservative") -> TokenRelevance:
+    """Why this prediction: LRP of the class logit down to the input, per token (a decoder's prompt included).
 
     `target` None explains the predicted class. The text is truncated to the model's maximum length.
+    `method`: "conservative" or "attnlrp" (see `HeadRelevance`).
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"The 'text' parameter of token_relevance() must be a non-empty string. Got {text!r}.")
-    _check_target(target, 1, loaded.model.config.num_labels, "token_relevance()")
-    enc = encode(loaded.tokenizer, [text], _max_length(loaded, None, "token_relevance()"))
-    out = _conservative_pass(loaded, collate(enc.ids, loaded.tokenizer.pad_token_id), target)
+    where = "token_relevance()"
+    _check_text(text, where)
+    check_method(method, where)
+    _check_target(target, 1, loaded.model.config.num_labels, where)
+    enc = encode(loaded.tokenizer, [text], _max_length(loaded, None, where))
+    out = lrp_pass(loaded, collate(enc.ids, loaded.tokenizer.pad_token_id), ClassLogit(target), method)
     return TokenRelevance(loaded.tokenizer.convert_ids_to_tokens(enc.ids[0]), out.tokens[0], float(out.bias[0]),
-                          float(out.logits[0]), int(out.targets[0]))
+                          float(out.logits[0]), int(out.targets[0]), float(out.absorbed[0]), method)
+
+
+def next_token_relevance(loaded, text: str, *, position: int | None = None,
+                         method: str = "conservative") -> TokenRelevance:
+    """LRP of a causal LM's next-token logit on plain `text` down to its tokens (`position` as in
+    `HeadRelevance.attribute_next_token`: default the logit of the text's actual last token)."""
+    where = "next_token_relevance()"
+    _check_text(text, where)
+    check_method(method, where)
+    _check_decoder(loaded, where)
+    enc = _encode_text(loaded, [text], _max_length(loaded, None, where))
+    positions, tokens = _next_token_targets(enc.ids, position, where)
+    batch = collate(enc.ids, loaded.text_tokenizer.pad_token_id or 0)
+    out = lrp_pass(loaded, batch, NextTokenLogit(positions, tokens), method)
+    return TokenRelevance(loaded.text_tokenizer.convert_ids_to_tokens(enc.ids[0]), out.tokens[0],
+                          float(out.bias[0]), float(out.logits[0]), int(out.targets[0]), float(out.absorbed[0]),
+                          method, int(positions[0]))
 
 
 # ----------------------------------------------------------------------------- Michel importance
@@ -303,15 +344,15 @@ def _gate_gradients(loaded, batch: dict[str, torch.Tensor], labels: torch.Tensor
     Plain gradients (no conservative rules). The summed loss makes each example's gradient its own.
     """
     model, adapter = loaded.model, loaded.adapter
-    heads = _heads(adapter)
+    heads = head_counts(adapter)
     mask = batch["attention_mask"].to(torch.float32)
-    with _grad_mode(), record_activations([adapter.base.embeddings], inputs=False, leaf=True), \
+    with grad_mode(), record_activations([adapter.embeddings], inputs=False, leaf=True), \
             record_head_context(model, adapter) as ctx:
         loss = F.cross_entropy(model(**batch).logits, labels, reduction="sum")
         grads = torch.autograd.grad(loss, ctx.tensors, allow_unused=True)
         out = np.full((mask.shape[0], len(heads), max(heads, default=0)), np.nan)
         for layer, h in enumerate(heads):
-            out[:, layer, :h] = _per_head(ctx.tensors[layer], grads[layer], mask, h).numpy()
+            out[:, layer, :h] = per_head(ctx.tensors[layer], grads[layer], mask, h).numpy()
     return out
 
 
@@ -353,7 +394,7 @@ def mask_heads(model: nn.Module, adapter, mask: np.ndarray) -> Iterator[nn.Modul
     """
     if adapter.model is not model:
         raise ValueError("The 'adapter' parameter of mask_heads() must be the adapter of 'model'.")
-    heads = _heads(adapter)
+    heads = head_counts(adapter)
     mask = np.asarray(mask, dtype=np.float32)
     if mask.ndim != 2 or mask.shape[0] != len(heads) or mask.shape[1] < max(heads, default=0):
         raise ValueError(f"The 'mask' parameter of mask_heads() must have shape ({len(heads)}, "
