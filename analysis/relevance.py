@@ -430,19 +430,22 @@ def relevance_table(
     limit: int | None = 500,
     target: int | None = None,
     progress: Progress | None = None,
+    method: str = "conservative",
 ) -> pd.DataFrame:
-    """Head relevance and Michel importance on (a seeded subset of `limit` rows of) `data`.
+    """Head relevance by `method` ("conservative" or "attnlrp", see `HeadRelevance`) and Michel importance
+    on (a seeded subset of `limit` rows of) `data`.
 
-    Columns: layer, head (0-based), relevance (mean share, each example sums to 1), relevance_signed,
-    importance (Michel, per-layer L2-normalised). `limit` None uses every row. The labels of `data`
-    must be the model's class ids (e.g. `load_data(..., label_names=loaded.label_names)`).
+    Columns: layer, head (0-based; query heads for a decoder), relevance (mean share, each example sums
+    to 1), relevance_signed, importance (Michel, per-layer L2-normalised). `limit` None uses every row.
+    The labels of `data` must be the model's class ids (e.g. `load_data(..., label_names=loaded.label_names)`).
     """
+    check_method(method, "relevance_table()")
     if len(data) == 0:
         raise ValueError("The 'data' parameter of relevance_table() is empty: nothing to explain.")
     if limit is not None and limit < 1:
         raise ValueError(f"The 'limit' parameter of relevance_table() must be >= 1 or None. Got {limit} instead.")
     rows = data if limit is None else data.subset(limit, seed=0)
-    frame = HeadRelevance(loaded).attribute(rows.texts, target=target, progress=progress).to_frame()
+    frame = HeadRelevance(loaded, method=method).attribute(rows.texts, target=target, progress=progress).to_frame()
     importance = michel_importance(loaded, rows.texts, rows.labels)
     frame["importance"] = importance[frame["layer"], frame["head"]]
     return frame
