@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_ in [
         ("relevance", cmd_relevance, "per-head LRP relevance (conservative rules) and Michel importance as CSV"),
-        ("roles", cmd_roles, "per-head Voita roles: positional, syntactic, rare-word, as CSV"),
+        ("roles", cmd_roles, "per-head Voita roles: positional, syntactic, rare-word (a decoder's also Olsson's "
+                             "previous-token, duplicate-token, induction scores), as CSV"),
         ("heads", cmd_heads, "both, plus typical sentences per head, into a folder (what the Heads page reads)"),
     ]:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--model", default="default", help="default | minilm-l3 | path to a HF model folder")
+        p.add_argument("--model", default="default",
+                       help="default | minilm-l3 | smollm2 (a decoder) | path to a HF model folder")
         add_data_options(p)
         p.add_argument("--limit", type=int, default=500, help="seeded subset of this many sentences")
         p.add_argument("--out", type=Path, default=None, help="output CSV (folder for 'heads'); stdout if omitted")

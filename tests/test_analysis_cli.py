@@ -47,6 +47,7 @@ def test_roles_csv_on_a_file(tiny_dir, reviews_csv, tmp_path):
     table = pd.read_csv(out)
     assert set(ROLE_COLUMNS) <= set(table.columns) and len(table) == 8
     assert table["confidence"].between(0, 1).all()
+    assert not {"prev_token_score", "duplicate_score", "induction_score"} & set(table.columns)  # decoders only
 
 
 @pytest.mark.parametrize("case, pattern", [
