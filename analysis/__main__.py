@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from analysis.heads import WRITER, build_report
+from analysis.lrp_pass import METHODS
 from analysis.relevance import relevance_table
 from analysis.roles import head_roles
 from core.cli import add_data_options, data_spec, load_or_prepare, run_command, run_with_bar
@@ -38,7 +39,7 @@ def _write(frame, out: Path | None) -> None:
 def cmd_relevance(args: argparse.Namespace) -> int:
     loaded, data = _inputs(args)
     frame = run_with_bar(args.job, lambda bar: relevance_table(loaded, data, limit=args.limit, target=args.target,
-                                                               progress=bar))
+                                                               progress=bar, method=args.relevance_method))
     _write(frame, args.out)
     return 0
 
@@ -57,7 +58,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     check_target(args.out, written_by=WRITER, overwrite=True)  # a foreign folder fails before the slow part
     loaded, data = _inputs(args)
     report = run_with_bar(args.job, lambda bar: build_report(loaded, data, limit=args.limit, target=args.target,
-                                                             progress=bar))
+                                                             progress=bar, method=args.relevance_method))
     report.save(args.out)
     print(f"wrote {args.out}")
     return 0
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--limit", type=int, default=500, help="seeded subset of this many sentences")
         p.add_argument("--out", type=Path, default=None, help="output CSV (folder for 'heads'); stdout if omitted")
         p.add_argument("--target", type=int, default=None, help="class whose logit is explained (default: predicted)")
+        if name != "roles":
+            p.add_argument("--relevance-method", choices=list(METHODS), default="conservative",
+                           help="LRP rules: conservative (CP-LRP, attention constant) or attnlrp (AttnLRP)")
         p.add_argument("--job", help=argparse.SUPPRESS)
         p.set_defaults(func=func)
     args = parser.parse_args(argv)

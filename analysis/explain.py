@@ -22,13 +22,15 @@ from core.models import LoadedModel
 class Explanation:
     tokens: list[str]  # T word pieces, specials included (a decoder's: readable pieces of the whole prompt)
     relevance: np.ndarray  # (T,) conservative LRP relevance per token, in logit units
-    bias: float  # the biases' share of the logit: relevance.sum() + bias == logit
+    bias: float  # the biases' share of the logit: relevance.sum() + bias + absorbed == logit
     predicted: str
     confidence: float  # softmax probability of the predicted class
     explained: str  # class whose logit is explained
     logit: float
     truncated: bool  # the sentence was cut to the model's maximum length
     in_text: np.ndarray  # (T,) bool: the token covers characters of the sentence (not specials or the template)
+    absorbed: float = 0.0  # the share AttnLRP's softmax rule absorbs (0 for "conservative")
+    method: str = "conservative"
 
 
 def _text_span(loaded: LoadedModel, text: str) -> tuple[int, int]:
@@ -50,18 +52,20 @@ def _in_text(loaded: LoadedModel, text: str, n_tokens: int) -> np.ndarray:
     return np.array([s < end and e > start and e > s for s, e in offsets], dtype=bool)
 
 
-def explain_prediction(loaded: LoadedModel, text: str, target: int | None = None) -> Explanation:
-    """Predict `text` and attribute the `target` logit (default: the predicted class) to its tokens."""
+def explain_prediction(loaded: LoadedModel, text: str, target: int | None = None, *,
+                       method: str = "conservative") -> Explanation:
+    """Predict `text` and attribute the `target` logit (default: the predicted class) to its tokens by LRP
+    `method` ("conservative" or "attnlrp", see `analysis.relevance`)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("The 'text' parameter of explain_prediction() is empty.")
     enc = encode(loaded.tokenizer, [text], loaded.max_length)  # the cut token_relevance explains
     with torch.inference_mode():
         probs = torch.softmax(loaded.model(**collate(enc.ids, 0)).logits[0], -1)
     predicted = int(probs.argmax())
-    why = token_relevance(loaded, text, target=predicted if target is None else target)
+    why = token_relevance(loaded, text, target=predicted if target is None else target, method=method)
     tokens = why.tokens
     if loaded.is_decoder:
         tokens = readable_tokens(loaded.text_tokenizer, loaded.text_tokenizer.convert_tokens_to_ids(why.tokens))
     return Explanation(tokens, why.relevance, why.bias, loaded.label_names[predicted], float(probs[predicted]),
                        loaded.label_names[why.target], why.logit, bool(enc.truncated),
-                       _in_text(loaded, text, len(tokens)))
+                       _in_text(loaded, text, len(tokens)), why.absorbed, why.method)

@@ -50,9 +50,12 @@ class HeadsReport:
         return cls(table, extra["examples"], extra["meta"])
 
 
-def report_dir(model_fingerprint: str, data_fingerprint: str, limit: int, target: int | None) -> Path:
-    """Cache folder of one report: keyed by model, data, subset size and explained class."""
-    return headlab_home() / "cache" / "heads" / f"{model_fingerprint}-{data_fingerprint}-{limit}-{target}"
+def report_dir(model_fingerprint: str, data_fingerprint: str, limit: int, target: int | None,
+               method: str = "conservative") -> Path:
+    """Cache folder of one report: keyed by model, data, subset size, explained class and relevance method
+    (the default method's folders keep their earlier names)."""
+    suffix = "" if method == "conservative" else f"-{method}"
+    return headlab_home() / "cache" / "heads" / f"{model_fingerprint}-{data_fingerprint}-{limit}-{target}{suffix}"
 
 
 def _shown_role(row: pd.Series) -> tuple[str, bool]:
@@ -63,13 +66,15 @@ def _shown_role(row: pd.Series) -> tuple[str, bool]:
 
 
 def build_report(loaded: LoadedModel, data: TextDataset, *, limit: int = 500, target: int | None = None,
-                 progress: Progress | None = None, examples_per_head: int = 5) -> HeadsReport:
-    """Relevance + importance + roles on a seeded subset of `limit` rows of `data`.
+                 progress: Progress | None = None, examples_per_head: int = 5,
+                 method: str = "conservative") -> HeadsReport:
+    """Relevance (LRP `method`, see `analysis.relevance`) + importance + roles on a seeded subset of `limit`
+    rows of `data`; a decoder's roles include Olsson's (`analysis.roles.olsson`).
 
     Progress is reported per stage ("relevance", "roles"); the subset is the same for all of them.
     """
     rows = data.subset(limit, seed=0)
-    relevance = relevance_table(loaded, rows, limit=None, target=target, progress=progress)
+    relevance = relevance_table(loaded, rows, limit=None, target=target, progress=progress, method=method)
     roles = analyse_roles(loaded, rows.texts, limit=len(rows), progress=progress)
     table = relevance.merge(roles.table, on=["layer", "head"], how="left")
     table["roles"] = table["roles"].fillna("")
@@ -87,5 +92,5 @@ def build_report(loaded: LoadedModel, data: TextDataset, *, limit: int = 500, ta
             "words": words.to_dict("records"),
         }
     meta = {"examples": len(rows), "data": data.name, "target": target, "truncated": roles.truncated,
-            "seconds": roles.seconds}
+            "seconds": roles.seconds, "method": method}
     return HeadsReport(table, examples, meta)

@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalL
 
 from analysis.__main__ import main
 from analysis.attention import AttentionRecord, capture_attention, readable_tokens, start_token, word_attention
+from analysis.explain import explain_prediction
+from analysis.heads import HeadsReport
 from analysis.roles import (
     OlssonConfig,
     SentenceView,
@@ -289,3 +291,39 @@ def test_smollm2_has_induction_and_previous_token_heads(smollm2_dir):
     best = table.loc[table["induction_score"].idxmax()]
     shown = typical_sentences(result.views, int(best["layer"]), int(best["head"]), "induction", k=3)
     assert list(shown.columns) == ["sentence", "score", "weight", "hits", "n"]
+
+
+# ----------------------------------------------------------------------------- why this prediction, the Heads report
+
+
+@pytest.mark.parametrize("method", ["conservative", "attnlrp"])
+def test_explanation_of_a_prompted_decoder(method, tiny_decoders):
+    loaded = load_model(str(tiny_decoders["llama"]))
+    text = "a quietly moving film"
+    why = explain_prediction(loaded, text, method=method)
+    with torch.inference_mode():
+        logits = loaded.model(**loaded.tokenizer(text, return_tensors="pt")).logits[0]
+    assert why.predicted == loaded.label_names[int(logits.argmax())] == why.explained and why.method == method
+    assert why.logit == pytest.approx(float(logits.max()), abs=1e-4)  # the label word's logit at the prompt's end
+    assert why.relevance.sum() + why.bias + why.absorbed == pytest.approx(why.logit, rel=1e-3, abs=1e-4)
+    assert len(why.tokens) == len(why.relevance) == len(why.in_text) and not any("Ġ" in t for t in why.tokens)
+    prompt = loaded.tokenizer.format(text)
+    assert "".join(why.tokens) == prompt.replace("\n", "↵")  # the whole prompt, piece by piece
+    assert "".join(np.array(why.tokens)[why.in_text]).strip() == text  # exactly the sentence's pieces
+    other = explain_prediction(loaded, text, target=1 - int(logits.argmax()), method=method)
+    assert other.explained != other.predicted and other.logit == pytest.approx(float(logits.min()), abs=1e-4)
+
+
+def test_heads_report_of_a_decoder_with_attnlrp(previous_head_dir, tmp_path, capsys):
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t in PLAIN * 10 for lab in ("fresh", "rotten")))
+    code = main(["heads", "--model", str(previous_head_dir), "--data", str(reviews), "--limit", "8",
+                 "--relevance-method", "attnlrp", "--out", str(tmp_path / "report")])
+    assert code == 0, capsys.readouterr().err
+    report = HeadsReport.load(tmp_path / "report")
+    assert len(report.table) == 8 and set(OLSSON_COLUMNS + ["relevance", "importance"]) <= set(report.table)
+    assert report.meta["method"] == "attnlrp" and set(report.examples) == {f"{lay}:{h}" for lay in (0, 1)
+                                                                           for h in range(4)}
+    built = report.examples["0:0"]
+    assert built["role"] == "positional(-1)" and built["has_role"]
+    assert built["typical"] and all(t["score"] == 1.0 for t in built["typical"][:2])
