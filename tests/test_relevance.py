@@ -1,7 +1,9 @@
-"""Head relevance (conservative LRP), Michel importance and head masking, checked against brute force.
+"""Head relevance (conservative LRP and AttnLRP) on encoders, Michel importance and head masking, checked
+against brute force.
 
-Conservation tolerance: |logit - input_relevance - bias_relevance| <= 1e-4 * (|logit| + |input_relevance|
-+ |bias_relevance|), per example (float32 forward/backward, sums in float64).
+Conservation tolerance: |logit - input_relevance - bias_relevance - absorbed_relevance| <= 1e-4 * (|logit| +
+|input_relevance| + |bias_relevance| + |absorbed_relevance|), per example (float32 forward/backward, sums in
+float64); `absorbed` is AttnLRP's softmax share, 0 under conservative propagation.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import LayerGradientXActivation
-from conftest import MINILM_DIR, TINY
+from conftest import MINILM_DIR, TINY, make_tiny
 from transformers import (
     AutoTokenizer,
     ElectraConfig,
@@ -70,7 +72,9 @@ def default():
 
 
 def assert_conserved(result) -> None:
-    scale = np.abs(result.logits) + np.abs(result.input_relevance) + np.abs(result.bias_relevance)
+    """|logit - input - bias - absorbed| within CONSERVATION_RTOL of the terms' magnitudes, per example."""
+    scale = (np.abs(result.logits) + np.abs(result.input_relevance) + np.abs(result.bias_relevance)
+             + np.abs(result.absorbed_relevance))
     assert np.all(np.abs(result.convergence_delta) <= CONSERVATION_RTOL * scale), result.convergence_delta / scale
 
 
@@ -82,10 +86,15 @@ def test_conservation_default_model(default):
     both = HeadRelevance(default).attribute(dev.texts, target=0)
     np.testing.assert_array_equal(both.targets, 0)
     assert_conserved(both)
+    attn = HeadRelevance(default, method="attnlrp").attribute(dev.texts, batch_size=4)
+    assert_conserved(attn)
+    assert attn.method == "attnlrp" and np.all(np.abs(attn.absorbed_relevance) > 1e-3)
+    np.testing.assert_allclose(attn.logits, result.logits, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["conservative", "attnlrp"])
 @pytest.mark.parametrize("arch", ["bert", "roberta", "electra"])
-def test_conservation_tiny_models(arch, tiny, tmp_path):
+def test_conservation_tiny_models(arch, method, tiny, tmp_path):
     if arch == "bert":
         loaded = tiny
     else:
@@ -93,21 +102,32 @@ def test_conservation_tiny_models(arch, tiny, tmp_path):
                    "electra": (ElectraConfig, ElectraForSequenceClassification)}[arch]
         loaded = load_model(str(save_tiny(tmp_path / arch, *classes)))
         perturb(loaded.model)
-    result = HeadRelevance(loaded).attribute(TEXTS, batch_size=2)
+    result = HeadRelevance(loaded, method=method).attribute(TEXTS, batch_size=2)
     assert_conserved(result)
     assert np.all(np.abs(result.bias_relevance) > 1e-3) and np.all(np.abs(result.input_relevance) > 1e-3)
+    assert np.all(np.abs(result.absorbed_relevance) > 1e-4) == (method == "attnlrp")
     with torch.inference_mode():
         logits = loaded.model(**loaded.tokenizer(TEXTS[0], return_tensors="pt")).logits[0]
     assert result.logits[0] == pytest.approx(float(logits.max()), abs=1e-5)
 
 
-def test_token_relevance_matches_input_relevance(tiny):
-    why = token_relevance(tiny, TEXTS[2])
-    result = HeadRelevance(tiny).attribute([TEXTS[2]])
+@pytest.mark.parametrize("method", ["conservative", "attnlrp"])
+def test_token_relevance_matches_input_relevance(tiny, method):
+    why = token_relevance(tiny, TEXTS[2], method=method)
+    result = HeadRelevance(tiny, method=method).attribute([TEXTS[2]])
     assert why.tokens[0] == "[CLS]" and len(why.tokens) == len(why.relevance)
     assert why.relevance.sum() == pytest.approx(result.input_relevance[0], rel=1e-6, abs=1e-9)
     assert why.bias == pytest.approx(result.bias_relevance[0], rel=1e-6, abs=1e-9)
-    assert why.relevance.sum() + why.bias == pytest.approx(why.logit, rel=1e-4)
+    assert why.absorbed == pytest.approx(result.absorbed_relevance[0], rel=1e-6, abs=1e-9)
+    assert why.relevance.sum() + why.bias + why.absorbed == pytest.approx(why.logit, rel=1e-4)
+
+
+def test_attnlrp_needs_pluggable_attention(tmp_path):
+    """MPNet computes its softmax inline (no AttentionInterface): AttnLRP refuses it, conservative runs."""
+    mpnet = load_model(str(make_tiny(tmp_path / "mpnet", arch="mpnet")))
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        HeadRelevance(mpnet, method="attnlrp").attribute(TEXTS[:1])
+    assert_conserved(HeadRelevance(mpnet).attribute(TEXTS[:1]))
 
 
 def test_per_example_normalisation_sums_to_one(tiny):
@@ -198,7 +218,7 @@ def test_mask_heads(tiny):
             pass
 
 
-def _gate_gradient(loaded, text: str, layer: int, head: int, objective) -> float:
+def gate_gradient(loaded, text: str, layer: int, head: int, objective) -> float:
     """d objective / d gate for one scalar gate on one head's context, by torch.autograd.grad."""
     d = loaded.adapter.head_dim(layer)
     gate = torch.ones((), requires_grad=True)
@@ -223,7 +243,7 @@ def test_head_relevance_equals_brute_force(tiny):
     result = HeadRelevance(tiny).attribute([text])
     target = int(result.targets[0])
     with conservative(tiny.model):
-        brute = np.array([[_gate_gradient(tiny, text, layer, head, lambda z: z[target]) for head in range(4)]
+        brute = np.array([[gate_gradient(tiny, text, layer, head, lambda z: z[target]) for head in range(4)]
                           for layer in range(2)])
     np.testing.assert_allclose(result.per_example[0], brute, rtol=1e-4, atol=1e-6)
 
@@ -252,7 +272,7 @@ def test_michel_importance(tiny):
     raw = np.zeros((2, 4))
     for text, label in zip(TEXTS, labels):
         ce = lambda z, y=label: torch.nn.functional.cross_entropy(z[None], torch.tensor([y]))  # noqa: E731
-        raw += np.abs([[_gate_gradient(tiny, text, layer, head, ce) for head in range(4)] for layer in range(2)])
+        raw += np.abs([[gate_gradient(tiny, text, layer, head, ce) for head in range(4)] for layer in range(2)])
     raw /= np.linalg.norm(raw, axis=1, keepdims=True)
     np.testing.assert_allclose(importance, raw, rtol=1e-4, atol=1e-7)
 
