@@ -1,4 +1,4 @@
-"""Parameter counts and encoder FLOPs per example, read from the actual weight shapes.
+"""Parameter counts and layer FLOPs per example, read from the actual weight shapes.
 
 Reading shapes (not the config) keeps the numbers right for physically pruned models too.
 """
@@ -16,7 +16,7 @@ class EncoderFlops:
 
     seq_len: int
     attention: int  # Q/K/V/output projections plus the T x T score and context products
-    ffn: int  # both feed-forward projections
+    ffn: int  # the feed-forward projections (2, or SwiGLU's 3)
 
     @property
     def total(self) -> int:
@@ -28,14 +28,24 @@ class EncoderFlops:
 
 
 def encoder_flops(adapter: Adapter, seq_len: int) -> EncoderFlops:
-    """FLOPs of the encoder layers (embeddings and classifier excluded) at `seq_len` tokens."""
+    """FLOPs of the encoder (or decoder) layers at `seq_len` tokens: their matrix products only.
+
+    Counted: Q, K, V and W_O at their own widths (under GQA K/V have the kept KV heads' rows; the
+    per-query-head expansion of unevenly pruned groups is a copy), the full T x T score and context
+    products per query head (a decoder's causal mask hides half of them, but eager and SDPA kernels
+    compute them all), and every FFN matrix (gate, up, down for SwiGLU). Not counted: embeddings,
+    norms, softmax, RoPE, activations, and the classifier or LM head (a prompted decoder's head adds
+    2 d V at each row's last token only).
+    """
     t = seq_len
     attention = ffn = 0
     for layer in range(len(adapter.layers)):
         inner, hidden = adapter.query(layer).weight.shape  # (H*d_h, d)
-        attention += 2 * t * hidden * inner * 3  # Q, K, V
-        attention += 2 * 2 * t * t * inner  # scores QK^T and context AV, summed over heads
+        kv = adapter.key(layer).weight.shape[0]  # (H_kv*d_h): = inner without GQA
+        attention += 2 * t * hidden * (inner + 2 * kv)  # Q, K, V
+        attention += 2 * 2 * t * t * inner  # scores QK^T and context AV, summed over query heads
         attention += 2 * t * inner * adapter.attention_output(layer).weight.shape[0]  # W_O
-        units, hidden_in = adapter.ffn_in(layer).weight.shape  # (d_ff, d)
-        ffn += 2 * t * hidden_in * units + 2 * t * units * adapter.ffn_out(layer).weight.shape[0]
+        for matrix in (adapter.ffn_gate(layer), adapter.ffn_in(layer), adapter.ffn_out(layer)):
+            if matrix is not None:
+                ffn += 2 * t * matrix.weight.numel()  # (out, in)
     return EncoderFlops(seq_len=t, attention=attention, ffn=ffn)

@@ -1,11 +1,11 @@
 """`GateState`: the one gate-state type, one value in [0, 1] per prunable unit of an *unpruned* encoder
-with L layers, H heads per layer, FFN width d_ff and hidden size d (CoFi's five granularities, Xia et
-al. 2022):
+or decoder with L layers, H (query) heads per layer, FFN width d_ff and hidden size d (CoFi's five
+granularities, Xia et al. 2022):
 
-    head          (L, H)     each head's context before W_O
-    mha           (L,)       the whole attention sublayer output (W_O output incl. its bias)
+    head          (L, H)     each (query) head's context before W_O
+    mha           (L,)       the whole attention sublayer output (W_O output incl. its bias; Gemma3: its post-norm)
     intermediate  (L, d_ff)  FFN intermediate units (CoFi's z_int), the input of the FFN output dense
-    ffn           (L,)       the whole FFN sublayer output (output dense incl. its bias)
+    ffn           (L,)       the whole FFN sublayer output (output dense incl. its bias; Gemma3: its post-norm)
     hidden        (d,)       hidden dims, shared by the embeddings and every sublayer output
 
 0 closes a unit, 1 keeps it unchanged, values in between scale it (soft gates that
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from core.adapter import GateShape
+from core.structure import causal_lm
 
 GROUPS = ("head", "mha", "intermediate", "ffn", "hidden")
 CRITERIA = ("magnitude", "random")
@@ -69,19 +70,29 @@ def _scores(kind: str, adapter, criterion: str, seed: int, where: str) -> torch.
         if kind == "head":  # ||W_V,h||_F * ||W_O[:, h]||_F: the size of the head's value -> output path
             rows = []
             for layer in range(shape.layers):
-                v = adapter.value(layer).weight.view(shape.heads, shape.head_dim, -1)  # (H, d_h, d)
+                v = adapter.value(layer).weight.view(shape.kv_heads, shape.head_dim, -1)  # (H_kv, d_h, d)
                 o = adapter.attention_output(layer).weight.view(-1, shape.heads, shape.head_dim)  # (d, H, d_h)
-                rows.append(v.norm(dim=(1, 2)) * o.norm(dim=(0, 2)))
+                # under GQA query head h reads the value of KV head h // group_size
+                rows.append(v.norm(dim=(1, 2)).repeat_interleave(shape.group_size) * o.norm(dim=(0, 2)))
             return torch.stack(rows)
         if kind == "intermediate":  # ||W_in[i, :]|| * ||W_out[:, i]||: how far unit i can move the stream
-            return torch.stack([adapter.ffn_in(layer).weight.norm(dim=1) * adapter.ffn_out(layer).weight.norm(dim=0)
-                                for layer in range(shape.layers)])
+            rows = []
+            for layer in range(shape.layers):
+                row = adapter.ffn_in(layer).weight.norm(dim=1) * adapter.ffn_out(layer).weight.norm(dim=0)
+                gate = adapter.ffn_gate(layer)  # SwiGLU: the unit's output is silu(gate . x) * (up . x)
+                rows.append(row if gate is None else row * gate.weight.norm(dim=1))
+            return torch.stack(rows)
         # hidden: sum over matrices touching dim k of its column/row norm, each matrix divided by its
         # mean norm so that no single matrix (e.g. the 30k-row word embeddings) dominates.
-        mats = [adapter.base.embeddings.word_embeddings.weight]  # (V, d): column k
+        mats = [adapter.word_embeddings.weight]  # (V, d): column k
+        head = causal_lm(adapter.model).get_output_embeddings() if adapter.is_decoder else None
+        if head is not None and head.weight is not adapter.word_embeddings.weight:
+            mats.append(head.weight)  # an untied LM head (V, d) reads dim k too
         for layer in range(shape.layers):
             mats += [adapter.query(layer).weight, adapter.key(layer).weight, adapter.value(layer).weight,
                      adapter.ffn_in(layer).weight]  # read dim k
+            if adapter.ffn_gate(layer) is not None:
+                mats.append(adapter.ffn_gate(layer).weight)
             mats += [adapter.attention_output(layer).weight.T, adapter.ffn_out(layer).weight.T]  # write dim k
         total = torch.zeros(shape.hidden)
         for m in mats:
@@ -152,7 +163,8 @@ class GateState:
         """Keep round(frac * H) heads in every layer, chosen by `criterion`; close the rest.
 
         "magnitude" ranks head h by ||W_V,h||_F * ||W_O[:, h]||_F (its value -> output path, no data
-        needed); "random" ranks by a seeded random draw. Already closed heads stay closed.
+        needed; under GQA W_V,h is its KV head's); "random" ranks by a seeded random draw. Already
+        closed heads stay closed.
         """
         k = _keep_count(frac, self.head.shape[1], "frac", "with_head_keep()")
         scores = _scores("head", adapter, criterion, seed, "with_head_keep()")
@@ -163,7 +175,8 @@ class GateState:
         """Keep round(frac * d_ff) FFN units in every layer, chosen by `criterion`; close the rest.
 
         "magnitude" ranks unit i of layer l by ||W_in[i, :]||_2 * ||W_out[:, i]||_2 (the norms of what
-        the unit reads from and writes to the hidden stream); "random" by a seeded random draw.
+        the unit reads from and writes to the hidden stream; times ||W_gate[i, :]||_2 for SwiGLU);
+        "random" by a seeded random draw.
         """
         k = _keep_count(frac, self.intermediate.shape[1], "frac", "with_ffn_keep()")
         scores = _scores("intermediate", adapter, criterion, seed, "with_ffn_keep()")
@@ -173,9 +186,10 @@ class GateState:
     def with_hidden_keep(self, adapter, frac: float, criterion: str = "magnitude", seed: int = 0) -> GateState:
         """Keep round(frac * d) hidden dims (shared by all layers), chosen by `criterion`; close the rest.
 
-        "magnitude" ranks dim k by the sum, over the word embeddings and every encoder Linear that
-        reads (Q, K, V, FFN in) or writes (W_O, FFN out) the hidden stream, of the L2 norm of that
-        matrix's slice for dim k divided by the matrix's mean slice norm; "random" by a seeded draw.
+        "magnitude" ranks dim k by the sum, over the word embeddings (and an untied LM head) and every
+        layer's Linear that reads (Q, K, V, FFN in, SwiGLU's gate) or writes (W_O, FFN out) the stream,
+        of the L2 norm of that matrix's slice for dim k divided by the matrix's mean slice norm;
+        "random" by a seeded draw.
         """
         k = _keep_count(frac, self.hidden.shape[0], "frac", "with_hidden_keep()")
         scores = _scores("hidden", adapter, criterion, seed, "with_hidden_keep()")

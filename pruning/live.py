@@ -26,7 +26,7 @@ from core.size import encoder_flops
 from core.structure import pruning_info
 from core.summary import median_tokens
 from pruning.gate_state import GateState
-from pruning.size import exact_sparsity
+from pruning.size import SizeModel, exact_sparsity
 from pruning.surgery import prune
 
 QUICK_ROUNDS = {1: (3, 3), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size: ~2 s in all
@@ -113,8 +113,9 @@ def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, d
     if progress:
         progress(0, 1, "timing batch 1 and 32")
     time_pair(dense, pruned, data.texts, base, small, rounds or QUICK_ROUNDS, warm_b32=warm_b32)
-    return Comparison(dense=base, pruned=small, sparsity=exact_sparsity(state), seq_len=seq_len,
-                      seconds=time.perf_counter() - start, note=pruned.notes[-1] if pruned.notes else "")
+    return Comparison(dense=base, pruned=small, sparsity=exact_sparsity(state, model=SizeModel.of(pruned)),
+                      seq_len=seq_len, seconds=time.perf_counter() - start,
+                      note=pruned.notes[-1] if pruned.notes else "")
 
 
 def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, dense: Figures | None = None,

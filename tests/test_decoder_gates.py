@@ -15,13 +15,19 @@ import torch
 from safetensors.torch import load_file
 
 from core.adapter import GateShape
+from core.data import TextDataset
+from core.evaluate import evaluate
 from core.models import load_model
 from core.prompting import PromptClassifier
 from core.pruned import PRUNING_FILE
+from core.size import encoder_flops
 from core.structure import pruning_info
 from pruning.export import ONNX_FILE, onnx_max_diff, save_pruned
 from pruning.gate_state import GateState
+from pruning.gates import CoFiGates
 from pruning.hooks import gated
+from pruning.live import measure_pruned
+from pruning.size import SizeModel, exact_sparsity, expected_sparsity, prunable_size
 from pruning.surgery import prune
 
 TOL = 1e-5
@@ -219,3 +225,103 @@ def test_save_load_and_onnx_round_trip(decoders, arch, tmp_path):
     # ONNX: class logits for (input_ids, attention_mask), new batch size and length after export
     assert onnx_max_diff(pruned, folder / ONNX_FILE) <= TOL
     assert onnx_max_diff(pruned, folder / ONNX_FILE, ["the film " * 40]) <= TOL
+
+
+# ----------------------------------------------------------------------------- FLOPs, sparsity, criteria
+
+
+def layer_matrices(adapter) -> int:
+    """Weights of every layer's Q, K, V, O, gate, up and down projections, counted from the modules."""
+    names = ("query", "key", "value", "attention_output", "ffn_gate", "ffn_in", "ffn_out")
+    return sum(adapter.part(layer, n).weight.numel() for layer in range(len(adapter.layers)) for n in names)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flops_count_gqa_kv_and_three_swiglu_matrices(decoders, arch):
+    loaded = decoders[arch]
+    s, t = GateShape.of(loaded), 10
+    q, kv, d, f = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    flops = encoder_flops(loaded.adapter, t)
+    assert flops.attention == s.layers * (2 * t * d * (q + 2 * kv) + 4 * t * t * q + 2 * t * q * d)
+    assert flops.ffn == s.layers * 3 * 2 * t * d * f
+    pruned = prune(loaded, structured_state(loaded, arch))
+    kept_kv = len({h // s.group_size for h in UNEVEN[arch]})
+    layer0 = len(UNEVEN[arch]) * s.head_dim
+    small = encoder_flops(pruned.adapter, t)  # layer 0 uneven, layer 1 no heads, layer 2 all heads
+    assert small.attention == (2 * t * 24 * (layer0 + 2 * kept_kv * s.head_dim) + 4 * t * t * layer0
+                               + 2 * t * layer0 * 24 + 2 * t * 24 * (q + 2 * kv) + 4 * t * t * q + 2 * t * q * 24)
+    assert small.ffn == 2 * 3 * 2 * t * 24 * (f // 2)  # layers 0 and 1 keep half the units, layer 2 none
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparsity_is_the_share_of_layer_matrices_removed(decoders, arch):
+    loaded = decoders[arch]
+    sizes = SizeModel.of(loaded)
+    assert sizes.decoder and prunable_size(3, 32, 48, sizes) == layer_matrices(loaded.adapter)
+    assert exact_sparsity(GateState.dense(loaded), model=sizes) == 0
+    for state in (random_state(loaded, 0), structured_state(loaded, arch)):
+        pruned = prune(loaded, state)
+        expected = 1 - layer_matrices(pruned.adapter) / layer_matrices(loaded.adapter)
+        assert exact_sparsity(state, model=SizeModel.of(pruned)) == pytest.approx(expected, abs=1e-7)
+    gates = CoFiGates(loaded)  # the expected sparsity is differentiable in the gate probabilities
+    expected_sparsity(gates, model=sizes).backward()
+    assert all(g.log_alpha.grad is not None for g in gates.gates.values())
+
+
+def test_magnitude_criteria_read_gqa_values_and_the_swiglu_gate(decoders):
+    loaded = decoders["qwen2"]  # 6 query heads in 2 KV groups of 3
+    a, s = loaded.adapter, GateShape.of(loaded)
+    layer = 1
+    v = a.value(layer).weight.view(s.kv_heads, s.head_dim, s.hidden)
+    o = a.attention_output(layer).weight.view(s.hidden, s.heads, s.head_dim)
+    scores = torch.stack([v[h // s.group_size].norm() * o[:, h].norm() for h in range(s.heads)])
+    heads = GateState.dense(loaded).with_head_keep(a, 0.5).head[layer]
+    assert torch.nonzero(heads).flatten().tolist() == sorted(torch.topk(scores, 3).indices.tolist())
+    units = torch.stack([a.ffn_gate(layer).weight[i].norm() * a.ffn_in(layer).weight[i].norm()
+                         * a.ffn_out(layer).weight[:, i].norm() for i in range(s.intermediate)])
+    kept = GateState.dense(loaded).with_ffn_keep(a, 0.25).intermediate[layer]
+    assert torch.nonzero(kept).flatten().tolist() == sorted(torch.topk(units, 12).indices.tolist())
+    state = GateState.dense(loaded).with_hidden_keep(a, 0.5)  # reads the untied LM head too
+    assert state.counts()["hidden"] == (16, 32)
+    check_equal(loaded, state)
+
+
+# ----------------------------------------------------------------------------- live figures
+
+
+def test_measure_pruned_on_a_decoder(decoders):
+    loaded = decoders["llama"]
+    data = TextDataset(texts=TEXTS * 2, labels=[0, 1, 0, 1, 0, 1], label_names=loaded.label_names, name="six")
+    state = random_state(loaded, 1)
+    pruned = prune(loaded, state)
+    cmp = measure_pruned(loaded, pruned, data, rounds={1: (1, 1), 32: (1, 1)})
+    want = evaluate(pruned.model, pruned.tokenizer, data).accuracy
+    assert cmp.pruned.accuracy == want and cmp.dense.examples == cmp.pruned.examples == 6
+    assert cmp.sparsity == exact_sparsity(state, model=SizeModel.of(loaded)) > 0
+    assert cmp.pruned.parameters == sum(p.numel() for p in pruned.model.parameters()) < cmp.dense.parameters
+    assert cmp.pruned.flops < cmp.dense.flops and cmp.pruned.latency_b32_ms > 0 and cmp.dense.latency_b1_ms > 0
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2
+
+
+def test_smollm2_gated_equals_pruned_with_30_percent_of_heads_closed(smollm2_dir):
+    """Compared in float64: SmolLM2's residual stream reaches ~2.8e4 (massive activations from layer 12
+    on), so in float32 mere rounding moves its class logits by ~1e-4; in float64 they agree exactly.
+    Pruned in float32 (folding 0/1 gates and slicing are exact), then both models turned float64."""
+    loaded = load_model(str(smollm2_dir))
+    state = GateState.dense(loaded).with_head_keep(loaded.adapter, 0.7, criterion="random", seed=3)
+    assert state.counts()["head"] == (180, 270)
+    batch = batch_of(loaded, ["a great film, warm and funny"])  # one prompt: float64 is slow
+    pruned = prune(loaded, state)
+    with torch.no_grad():
+        dense = loaded.model(**batch).logits
+        loaded.model.double()
+        pruned.model.double()
+        with gated(loaded, state):
+            want = loaded.model(**batch).logits
+        assert (pruned.model(**batch).logits - want).abs().max() <= TOL
+    assert (dense - want).abs().max() > 0.1  # closing 30% of the heads matters
+    plan = pruning_info(pruned.model).plan
+    assert sum(pruned.adapter.key(layer).weight.shape[0] for layer in range(30)) == sum(map(len, plan.kv_heads(3))) * 64
+    assert pruned.lm.get_output_embeddings().weight is pruned.adapter.word_embeddings.weight
