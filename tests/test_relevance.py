@@ -111,15 +111,23 @@ def test_conservation_tiny_models(arch, method, tiny, tmp_path):
     assert result.logits[0] == pytest.approx(float(logits.max()), abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["conservative", "attnlrp"])
-def test_token_relevance_matches_input_relevance(tiny, method):
-    why = token_relevance(tiny, TEXTS[2], method=method)
-    result = HeadRelevance(tiny, method=method).attribute([TEXTS[2]])
+def check_token_relevance(loaded, method: str) -> None:
+    """token_relevance of one text = the input, bias and absorbed shares of HeadRelevance; they sum to the logit."""
+    why = token_relevance(loaded, TEXTS[2], method=method)
+    result = HeadRelevance(loaded, method=method).attribute([TEXTS[2]])
     assert why.tokens[0] == "[CLS]" and len(why.tokens) == len(why.relevance)
     assert why.relevance.sum() == pytest.approx(result.input_relevance[0], rel=1e-6, abs=1e-9)
     assert why.bias == pytest.approx(result.bias_relevance[0], rel=1e-6, abs=1e-9)
     assert why.absorbed == pytest.approx(result.absorbed_relevance[0], rel=1e-6, abs=1e-9)
     assert why.relevance.sum() + why.bias + why.absorbed == pytest.approx(why.logit, rel=1e-4)
+
+
+def test_token_relevance_matches_input_relevance(tiny):
+    check_token_relevance(tiny, "conservative")
+
+
+def test_attnlrp_token_relevance_matches_input_relevance(tiny):
+    check_token_relevance(tiny, "attnlrp")
 
 
 def test_attnlrp_needs_pluggable_attention(tmp_path):
