@@ -109,7 +109,8 @@ def start_token(tokenizer, config) -> int | None:
 def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     """Each token id as the text it stands for ("Ġfilm" → " film"), a newline shown as "↵"; special tokens
     by name. A piece holding part of a character's bytes shows as "�"."""
-    return [t.replace("\n", "↵") for t in tokenizer.batch_decode([[int(i)] for i in ids])]
+    pieces = tokenizer.batch_decode([[int(i)] for i in ids], clean_up_tokenization_spaces=False)  # keep " ."
+    return [t.replace("\n", "↵") for t in pieces]
 
 
 def _prepare(tokenizer, texts: list[str], max_length: int, *, causal: bool = False,

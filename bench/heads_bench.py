@@ -1,7 +1,9 @@
 """Heads benchmark: role scoring speed (incl. spaCy parsing) and the Heads page re-render from cache.
 
 (a) `analyse_roles` on N dev sentences of the default task: one warm-up (loads the parser), then timed
-    repeats; prints the median and the per-stage split (attention capture, parse, align, score).
+    repeats; prints the median and the per-stage split (attention capture, parse, align, score; a decoder
+    also olsson), and for a decoder (`--model smollm2`) the heads past Olsson's thresholds with their
+    previous-token / duplicate / induction scores and the Voita roles found.
 (b) the Heads page driven by Streamlit's AppTest on a report already on disk: a new session opening
     the page (a second visit: model and report come from the process caches) and a rerun of an open
     session (what every widget change costs), median of repeats.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from analysis.heads import build_report, report_dir
 from analysis.roles import analyse_roles, load_parser
+from analysis.roles.olsson import ROLES, SCORES
 from core.data import load_data
 from core.models import load_model
 
@@ -34,11 +37,26 @@ def roles_speed(model: str, n: int, repeats: int) -> None:
     for _ in range(repeats):
         start = time.perf_counter()
         result = analyse_roles(loaded, texts, limit=n, nlp=nlp)
-        runs.append((time.perf_counter() - start, result.seconds))
-    total = statistics.median(t for t, _ in runs)
-    stages = {k: statistics.median(s[k] for _, s in runs) for k in runs[0][1]}
+        runs.append((time.perf_counter() - start, result.seconds, result.table))
+    total = statistics.median(t for t, _, _ in runs)
+    stages = {k: statistics.median(s[k] for _, s, _ in runs) for k in runs[0][1]}
     split = ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
     print(f"roles, {n} dev sentences incl. parsing: median {total:.2f} s of {repeats} ({split}); target <= 20 s")
+    if loaded.is_decoder:
+        decoder_roles(runs[-1][2])
+
+
+def decoder_roles(table) -> None:
+    """Heads past each Olsson threshold, best first, and the counts of Voita's roles."""
+    for role in ROLES:
+        column = SCORES[role]
+        found = table[table["roles"].str.split("+").map(lambda r, role=role: role in r)]
+        found = found.sort_values(column, ascending=False)
+        heads = ", ".join(f"L{r.layer}H{r.head} {getattr(r, column):.2f}" for r in found.itertuples())
+        print(f"{role} heads ({column} > {table.attrs['params']['olsson']['thresholds'][role]}): {heads or 'none'}")
+    voita = table["roles"].str.split("+").explode().map(lambda r: r.split("(")[0] if r else "")
+    counts = voita[~voita.isin(("", *ROLES))].value_counts().to_dict()
+    print(f"Voita roles (causal): {counts or 'none'}")
 
 
 def page_rerender(model: str, repeats: int) -> None:
