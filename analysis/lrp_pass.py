@@ -10,6 +10,13 @@ head (its context at the W_O / o_proj input; query heads under GQA), of every to
 (`absorbed` is 0 under conservative propagation). What is explained is an `Objective`: a classifier's
 class logit (`ClassLogit`; for a prompted decoder the label word's LM-head logit) or a causal LM's
 next-token logit at a chosen position (`NextTokenLogit`).
+
+Where Captum fits, and why it is not the engine: `captum.attr.LayerGradientXActivation` accepts a
+list of layers and does one pass for all of them, and the tests check that it gives the same head
+relevance. But the conservation check also needs the gradient at the embedding output and at the
+output of every Linear/LayerNorm (for the bias share) in the *same* pass, per example, which its
+single `attribute_to_layer_input` switch cannot express without a second pass; so the pass
+uses plain forward hooks (`analysis.conservative.record_activations`) and one `torch.autograd.grad`.
 """
 
 from __future__ import annotations
@@ -85,6 +92,29 @@ class NextTokenLogit:
 
     positions: np.ndarray  # (B,) int, 0-based position in the row
     tokens: np.ndarray  # (B,) int, vocabulary id explained, or -1 for the argmax
+
+    @classmethod
+    def of(cls, ids: list[list[int]], position: int | None, where: str) -> NextTokenLogit:
+        """The actual next token at `position` of each of N token-id lists (ValueError naming `where` if a
+        text has no such position); at the last position, the predicted one.
+
+        `position` None is each text's second-to-last token (its last token is explained; a one-token text
+        explains the predicted next token); an int indexes every text like a Python list (-1 = last token).
+        """
+        if position is not None and not isinstance(position, (int, np.integer)):
+            raise ValueError(f"The 'position' parameter of {where} must be an int or None. Got {position!r} instead.")
+        positions, tokens = np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=np.int64)
+        for i, x in enumerate(ids):
+            p = max(len(x) - 2, 0) if position is None else int(position) + (len(x) if position < 0 else 0)
+            if not 0 <= p < len(x):
+                raise ValueError(f"The 'position' parameter of {where} must index a token of every text; text {i} "
+                                 f"has {len(x)} tokens. Got {position} instead.")
+            positions[i], tokens[i] = p, x[p + 1] if p + 1 < len(x) else -1
+        return cls(positions, tokens)
+
+    def rows(self, idx: np.ndarray) -> NextTokenLogit:
+        """The objective of rows `idx` (a batch)."""
+        return NextTokenLogit(self.positions[idx], self.tokens[idx])
 
     def __call__(self, loaded, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> the explained logit (B,) and the token explained (B,) int64."""

@@ -19,12 +19,8 @@ the label word's LM-head logit at the prompt's last token, `core.prompting`); fo
 the next-token logit of the actual next token at a chosen position (`attribute_next_token`,
 `next_token_relevance`).
 
-Where Captum fits, and why it is not the engine: `captum.attr.LayerGradientXActivation` accepts a
-list of layers and does one pass for all of them, and the tests check that it gives the same head
-relevance. But the conservation check also needs the gradient at the embedding output and at the
-output of every Linear/LayerNorm (for the bias share) in the *same* pass, per example, which its
-single `attribute_to_layer_input` switch cannot express without a second pass; so the pass
-uses plain forward hooks (`analysis.conservative.record_activations`) and one `torch.autograd.grad`.
+Captum gives the same head relevance but not, in the same pass, the shares the check needs (see
+`analysis.lrp_pass`).
 
 The pooler's tanh (and RoBERTa/ELECTRA head activations) get the identity rule like GELU, so the
 explanation starts at the logit itself, not at the classifier's input.
@@ -151,24 +147,6 @@ def _encode_text(loaded, texts: Sequence[str], max_length: int) -> Encoded:
                    max_length=max_length)
 
 
-def _next_token_targets(ids: list[list[int]], position: int | None, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per text: the position explained (N,) and the token explained there (N,), -1 = the predicted one.
-
-    `position` None is each text's second-to-last token (its last token is explained; a one-token text
-    explains the predicted next token); an int indexes every text like a Python list (-1 = last token).
-    """
-    if position is not None and not isinstance(position, (int, np.integer)):
-        raise ValueError(f"The 'position' parameter of {where} must be an int or None. Got {position!r} instead.")
-    positions, tokens = np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=np.int64)
-    for i, x in enumerate(ids):
-        p = max(len(x) - 2, 0) if position is None else int(position) + (len(x) if position < 0 else 0)
-        if not 0 <= p < len(x):
-            raise ValueError(f"The 'position' parameter of {where} must index a token of every text; text {i} "
-                             f"has {len(x)} tokens. Got {position} instead.")
-        positions[i], tokens[i] = p, x[p + 1] if p + 1 < len(x) else -1
-    return positions, tokens
-
-
 # ----------------------------------------------------------------------------- head relevance
 
 
@@ -248,12 +226,9 @@ class HeadRelevance:
         _check_eval(self.loaded, where)
         _check_decoder(self.loaded, where)
         enc = _encode_text(self.loaded, texts, _max_length(self.loaded, self.max_length, where))
-        positions, tokens = _next_token_targets(enc.ids, position, where)
-
-        def objective(idx: np.ndarray) -> Objective:
-            return NextTokenLogit(positions[idx], tokens[idx])
-        result = self._run(enc, self.loaded.text_tokenizer.pad_token_id or 0, objective, batch_size, progress)
-        result.positions = positions
+        explained = NextTokenLogit.of(enc.ids, position, where)
+        result = self._run(enc, self.loaded.text_tokenizer.pad_token_id or 0, explained.rows, batch_size, progress)
+        result.positions = explained.positions
         return result
 
     def _run(self, enc: Encoded, pad_id: int, objective: Callable[[np.ndarray], Objective], batch_size: int,
@@ -327,12 +302,11 @@ def next_token_relevance(loaded, text: str, *, position: int | None = None,
     check_method(method, where)
     _check_decoder(loaded, where)
     enc = _encode_text(loaded, [text], _max_length(loaded, None, where))
-    positions, tokens = _next_token_targets(enc.ids, position, where)
-    batch = collate(enc.ids, loaded.text_tokenizer.pad_token_id or 0)
-    out = lrp_pass(loaded, batch, NextTokenLogit(positions, tokens), method)
+    explained = NextTokenLogit.of(enc.ids, position, where)
+    out = lrp_pass(loaded, collate(enc.ids, loaded.text_tokenizer.pad_token_id or 0), explained, method)
     return TokenRelevance(loaded.text_tokenizer.convert_ids_to_tokens(enc.ids[0]), out.tokens[0],
                           float(out.bias[0]), float(out.logits[0]), int(out.targets[0]), float(out.absorbed[0]),
-                          method, int(positions[0]))
+                          method, int(explained.positions[0]))
 
 
 # ----------------------------------------------------------------------------- Michel importance
