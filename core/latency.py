@@ -1,5 +1,10 @@
 """The one honest timer: warm-up, median of repeats, batch 1 and 32, threads and device recorded.
 
+For decoders also the prefill (one forward pass over a prompt that builds the KV cache and yields the
+first next-token logits) at batch 1 and 8 on rows of exactly `PREFILL_TOKENS` tokens of real text
+(`text_batch`, no padding), and decoding speed with the KV cache (`decode_speed`: greedy, a fixed number
+of new tokens, only the decoding steps timed).
+
 Models are timed on the device their weights are on (the batch is moved there); on CUDA every
 timed call is bracketed by `torch.cuda.synchronize`, so a time covers the kernels, not just their
 launch. Absolute times drift 20-40% between processes on small CPU machines; compare models measured
@@ -19,8 +24,12 @@ import numpy as np
 import torch
 
 from core.batching import collate, encode
+from core.generation import greedy_decode
 
 LENGTH_SAMPLE = 2000  # texts, evenly spaced over the data (not its first rows), whose lengths define "typical"
+PREFILL_TOKENS = 64  # tokens per row of a timed prefill and of the prompt a decode timing continues
+PREFILL_BATCHES = (1, 8)  # batch sizes of the decoder prefill timings
+DECODE_TOKENS = 32  # new tokens per decode timing (the first, from the prefill, not timed)
 
 
 @dataclass
@@ -102,19 +111,22 @@ def make_batch(tokenizer, texts: list[str], batch_size: int, max_length: int = 1
 
 @torch.inference_mode()
 def time_forward(model, batch: dict[str, torch.Tensor], *, warmup: int = 3, repeats: int = 20,
-                 budget_s: float = 3.0) -> Latency:
-    """Time `model(**batch)`: `warmup` untimed calls, then up to `repeats` timed ones within `budget_s`."""
+                 budget_s: float = 3.0, options: dict | None = None) -> Latency:
+    """Time `model(**batch, **options)`: `warmup` untimed calls, then up to `repeats` timed ones within
+    `budget_s` (at least 5). `options`: extra keyword arguments of each call, e.g. a prefill's
+    {"use_cache": True, "logits_to_keep": 1}."""
     model.eval()
     device = _device(model)
     batch = _on(batch, device)
+    options = options or {}
     for _ in range(warmup):
-        model(**batch)
+        model(**batch, **options)
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < repeats and (len(times) < 5 or time.perf_counter() < deadline):
         _sync(device)
         start = time.perf_counter()
-        model(**batch)
+        model(**batch, **options)
         _sync(device)
         times.append(time.perf_counter() - start)
     return _summarise(times, batch, model)
@@ -150,3 +162,62 @@ def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], 
                     _sync(devices[name])
                     times[name].append(time.perf_counter() - start)
     return {name: _summarise(t, batch, models[name]) for name, t in times.items()}
+
+
+# ----------------------------------------------------------------------------- decoders
+@dataclass
+class DecodeSpeed:
+    """Greedy decoding with the KV cache at batch 1: median over `repeats` of the decoding steps alone."""
+
+    prompt_tokens: int  # tokens of the prompt each repeat prefills (untimed)
+    new_tokens: int  # single-token steps timed per repeat (after the prefill's first token)
+    median_s: float  # seconds of those steps, median over repeats
+    tokens_per_s: float  # new_tokens / median_s
+    repeats: int
+    threads: int
+    device: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_batch(tokenizer, texts: list[str], batch_size: int, tokens: int = PREFILL_TOKENS) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (batch_size, tokens): consecutive `tokens`-token pieces of the token
+    stream of `texts` (each tokenized without special tokens, one after the other; cycled if short), so
+    every row is real text of exactly the same length and nothing is padded."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(stream) >= batch_size * tokens:
+            break
+    if not stream:
+        raise ValueError("A prefill timing needs text with at least one token.")
+    stream = (stream * (batch_size * tokens // len(stream) + 1))[: batch_size * tokens]
+    ids = torch.tensor(stream, dtype=torch.long).view(batch_size, tokens)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def measure_prefill(lm, tokenizer, texts: list[str], batch_sizes: tuple[int, ...] = PREFILL_BATCHES,
+                    tokens: int = PREFILL_TOKENS, warmup: int = 1, **kwargs) -> dict[int, Latency]:
+    """Prefill latency of causal LM `lm` at each batch size on rows of `tokens` tokens of `texts`
+    (`text_batch`): one forward pass that fills the KV cache and computes the last position's logits.
+    {batch_size: Latency}; `warmup` and `kwargs` go to `time_forward` (one warm-up call: a decoder's
+    prefill is long enough to need no more)."""
+    prefill = {"use_cache": True, "logits_to_keep": 1}
+    return {b: time_forward(lm, text_batch(tokenizer, texts, b, tokens), warmup=warmup, options=prefill, **kwargs)
+            for b in batch_sizes}
+
+
+def decode_speed(lm, tokenizer, texts: list[str], *, prompt_tokens: int = PREFILL_TOKENS,
+                 new_tokens: int = DECODE_TOKENS, repeats: int = 3) -> DecodeSpeed:
+    """Tokens per second of greedy decoding with the KV cache (`core.generation.greedy_decode`) after a
+    prompt of `prompt_tokens` tokens of `texts`: one untimed warm-up, then `repeats` runs of `new_tokens`
+    timed single-token steps each (the prefill of each run is not timed)."""
+    ids = text_batch(tokenizer, texts, 1, prompt_tokens)["input_ids"]
+    lm.eval()
+    greedy_decode(lm, ids, min(new_tokens, 4) + 1)
+    times = [greedy_decode(lm, ids, new_tokens + 1)[1] for _ in range(repeats)]
+    median = float(np.median(times))
+    return DecodeSpeed(prompt_tokens=prompt_tokens, new_tokens=new_tokens, median_s=median,
+                       tokens_per_s=new_tokens / median, repeats=repeats, threads=torch.get_num_threads(),
+                       device=str(_device(lm)))

@@ -3,11 +3,12 @@
 - **Lee** (`lee_background.cor`): ABC news articles, one a line. The file has 300 lines; 7 repeat an earlier
   one, so `lee_documents()` gives 293 unique articles (~360 KB). `lee_splits()` splits them by document,
   seeded, 80/10/10 into 234 / 29 / 30 (train / dev / test), with the rule every HeadLab split uses
-  (`core.data.split_dataset`: a permutation by `SPLIT_SEED`, floor 80% train, floor 10% dev, rest test).
+  (`core.data.tasks.split_indices`: a permutation by `SPLIT_SEED`, floor 80% train, floor 10% dev, rest
+  test). The built-in text task `lm`.
 - **Wikipedia** (`enwiki-...-shortened.bz2`): 206 pages of a 2016 dump. Redirects (99), pages outside the
   article namespace (1) and disambiguation pages (lists of links) are dropped, and each remaining article
   is turned into plain prose by `strip_wiki_markup` (a documented regex pass, no gensim code): the
-  out-of-domain set, `wiki_documents()`.
+  out-of-domain set, `wiki_documents()`, split by document like Lee (`wiki_splits()`): the text task `wiki`.
 
 The wheel is fetched once into the packages folder with `pip download --no-deps` (`make setup` does it;
 `gensim_wheel()` does it too when it is missing).
@@ -21,46 +22,20 @@ import html
 import re
 import xml.etree.ElementTree as ET
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from core.data import DataError
+from core.data.dataset import DataError
+from core.data.tasks import SPLIT_SEED
+from core.data.text import LMSplits, LMText, split_documents
 from core.errors import ModelError
 from core.messages import one_line
 from core.paths import packages_dir
-from core.prepare import download_wheels
+from core.wheels import download_wheels
 
 GENSIM = ("gensim", "4.4.0")  # the wheel's name and version (27.8 MB, LGPL-2.1; only its test data is read)
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-SPLIT_SEED = 13  # the seed of every HeadLab split (core.data's default task uses the same)
 _MW = "{http://www.mediawiki.org/xml/export-0.10/}"  # the XML namespace of the dump
-
-
-@dataclass(frozen=True)
-class LMText:
-    """Plain-text documents for language modelling; each document is scored on its own."""
-
-    name: str  # e.g. "lee/dev", "wiki"
-    documents: tuple[str, ...]
-    selection: str = ""  # which documents of the source these are, in words (for captions)
-
-    def __len__(self) -> int:
-        """Number of documents."""
-        return len(self.documents)
-
-    @property
-    def characters(self) -> int:
-        return sum(map(len, self.documents))
-
-
-@dataclass(frozen=True)
-class LMSplits:
-    train: LMText
-    dev: LMText
-    test: LMText
 
 
 def gensim_wheel() -> Path:
@@ -88,22 +63,14 @@ def lee_documents() -> tuple[str, ...]:
     return tuple(dict.fromkeys(line for line in lines if line))
 
 
-def split_indices(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, dev, test) indices of `n` items: a permutation by `seed`, floor 80% / floor 10% / the rest."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_train, n_dev = n * 8 // 10, n // 10
-    return order[:n_train], order[n_train:n_train + n_dev], order[n_train + n_dev:]
-
-
 def lee_splits(seed: int = SPLIT_SEED) -> LMSplits:
     """The Lee articles split by document, seeded 80/10/10: 234 / 29 / 30 (the built-in LM task)."""
-    docs = lee_documents()
-    parts = dict(zip(("train", "dev", "test"), split_indices(len(docs), seed)))
-    return LMSplits(**{
-        split: LMText(f"lee/{split}", tuple(docs[i] for i in idx),
-                      f"{split} split, {len(idx)} of {len(docs)} Lee news articles, seeded 80/10/10")
-        for split, idx in parts.items()
-    })
+    return split_documents(LMText("lee", lee_documents()), "Lee news articles", seed)
+
+
+def wiki_splits(seed: int = SPLIT_SEED) -> LMSplits:
+    """The Wikipedia articles split by document, seeded 80/10/10 (the out-of-domain text task `wiki`)."""
+    return split_documents(wiki_documents(), "Wikipedia articles", seed)
 
 
 # ----------------------------------------------------------------------------- Wikipedia markup

@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 from core.adapter import DECODER_MODEL_TYPES, Adapter
 from core.errors import ModelError, ModelNotPrepared
 from core.folder import folder_fingerprint, inspect_folder
+from core.gguf_cache import converted_gguf, is_gguf_spec
 from core.loaded import LoadedModel
 from core.paths import models_dir
 from core.prompting import PromptSpec, prompt_classifier
@@ -45,7 +46,10 @@ def builtin_dir(name: str) -> Path:
 
 
 def resolve(spec: str) -> Path:
-    """Turn `default`, `minilm-l3` or a path into a model folder; raise if a built-in is not ready."""
+    """Turn `default`, `minilm-l3` or a path into a model folder; raise if a built-in is not ready. A `.gguf`
+    file's folder is its converted cache copy (`core.gguf_cache`; `GGUFNotConverted` until converted)."""
+    if is_gguf_spec(spec):
+        return converted_gguf(spec)
     if spec in BUILTIN_MODELS:
         path = builtin_dir(spec)
         if not (path / "config.json").exists():

@@ -60,7 +60,8 @@ def windows(n: int, window: int = WINDOW, stride: int = STRIDE) -> list[tuple[in
     return out
 
 
-def _check(window: int, stride: int, model) -> None:
+def check_window(window: int, stride: int, model) -> None:
+    """ValueError, one line, unless `window` and `stride` fit `model` (see `perplexity`)."""
     if not isinstance(window, int) or window < 2:
         raise ValueError(f"The 'window' parameter of perplexity() must be an int >= 2. Got {window!r} instead.")
     if not isinstance(stride, int) or not 1 <= stride < window:
@@ -82,7 +83,7 @@ def token_perplexity(model, documents: Sequence[Sequence[int]], window: int = WI
     `progress(done, total, message)` is called after each window. ValueError for a bad window or
     stride, or when no document has two tokens.
     """
-    _check(window, stride, model)
+    check_window(window, stride, model)
     started = time.time()
     device = next(model.parameters()).device
     plans = [(ids, windows(len(ids), window, stride)) for ids in documents]

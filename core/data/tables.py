@@ -20,7 +20,7 @@ from core.data.dataset import DataError, TextDataset
 from core.data.labels import map_labels
 from core.messages import one_line, quote
 
-_TEXT_NAMES = ("text", "sentence", "review", "content", "snippet", "statement", "tweet", "document")
+TEXT_NAMES = ("text", "sentence", "review", "content", "snippet", "statement", "tweet", "document")
 _LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "target", "y", "party")
 _MAX_LABEL_VALUES = 50
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -45,23 +45,23 @@ def read_table(
     id2label order) they are then mapped to the model's ids, by name or by integer id; without, sorted
     unique labels become ids 0..k-1. Raises DataError on any bad input.
     """
-    display, text = _read_source(source)
+    display, text = read_source(source)
     where = name or display
     if not text.strip():
         raise DataError(f"{display} is empty.")
     fmt = _detect_format(display, text)
-    cells = _parse_json(text, display) if fmt == "jsonl" else _parse_delimited(text, fmt, display)
+    cells = parse_json(text, display) if fmt == "jsonl" else _parse_delimited(text, fmt, display)
     n_rows = len(next(iter(cells.values()), []))
     if n_rows == 0:
         raise DataError(f"{display} has no data rows (columns: {_columns(cells)}).")
 
     columns = list(cells)
-    text_col = _resolve_column(columns, text_column, "text", display) if text_column else None
-    label_col = _resolve_column(columns, label_column, "label", display) if label_column else None
+    text_col = resolve_column(columns, text_column, "text", display) if text_column else None
+    label_col = resolve_column(columns, label_column, "label", display) if label_column else None
     if text_col is not None and text_col == label_col:
         raise DataError(f"The text and label columns must differ (both are '{quote(text_col)}').")
-    text_col = text_col or _named_column(columns, _TEXT_NAMES, exclude=label_col)
-    label_col = label_col or _named_column(columns, _LABEL_NAMES, exclude=text_col)
+    text_col = text_col or named_column(columns, TEXT_NAMES, exclude=label_col)
+    label_col = label_col or named_column(columns, _LABEL_NAMES, exclude=text_col)
     text_col = text_col or _guess_text_column(cells, exclude=label_col)
     if text_col is None:
         raise DataError(f"{display}: no text column found (columns: {_columns(columns)}); name one.")
@@ -87,7 +87,7 @@ def read_table(
                        selection=f"the whole file, {len(texts):,} rows")
 
 
-def _read_source(source: Any) -> tuple[str, str]:
+def read_source(source: Any) -> tuple[str, str]:
     """(short display name, decoded text) of a path or an uploaded file-like."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
@@ -159,7 +159,7 @@ def _parse_delimited(text: str, fmt: str, display: str) -> dict[str, list[str | 
     return {str(col).strip(): [_cell(v) for v in df.iloc[:, i]] for i, col in enumerate(df.columns)}
 
 
-def _parse_json(text: str, display: str) -> dict[str, list[str | None]]:
+def parse_json(text: str, display: str) -> dict[str, list[str | None]]:
     """Columns (key -> cleaned cells) of JSON lines, one object per line (or a single JSON array of objects)."""
     records: list[Any] = []
     if text.lstrip().startswith("["):
@@ -186,7 +186,7 @@ def _parse_json(text: str, display: str) -> dict[str, list[str | None]]:
     return {str(key).strip(): [_cell(record.get(key)) for record in records] for key in keys}
 
 
-def _resolve_column(columns: list[str], wanted: str, role: str, display: str) -> str:
+def resolve_column(columns: list[str], wanted: str, role: str, display: str) -> str:
     """The column called `wanted` (exact, else case-insensitive); DataError listing the columns otherwise."""
     if wanted in columns:
         return wanted
@@ -196,7 +196,7 @@ def _resolve_column(columns: list[str], wanted: str, role: str, display: str) ->
     raise DataError(f"{display} has no {role} column '{quote(wanted)}'; available columns: {_columns(columns)}.")
 
 
-def _named_column(columns: list[str], names: tuple[str, ...], exclude: str | None) -> str | None:
+def named_column(columns: list[str], names: tuple[str, ...], exclude: str | None) -> str | None:
     """The first column whose case-insensitive name is in `names` (earlier names win), if any."""
     by_lower: dict[str, str] = {}
     for col in columns:

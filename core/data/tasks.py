@@ -36,8 +36,16 @@ def _default_rows() -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(df["text"]), tuple(label_id[c] for c in df["category"])
 
 
+def split_indices(n: int, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """{"train", "dev", "test"} -> indices of `n` items: a permutation by `seed`, cut into floor(80%),
+    floor(10%) and the rest. The one split rule of every HeadLab dataset, labeled or not."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_train, n_dev = n * 8 // 10, n // 10
+    return {"train": order[:n_train], "dev": order[n_train : n_train + n_dev], "test": order[n_train + n_dev :]}
+
+
 def split_dataset(data: TextDataset, seed: int = SPLIT_SEED) -> TaskSplits:
-    """Shuffle `data` with `seed` and split it 80/10/10.
+    """Shuffle `data` with `seed` and split it 80/10/10 (`split_indices`).
 
     Train and dev sizes are floor(80%) and floor(10%) of the rows; test takes the rest. Each part's
     `selection` says so, e.g. "dev split, 12 of 120 rows, seeded 80/10/10".
@@ -46,9 +54,7 @@ def split_dataset(data: TextDataset, seed: int = SPLIT_SEED) -> TaskSplits:
     if n < 10:
         raise DataError(f"{data.name} has {n} rows; a seeded 80/10/10 split into train/dev/test needs at least 10 "
                         "(evaluation can read the whole file instead).")
-    order = np.random.default_rng(seed).permutation(n)
-    n_train, n_dev = n * 8 // 10, n // 10
-    parts = {"train": order[:n_train], "dev": order[n_train : n_train + n_dev], "test": order[n_train + n_dev :]}
+    parts = split_indices(n, seed)
     base = data.name.split("/")[0]
     return TaskSplits(**{
         split: data.rows(idx, name=f"{base}/{split}", selection=f"{split} split, {len(idx):,} of {n:,} rows, "
