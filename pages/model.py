@@ -1,54 +1,56 @@
-"""Model page: choose a model and a dataset; see architecture, dev accuracy, latency and predictions."""
+"""Model page: choose a model and a dataset; see architecture, dev accuracy, latency and predictions. A
+decoder shows perplexity and decoding speed on text, zero-shot accuracy with its prompt, and a reply."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pandas as pd
 import streamlit as st
 
-from core.jobs import job_state
-from core.models import BUILTIN_MODELS, ModelNotPrepared
+from core.models import ModelNotPrepared
 from core.summary import summary_path
 from ui.data import choose_data
+from ui.decoder import generation, language_modelling, zero_shot
 from ui.finetune import offer_finetune
 from ui.jobs import ensure_job, wait_for
 from ui.loaders import get_data, get_model
+from ui.model_view import show_architecture, timing_notes
+from ui.prepare import prepare_in_background
 
 MODEL_CHOICES = {
     "Embedded default: MiniLM-L6 fine-tuned on Rotten Tomatoes": "default",
     "MiniLM-L3 (small dense baseline)": "minilm-l3",
+    "SmolLM2-135M-Instruct (decoder: perplexity, zero-shot by prompting, generation)": "smollm2",
     "Local Hugging Face folder": None,
 }
 
 st.title("Model")
 choice = st.radio("Model", list(MODEL_CHOICES), key="model_choice")
-spec = MODEL_CHOICES[choice] or st.text_input("Model folder", key="model_path",
-                                             placeholder="/path/to/a/save_pretrained/folder").strip()
+spec = MODEL_CHOICES[choice] or st.text_input("Model folder or .gguf file", key="model_path",
+                                             placeholder="/path/to/a/save_pretrained/folder or model.gguf").strip()
 if not spec:
-    st.info("Enter the path of a local Hugging Face model folder (BERT, RoBERTa, MiniLM, ELECTRA or MPNet).")
+    st.info("Enter the path of a local Hugging Face model folder (BERT, RoBERTa, MiniLM, ELECTRA, MPNet, or a "
+            "Llama / Qwen2 / Gemma3 decoder) or of a .gguf file (converted once).")
     st.stop()
 
 try:
     loaded = get_model(spec)
 except ModelNotPrepared:
-    st.info(f"{BUILTIN_MODELS[spec]} is fine-tuned once on this machine (a few minutes); it runs in the background.")
-    ensure_job(f"prepare-{spec}", ["core", "prepare", spec])
-    wait_for(f"prepare-{spec}", "Fine-tuning", lambda: getattr(job_state(f"prepare-{spec}"), "status", "") == "done")
+    prepare_in_background(spec)
     st.stop()
 if loaded is None:
     st.stop()
 st.session_state["model_spec"] = spec
 for note in loaded.notes:
     st.warning(note)
+show_architecture(loaded)
 
-arch = loaded.architecture()
-cols = st.columns(6)
-for col, (label, value) in zip(cols, [("Type", arch.model_type), ("Layers", arch.layers), ("Heads", arch.heads),
-                                      ("Hidden", arch.hidden), ("FFN", arch.ffn),
-                                      ("Parameters", f"{arch.parameters / 1e6:.1f} M")]):
-    col.metric(label, value)
+if loaded.is_decoder:
+    language_modelling(spec, loaded)
+    zero_shot(spec, loaded)
+    generation(loaded)
+    st.stop()
 
 label_names = loaded.label_names if loaded.has_classifier else None
 data_spec = choose_data(label_names)
@@ -86,11 +88,6 @@ st.caption(
     f"Encoder: {fig['encoder_gflops_per_example']:.3f} GFLOPs per example at {fig['median_tokens']} tokens "
     f"({fig['flops_attention_share']:.0%} attention, {1 - fig['flops_attention_share']:.0%} FFN)."
 )
-if fig["load_average"] > (os.cpu_count() or 1):
-    st.warning(f"The machine was busy while timing (load {fig['load_average']:.1f} on {os.cpu_count()} cores): "
-               "latencies are inflated. Re-measure when it is idle.")
-if st.button("Re-measure", help="Evaluate and time again (e.g. after the machine was busy)"):
-    out.unlink(missing_ok=True)
-    st.rerun()
+timing_notes(fig["load_average"], out, job, key="remeasure")
 st.subheader("Sample predictions")
 st.dataframe(pd.DataFrame(record["predictions"]), hide_index=True, width="stretch")

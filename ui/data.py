@@ -1,5 +1,5 @@
-"""The Model page's data choice as one `DataSpec`: the source, its columns, the whole-file option and
-the label table (the data's labels -> the model's)."""
+"""The Model page's data choices as `DataSpec`s: labeled data (the source, its columns, the whole-file
+option and the label table: the data's labels -> the model's) and a decoder's text for perplexity."""
 
 from __future__ import annotations
 
@@ -8,19 +8,29 @@ import dataclasses
 import pandas as pd
 import streamlit as st
 
-from core.data import DEFAULT, DataError, DataSpec
+from core.data import DEFAULT, LM, WIKI, DataError, DataSpec
 from ui.loaders import get_labels, save_upload
 
-SOURCES = ["Default task: Rotten Tomatoes (dev split)", "Upload CSV / TSV / JSONL", "File path"]
+DATA_SOURCES = {"Default task: Rotten Tomatoes (dev split)": DEFAULT}
+TEXT_SOURCES = {"Lee news articles (dev split)": LM, "Wikipedia articles (dev split, out of domain)": WIKI}
 TABLE = "label_table"  # the label table's widget key (reset when the data's labels change)
 
 
 def choose_data(model_labels: list[str] | None) -> DataSpec:
-    """Widgets for the data; returns its spec, or stops the page (no file yet, or a choice that does not
-    fit: the reason is shown). With `model_labels` (a classifier's), the label table is shown too."""
-    path = _source()
-    if not path:
+    """`data_choice`, or the page stops (no file yet, or a choice that does not fit: the reason is shown)."""
+    spec = data_choice(model_labels)
+    if spec is None:
         st.stop()
+    return spec
+
+
+def data_choice(model_labels: list[str] | None) -> DataSpec | None:
+    """Widgets for labeled data; returns its spec, or None (no file yet, or a choice that does not fit: the
+    reason is shown). With `model_labels` (a classifier's), the label table is shown too."""
+    path = _source("Data", DATA_SOURCES, ("Upload CSV / TSV / JSONL", "Labeled data"), ("File path", "Data file"),
+                   "data", ["csv", "tsv", "jsonl", "json", "txt"])
+    if not path:
+        return None
     text_col = label_col = None
     whole = False
     if path != DEFAULT:
@@ -35,18 +45,39 @@ def choose_data(model_labels: list[str] | None) -> DataSpec:
         return dataclasses.replace(spec, label_map=_label_table(spec, model_labels)) if model_labels else spec
     except DataError as exc:
         st.error(str(exc))
-        st.stop()
+        return None
 
 
-def _source() -> str:
-    """The chosen data: "default", a saved upload's path or a typed path ("" while there is none)."""
-    choice = st.radio("Data", SOURCES, key="data_choice", horizontal=True)
-    if choice == SOURCES[0]:
-        return DEFAULT
-    if choice == SOURCES[1]:
-        upload = st.file_uploader("Labeled data", type=["csv", "tsv", "jsonl", "json", "txt"])
-        return str(save_upload(upload)) if upload else ""
-    return st.text_input("Data file", key="data_path").strip()
+def text_choice() -> DataSpec | None:
+    """Widgets for a decoder's text (task "lm"): the built-in Lee or Wikipedia dev split, or a .txt file
+    (documents separated by blank lines) / .jsonl file (a text field). Its spec, or None (no file yet, or a
+    bad choice: the reason is shown)."""
+    path = _source("Text", TEXT_SOURCES, ("Upload .txt / .jsonl", "Text: documents separated by blank lines, or "
+                   "JSON lines with a text field"), ("Text file path", "Text file"), "text", ["txt", "jsonl", "json"])
+    if not path:
+        return None
+    whole = path not in TEXT_SOURCES.values() and st.checkbox(
+        "Score the whole file", key="text_whole_file",
+        help="Every document instead of the seeded dev split (10% of the documents).")
+    try:
+        return DataSpec(path, whole_file=whole, task=LM)
+    except DataError as exc:
+        st.error(str(exc))
+        return None
+
+
+def _source(label: str, builtins: dict[str, str], upload: tuple[str, str], typed: tuple[str, str], key: str,
+            types: list[str]) -> str:
+    """The chosen source: one of `builtins` (shown -> name), an upload or a typed path, each option shown as
+    `upload[0]` / `typed[0]` with its widget labelled `upload[1]` / `typed[1]` (widget keys "<key>_choice",
+    "<key>_path"). A built-in name, a saved upload's path or a typed path ("" while there is none)."""
+    choice = st.radio(label, [*builtins, upload[0], typed[0]], key=f"{key}_choice", horizontal=True)
+    if choice in builtins:
+        return builtins[choice]
+    if choice == upload[0]:
+        file = st.file_uploader(upload[1], type=types, key=f"{key}_upload")
+        return str(save_upload(file)) if file else ""
+    return st.text_input(typed[1], key=f"{key}_path").strip()
 
 
 def _label_table(spec: DataSpec, model_labels: list[str]) -> dict[str, str]:
