@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.heads import report_dir
+from analysis.lrp_pass import METHODS as RELEVANCE_METHODS
 from ui.charts import (
     attention_heatmap,
     attention_lines,
@@ -26,31 +27,38 @@ METRICS = {
     "confidence": "Confidence (mean max word-level attention)",
     "positional_frac": "Positional: share of words attending at the most frequent offset",
     "rare_hit_rate": "Rare-word: share of sentences whose most-attended word is the rarest",
+    "induction_score": "Induction (Olsson): attention to the token after the earlier copy, repeated random tokens",
+    "prev_token_score": "Previous-token: mean attention to the token before",
+    "duplicate_score": "Duplicate-token: attention to the earlier copy of the same token, repeated random tokens",
 }
+RELEVANCE_HELP = {"conservative": "conservative LRP (attention held constant; Ali et al. 2022)",
+                  "attnlrp": "AttnLRP (softmax and the attention products get relevance too; Achtibat et al. 2024)"}
 
 st.title("Heads")
 spec, data_spec, loaded, data = session_model_and_dev()
 
-left, right = st.columns(2)
+left, middle, right = st.columns(3)
 limit = left.select_slider("Sentences analysed (seeded subset)", [100, 250, 500, 1000], value=500, key="heads_limit")
 classes = ["predicted class", *loaded.label_names]
-explained = right.selectbox("Explained logit", classes, key="heads_target")
+explained = middle.selectbox("Explained logit", classes, key="heads_target")
+method = right.selectbox("Relevance rules", list(RELEVANCE_METHODS), format_func=RELEVANCE_HELP.get,
+                         key="heads_method")
 target = None if explained == classes[0] else classes.index(explained) - 1
 st.caption(f"Model `{spec}` on {min(limit, len(data))} of {len(data)} sentences (seeded subset) of "
            f"{data_spec.caption(data)}")
 
-folder = report_dir(loaded.fingerprint, data.fingerprint(), limit, target)
+folder = report_dir(loaded.fingerprint, data.fingerprint(), limit, target, method)
 if not (folder / "heads.csv").exists():
     job = f"heads-{folder.name}"
     args = ["analysis", "heads", "--model", spec, *data_spec.cli_args(), "--limit", str(limit), "--out", str(folder),
-            "--job", job] + (["--target", str(target)] if target is not None else [])
+            "--relevance-method", method, "--job", job] + (["--target", str(target)] if target is not None else [])
     ensure_job(job, args)
     wait_for(job, "Computing relevance and roles", lambda: (folder / "heads.csv").exists())
     st.stop()
 report = cached_report(str(folder))
 table = report.table
 
-metric = st.selectbox("Heatmap", list(METRICS), format_func=METRICS.get, key="heads_metric")
+metric = st.selectbox("Heatmap", [m for m in METRICS if m in table], format_func=METRICS.get, key="heads_metric")
 st.plotly_chart(head_heatmap(table, metric, METRICS[metric]), key="heatmap")
 roles_col, scatter_col = st.columns(2)
 clicked = [roles_col.plotly_chart(role_map(table), key="role_map", on_select="rerun", selection_mode="points"),
@@ -96,9 +104,15 @@ if info["words"]:
 st.header("Why this prediction")
 text = st.text_input("Sentence", value=data.texts[0], key="why_text")
 if text.strip():
-    why = explain(loaded, text, target)
+    why = explain(loaded, text, target, method)
     st.markdown(f"Predicted **{why.predicted}** ({why.confidence:.0%}); explaining the **{why.explained}** "
                 f"logit {why.logit:+.2f}. Green supports it, red speaks against it.")
-    st.html(highlighted_tokens(why.tokens, why.relevance))
+    tokens, relevance = why.tokens, why.relevance
+    if loaded.is_decoder:  # the whole prompt was explained; show the sentence's pieces
+        tokens, relevance = [t for t, inside in zip(tokens, why.in_text) if inside], relevance[why.in_text]
+    st.html(highlighted_tokens(tokens, relevance, spaced=not loaded.is_decoder))
+    if loaded.is_decoder:
+        st.caption(f"The prompt's template and special tokens hold {why.relevance[~why.in_text].sum():+.2f} of the "
+                   f"logit's relevance (not shown); the sentence's pieces {why.relevance[why.in_text].sum():+.2f}.")
     if why.truncated:
         st.warning(f"The sentence was cut to the model's maximum of {loaded.max_length} tokens.")

@@ -9,7 +9,9 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-ROLE_COLOURS = {"positional": "#1f77b4", "syntactic": "#2ca02c", "rare-word": "#d62728", "": "#c7c7c7"}
+ROLE_COLOURS = {"positional": "#1f77b4", "syntactic": "#2ca02c", "rare-word": "#d62728", "induction": "#9467bd",
+                "previous-token": "#17becf", "duplicate-token": "#ff7f0e", "": "#c7c7c7"}
+BADGES = {"rare-word": "R", "induction": "I", "previous-token": "PT", "duplicate-token": "D"}  # roles without detail
 
 
 def grid(table: pd.DataFrame, column: str) -> np.ndarray:
@@ -28,12 +30,13 @@ def head_heatmap(table: pd.DataFrame, column: str, title: str) -> go.Figure:
 
 
 def role_kind(roles: str) -> str:
-    """The first role's kind ('positional', 'syntactic', 'rare-word') or '' for a head without a role."""
+    """The first role's kind ('positional', 'syntactic', 'rare-word'; decoders also 'induction',
+    'previous-token', 'duplicate-token') or '' for a head without a role."""
     return roles.split("(")[0].split("+")[0] if roles else ""
 
 
 def badge(roles: str) -> str:
-    """Short label for a head's roles: P-1, S:dobj, R (joined with spaces)."""
+    """Short label for a head's roles: P-1, S:dobj, R, I, PT, D (joined with spaces)."""
     out = []
     for role in filter(None, roles.split("+")):
         if role.startswith("positional"):
@@ -41,14 +44,17 @@ def badge(roles: str) -> str:
         elif role.startswith("syntactic"):
             out.append("S:" + role[len("syntactic("):-1].split(":")[0])
         else:
-            out.append("R")
+            out.append(BADGES.get(role, role))
     return " ".join(out)
 
 
 def role_map(table: pd.DataFrame) -> go.Figure:
     """Layer x head grid coloured by role kind, with a badge per head (cells are clickable)."""
     t = table.assign(kind=table["roles"].map(role_kind), text=table["roles"].map(badge))
-    fig = _cell_grid(t["layer"].nunique(), t["head"].nunique(), "Roles: P±k positional, S:rel syntactic, R rare-word")
+    title = "Roles: P±k positional, S:rel syntactic, R rare-word"
+    if "induction_score" in table:  # a decoder's table has Olsson's roles too
+        title += ", I induction, PT previous-token, D duplicate-token"
+    fig = _cell_grid(t["layer"].nunique(), t["head"].nunique(), title)
     fig.add_trace(_cells(t, color=t["kind"].map(ROLE_COLOURS)))
     return fig
 
@@ -72,15 +78,18 @@ def top_words_bar(words: list[dict]) -> go.Figure:
     return fig
 
 
-def highlighted_tokens(tokens: list[str], relevance: np.ndarray) -> str:
-    """HTML of tokens shaded by relevance: green supports the explained class, red speaks against it."""
+def highlighted_tokens(tokens: list[str], relevance: np.ndarray, spaced: bool = True) -> str:
+    """HTML of tokens shaded by relevance: green supports the explained class, red speaks against it.
+
+    `spaced`: a space goes before each token except a "##" continuation (WordPiece); False for pieces
+    that carry their own leading space (a decoder's readable BPE pieces)."""
     scale = float(np.abs(relevance).max()) or 1.0
     spans = []
     for token, r in zip(tokens, relevance):
         alpha = min(abs(r) / scale, 1.0)
         colour = f"rgba(44,160,44,{alpha:.2f})" if r >= 0 else f"rgba(214,39,40,{alpha:.2f})"
         text = html.escape(token[2:] if token.startswith("##") else token)
-        gap = "" if token.startswith("##") else " "
+        gap = " " if spaced and not token.startswith("##") else ""
         spans.append(f'{gap}<span title="{r:+.3f}" style="background:{colour};padding:2px 1px;'
                      f'border-radius:3px">{text}</span>')
     return f'<div style="font-size:1.1rem;line-height:2.1">{"".join(spans)}</div>'

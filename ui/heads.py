@@ -26,5 +26,5 @@ def sentence_attention(loaded: LoadedModel, sentence: str) -> tuple[list[str], n
 
 
 @st.cache_data(max_entries=64, show_spinner=False, hash_funcs={LoadedModel: lambda m: m.fingerprint})
-def explain(loaded: LoadedModel, text: str, target: int | None) -> Explanation:
-    return explain_prediction(loaded, text, target)
+def explain(loaded: LoadedModel, text: str, target: int | None, method: str = "conservative") -> Explanation:
+    return explain_prediction(loaded, text, target, method=method)
