@@ -1,6 +1,7 @@
 """Save physically pruned models as folders (the layout `core.pruned` describes and loads back, plus a
 `headlab.json` marker) and export them to ONNX (`model.onnx`: logits for (input_ids, attention_mask)
-with dynamic batch and length, checked against torch)."""
+with dynamic batch and length, checked against torch). A pruned decoder is saved as its causal LM with
+the plain tokenizer and its prompt, and loads back as the same prompted classifier."""
 
 from __future__ import annotations
 
@@ -94,7 +95,9 @@ _SAMPLE = ["a quietly moving film about families and what they keep", "dull", "n
 
 def export_onnx(loaded, path: str | Path, *, opset: int = 17) -> Path:
     """Export `loaded.model` to ONNX at `path`: inputs input_ids, attention_mask (batch, sequence) int64,
-    output logits (batch, classes) float32; batch and sequence axes are dynamic.
+    output logits (batch, classes) float32; batch and sequence axes are dynamic. For a decoder the
+    graph is its `PromptClassifier`: the label words' logits at each row's last real token (the ids
+    are the prompt's, formatted by `loaded.tokenizer`; right padding).
 
     Uses the TorchScript exporter (`dynamo=False`): the torch.export one (`dynamo=True`) also works
     and gives the same logits on torch 2.13, but took 5 s instead of 0.3 s on the tiny test model and

@@ -23,7 +23,7 @@ from core.pruned import PRUNING_FILE
 from core.size import encoder_flops
 from core.structure import pruning_info
 from pruning.export import ONNX_FILE, onnx_max_diff, save_pruned
-from pruning.gate_state import GateState
+from pruning.gate_state import GROUPS, GateState
 from pruning.gates import CoFiGates
 from pruning.hooks import gated
 from pruning.live import measure_pruned
@@ -138,6 +138,26 @@ def test_uneven_groups_empty_attention_and_empty_mlp(decoders, arch):
     with torch.no_grad():  # attention maps: one entry per layer, none for the layer without heads
         maps = pruned.model(**batch_of(pruned), output_attentions=True).attentions
     assert [m.shape[1] for m in maps] == [len(UNEVEN[arch]), 0, GateShape.of(loaded).heads]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_closed_sublayer_gates(decoders, arch):
+    loaded = decoders[arch]
+    pruned = check_equal(loaded, GateState.dense(loaded).replace(mha=torch.tensor([0.0, 1.0, 1.0]),
+                                                                 ffn=torch.tensor([1.0, 0.0, 1.0])))
+    assert pruned.adapter.num_heads(0) == 0 and pruned.adapter.ffn_in(1).weight.shape[0] == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gates_are_differentiable(decoders, arch):
+    loaded = decoders[arch]
+    state = random_state(loaded, 2, soft=True)
+    state = GateState(**{name: getattr(state, name).clone().requires_grad_() for name in GROUPS})
+    with gated(loaded, state):
+        loaded.model(**batch_of(loaded)).logits[:, 0].sum().backward()
+    for name in GROUPS:
+        grad = getattr(state, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
 def expected_parameters(loaded, state: GateState) -> int:
