@@ -370,14 +370,21 @@ def _slice_decoder_stream(a, keep: torch.Tensor) -> None:
     slice_rms_norm(a.final_norm, keep)
 
 
+def branch_ends(a, layer: int) -> tuple[tuple[str, nn.Module, nn.Module], ...]:
+    """(gate group, projection, branch) of both sublayers of decoder layer `layer`: ("mha", o_proj, its
+    branch) and ("ffn", down_proj, its branch); the branch is a post-norm (Gemma3) when it is not the
+    projection itself."""
+    return (("mha", a.attention_output(layer), a.attention_branch(layer)),
+            ("ffn", a.ffn_out(layer), a.ffn_branch(layer)))
+
+
 def _slice_layer_norms(a, layer: int, keep: torch.Tensor) -> None:
     """Every norm of `layer` that reads or writes the stream, cut to the hidden dims `keep`."""
     if not a.is_decoder:
         for norm in ("attention_norm", "ffn_norm"):
             a.set_part(layer, norm, slice_norm(a.part(layer, norm), keep))
         return
-    branches = [a.attention_branch(layer), a.ffn_branch(layer)]
-    post_norms = [m for m, inner in zip(branches, (a.attention_output(layer), a.ffn_out(layer))) if m is not inner]
+    post_norms = [branch for _, inner, branch in branch_ends(a, layer) if branch is not inner]
     for norm in (a.attention_norm(layer), a.ffn_norm(layer), *post_norms):
         slice_rms_norm(norm, keep)
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from core.adapter import GateShape, as_adapter
-from core.structure import rms_norm_eps
+from core.structure import branch_ends, rms_norm_eps
 from pruning.gate_state import GateState
 
 
@@ -155,8 +155,7 @@ class GateHooks:
         for layer in range(self.shape.layers):
             h.append(a.attention_output(layer).register_forward_pre_hook(self._heads(layer)))
             h.append(a.ffn_out(layer).register_forward_pre_hook(self._units(layer)))
-            for group, branch, inner in (("mha", a.attention_branch(layer), a.attention_output(layer)),
-                                         ("ffn", a.ffn_branch(layer), a.ffn_out(layer))):
+            for group, inner, branch in branch_ends(a, layer):
                 if branch is not inner:  # a post-norm (Gemma3): normalise over the kept dims, then scale
                     h.append(branch.register_forward_hook(self._rms_norm))
                 h.append(branch.register_forward_hook(self._sublayer(group, layer)))

@@ -20,7 +20,7 @@ import torch
 
 from core.adapter import Adapter, GateShape, as_adapter
 from core.loaded import LoadedModel
-from core.structure import PruningInfo, PruningPlan, apply_plan, causal_lm
+from core.structure import PruningInfo, PruningPlan, apply_plan, branch_ends, causal_lm
 from pruning.gate_state import GateState
 
 
@@ -78,12 +78,10 @@ def _fold_decoder(a, s: GateState) -> None:
     if tied:
         _scale_rms_norm(a.final_norm, torch.where(z > 0, 1 / z.clamp_min(1e-30), 1.0), offset)
     for layer in range(len(a.layers)):
-        for inner, units, branch, gate in ((a.attention_output(layer), s.head[layer].repeat_interleave(dh),
-                                            a.attention_branch(layer), s.mha[layer]),
-                                           (a.ffn_out(layer), s.intermediate[layer], a.ffn_branch(layer),
-                                            s.ffn[layer])):
-            inner.weight.mul_(units[None, :])  # (d, units)
-            row = z * gate
+        units = {"mha": s.head[layer].repeat_interleave(dh), "ffn": s.intermediate[layer]}  # input gates
+        for group, inner, branch in branch_ends(a, layer):
+            inner.weight.mul_(units[group][None, :])  # (d, H*d_h) or (d, d_ff)
+            row = z * getattr(s, group)[layer]
             if branch is inner:
                 inner.weight.mul_(row[:, None])
                 if inner.bias is not None:
