@@ -22,7 +22,7 @@ import torch
 
 from core.adapter import GateShape
 from pruning.gate_state import GateState
-from pruning.size import exact_sparsity
+from pruning.size import SizeModel, exact_sparsity
 
 BASELINES = ("relevance", "importance", "random")
 Progress = Callable[[int, int, str], None]
@@ -71,12 +71,13 @@ def baseline_state(method: str, loaded, texts: Sequence[str], labels: Sequence[i
         raise ValueError(f"The 'target' parameter of baseline_state() must be a fraction in [0, 1). Got {target!r}.")
     scores = head_scores(method, loaded, texts, labels, seed=seed, progress=progress)
     criterion = "random" if method == "random" else "magnitude"
+    sizes = SizeModel.of(loaded)
     best, best_gap = None, float("inf")
     low, high = 1e-4, 1.0  # keep fraction; sparsity falls as keep grows
     for _ in range(30):
         mid = (low + high) / 2
         state = keep_state(loaded, scores, mid, criterion, seed)
-        sparsity = exact_sparsity(state)
+        sparsity = exact_sparsity(state, model=sizes)
         if abs(sparsity - target) < best_gap:
             best, best_gap = state, abs(sparsity - target)
         if sparsity > target:
@@ -84,4 +85,4 @@ def baseline_state(method: str, loaded, texts: Sequence[str], labels: Sequence[i
         else:
             high = mid
     dense = GateState.dense(GateShape.of(loaded))
-    return dense if target <= exact_sparsity(dense) else best
+    return dense if target <= exact_sparsity(dense, model=sizes) else best

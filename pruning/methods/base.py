@@ -16,6 +16,7 @@ The loop (`pruning.loop`) knows no method by name: it asks the method and the re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from core.loaded import LoadedModel
 from pruning.gate_state import GateState
 from pruning.losses import TaskLoss
 from pruning.options import check_fields
+from pruning.size import SizeModel
 
 Progress = Callable[[int, int, str], None]
 
@@ -53,6 +55,11 @@ class MethodContext:
     @property
     def shape(self) -> GateShape:
         return GateShape.of(self.base)
+
+    @functools.cached_property
+    def sizes(self) -> SizeModel:
+        """CoFi's size model of `base` (an encoder's or a decoder's weight count)."""
+        return SizeModel.of(self.base)
 
 
 class PruningMethod:

@@ -58,4 +58,4 @@ class GatedMethod(PruningMethod):
         return self.gates.deterministic() if self.pruning(step) else GateState.dense(self.context.shape)
 
     def expected_sparsity(self, step: int) -> float | None:
-        return float(expected_sparsity(self.gates).detach())
+        return float(expected_sparsity(self.gates, model=self.context.sizes).detach())
