@@ -154,18 +154,17 @@ def per_head(ctx: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor, h
     """sum over tokens and head dims of ctx * grad: (B, T, H*d) x2, mask (B, T) -> (B, H) float64."""
     if grad is None or heads == 0:
         return torch.zeros(ctx.shape[0], heads, dtype=torch.float64)
-    prod = (ctx.detach() * grad * mask[:, :, None]).view(ctx.shape[0], ctx.shape[1], heads, -1)  # (B, T, H, d_h)
-    return prod.double().sum(dim=(1, 3))
+    per_token = (ctx.detach() * grad).view(ctx.shape[0], ctx.shape[1], heads, -1).sum(dim=3)  # (B, T, H)
+    return (per_token * mask[:, :, None]).double().sum(dim=1)
 
 
 def _bias_share(module: nn.Module, grad: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """sum of bias * grad at the module's output (B, [T,] D) over tokens and dims -> (B,) float64."""
     if grad is None:  # the module's output does not reach the explained logit
         return torch.zeros(mask.shape[0], dtype=torch.float64)
-    prod = grad * module.bias.detach()
-    if prod.dim() == 3:
-        prod = prod * mask[:, :, None]
-    return prod.double().flatten(1).sum(dim=1)
+    if grad.dim() == 3:
+        grad = torch.einsum("btd,bt->bd", grad, mask)  # summed over real tokens
+    return grad.double() @ module.bias.detach().double()
 
 
 @contextlib.contextmanager
