@@ -25,7 +25,7 @@ from core.gguf import GGUFConversion
 from core.gguf_cache import is_gguf_spec
 from core.loaded import LoadedModel
 from core.models import BUILTIN_MODELS, PREPARED_BY_ALL, load_model
-from core.perplexity import STRIDE, WINDOW, check_window
+from core.perplexity import STRIDE, WINDOW, check_window, fit_window
 from core.prepare import prepare, prepare_job
 from core.prompt_options import add_prompt_options, prompt_from_args, prompt_given
 from core.summary import require_decoder, summarise, summarise_text, summary_record, text_record
@@ -87,12 +87,13 @@ def evaluate_text(args: argparse.Namespace, spec: DataSpec) -> int:
                          f"({spec.path}) reads no prompt.")
     loaded = load_or_prepare(args.model)
     require_decoder(loaded)
-    check_window(args.window, args.stride, loaded.lm)
+    window, stride = fit_window(loaded.lm, args.window, args.stride)
+    check_window(window, stride, loaded.lm)
     text = load_text(spec, args.split)
     if args.limit:
         text = text.subset(args.limit, seed=0)
-    summary = run_with_bar(args.job, lambda bar: summarise_text(loaded, text, window=args.window,
-                                                                 stride=args.stride, progress=bar))
+    summary = run_with_bar(args.job, lambda bar: summarise_text(loaded, text, window=window, stride=stride,
+                                                                 progress=bar))
     row = {"model": args.model, "data": f"{spec.path}:{args.split}" if spec.is_builtin else spec.path}
     row.update(summary.as_row())
     if args.out:
@@ -152,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples "
                     "(documents, for text)")
     add_prompt_options(ev)
-    ev.add_argument("--window", type=int, default=WINDOW, help="perplexity: tokens per forward pass")
-    ev.add_argument("--stride", type=int, default=STRIDE, help="perplexity: tokens between window starts")
+    ev.add_argument("--window", type=int, default=None, help=f"perplexity: tokens per forward pass (default {WINDOW}, "
+                    "or the model's positions if fewer)")
+    ev.add_argument("--stride", type=int, default=None, help=f"perplexity: tokens between window starts (default "
+                    f"{STRIDE}, or half the window if less)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--out", type=Path, help="also write a JSON record (figures, sample predictions) here")
     ev.add_argument("--job", help=argparse.SUPPRESS)  # name of the app's job row to report progress to

@@ -60,6 +60,14 @@ def windows(n: int, window: int = WINDOW, stride: int = STRIDE) -> list[tuple[in
     return out
 
 
+def fit_window(model, window: int | None = None, stride: int | None = None) -> tuple[int, int]:
+    """(window, stride) for `model`: `window` or `WINDOW` capped at the model's max_position_embeddings;
+    `stride` or `STRIDE` capped at half the window (so a model of 128 positions reads windows of 128, 64 apart)."""
+    longest = getattr(model.config, "max_position_embeddings", None) or WINDOW
+    window = window if window is not None else min(WINDOW, longest)
+    return window, stride if stride is not None else min(STRIDE, max(window // 2, 1))
+
+
 def check_window(window: int, stride: int, model) -> None:
     """ValueError, one line, unless `window` and `stride` fit `model` (see `perplexity`)."""
     if not isinstance(window, int) or window < 2:

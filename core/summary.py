@@ -17,7 +17,7 @@ from core.evaluate import Evaluation, Progress, evaluate
 from core.latency import PREFILL_BATCHES, DecodeSpeed, Latency, decode_speed, measure, measure_prefill, median_length
 from core.loaded import Architecture, LoadedModel
 from core.paths import headlab_home
-from core.perplexity import STRIDE, WINDOW, Perplexity, perplexity
+from core.perplexity import Perplexity, fit_window, perplexity
 from core.prompting import PromptSpec
 from core.size import EncoderFlops, encoder_flops
 
@@ -134,14 +134,15 @@ def require_decoder(loaded: LoadedModel) -> None:
                          "task.")
 
 
-def summarise_text(loaded: LoadedModel, text: LMText, *, window: int = WINDOW, stride: int = STRIDE,
+def summarise_text(loaded: LoadedModel, text: LMText, *, window: int | None = None, stride: int | None = None,
                    progress: Progress | None = None) -> TextSummary:
     """Perplexity and next-token accuracy of decoder `loaded` on the documents of `text` (sliding window
-    `window`, stride `stride`: `core.perplexity`), prefill latency at batch 1 and 8 and greedy decoding
-    speed with the KV cache on that text (`core.latency`). ValueError for an encoder (`require_decoder`)."""
+    `window`, stride `stride`, default 512 / 256 within the model's positions: `core.perplexity.fit_window`),
+    prefill latency at batch 1 and 8 and greedy decoding speed with the KV cache on that text
+    (`core.latency`). ValueError for an encoder (`require_decoder`)."""
     require_decoder(loaded)
     lm, tokenizer = loaded.lm, loaded.text_tokenizer
-    result = perplexity(lm, tokenizer, text.documents, window, stride, progress)
+    result = perplexity(lm, tokenizer, text.documents, *fit_window(lm, window, stride), progress)
     if progress:
         progress(0, 1, f"timing the prefill at batch {' and '.join(map(str, PREFILL_BATCHES))}")
     prefill = measure_prefill(lm, tokenizer, list(text.documents))

@@ -72,3 +72,21 @@ def test_model_page_on_smollm2(fresh_home):
     assert not at.exception, at.exception
     assert "Paris" in at.text[0].value
     assert any("tokens/s" in c.value and "greedy; the model ended its turn" in c.value for c in at.caption)
+
+
+def test_model_page_converts_a_gguf_file_in_the_background(fresh_home, tmp_path):
+    from tests.test_decoder_tasks import write_tiny_gguf
+
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["model_choice"] = "Local Hugging Face folder"
+    at.run()
+    at.text_input(key="model_path").input(str(source)).run()
+    assert any("tiny.gguf is converted once into a plain fp32 folder" in i.value for i in at.info)
+    run_until(at, lambda a: "KV heads" in metrics(a), timeout=300)
+    shown = metrics(at)
+    assert (shown["Layers"], shown["Query heads"], shown["KV heads"], shown["Hidden"]) == ("2", "4", "2", "32")
+    assert at.session_state["model_spec"] == str(source)
+    assert list((fresh_home / "models" / "gguf").iterdir())[0].name.startswith("tiny-")
+    run_until(at, lambda a: "Perplexity" in metrics(a), timeout=300)  # its 128 positions set the window
+    assert any("Sliding window of 128 tokens, stride 64" in c.value for c in at.caption)

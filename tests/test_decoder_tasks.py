@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from core.__main__ import main as core_main
 from core.cli import torch_threads
 from core.data import DataError, DataSpec, load_data, load_text, read_documents
+from core.errors import ModelNotPrepared
 from core.generation import MAX_NEW_TOKENS, generate_reply, greedy_decode
+from core.gguf import conversion_record
+from core.gguf_cache import gguf_cache_dir
 from core.latency import measure_prefill, text_batch
 from core.lm_text import lee_splits, wiki_splits
 from core.models import load_model
-from core.perplexity import perplexity
+from core.paths import models_dir
+from core.perplexity import fit_window, perplexity
 from core.summary import summarise_text
 
 DOCS = [f"Document {i} has its own words, number {i}." for i in range(12)]
@@ -179,6 +188,14 @@ def test_a_users_text_file_reaches_the_cli(tiny_decoders, tmp_path, capsys):
     assert row["decode_tokens_per_s"] > 0 and 0 < row["prefill_b1_ms"] and 0 < row["prefill_b8_ms"]
 
 
+def test_the_default_window_fits_the_models_positions(tiny_decoders):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_decoders["llama"], local_files_only=True)
+    assert lm.config.max_position_embeddings == 256
+    assert fit_window(lm) == (256, 128) and fit_window(lm, 64) == (64, 32) and fit_window(lm, 300, 10) == (300, 10)
+    lm.config.max_position_embeddings = 8192
+    assert fit_window(lm) == (512, 256)
+
+
 def test_cli_perplexity_json_on_the_real_smollm2(smollm2_dir, capsys):
     code = core_main(["evaluate", "--model", str(smollm2_dir), "--data", "lm", "--limit", "2", "--json"])
     out, err = lines_of(capsys)
@@ -294,3 +311,80 @@ def test_summarise_text_is_the_perplexity_of_the_documents(tiny_decoders):
     row = summary.as_row()
     assert row["documents"] == 2 and row["decode_tokens"] == 32 and summary.decode.tokens_per_s > 0
     assert row["prefill_tokens"] == 64 and set(summary.prefill) == {1, 8}
+
+
+# ----------------------------------------------------------------------------- a .gguf file as a model spec
+def write_tiny_gguf(path: Path, d: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, ffn: int = 48) -> Path:
+    """A random Llama with GQA as a GGUF file (fp32 tensors, tied embeddings) with a byte-level BPE vocabulary
+    of the 256 bytes, a few merges (" p" and " n" among them, so the default label words " positive" and
+    " negative" start with different tokens) and an end token: transformers reads it in seconds."""
+    rng = np.random.default_rng(0)
+    tokens = [*bytes_to_unicode().values(), "Ġt", "he", "Ġthe", "Ġp", "Ġn", "<|endoftext|>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(d)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he", "Ġ p", "Ġ n"])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    head = d // heads
+    shapes = {"token_embd.weight": (len(tokens), d), "output_norm.weight": (d,)}
+    for i in range(layers):
+        shapes |= {f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.attn_q.weight": (heads * head, d),
+                   f"blk.{i}.attn_k.weight": (kv_heads * head, d), f"blk.{i}.attn_v.weight": (kv_heads * head, d),
+                   f"blk.{i}.attn_output.weight": (d, heads * head), f"blk.{i}.ffn_norm.weight": (d,),
+                   f"blk.{i}.ffn_gate.weight": (ffn, d), f"blk.{i}.ffn_up.weight": (ffn, d),
+                   f"blk.{i}.ffn_down.weight": (d, ffn)}
+    for name, shape in shapes.items():
+        values = 1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.1 * rng.standard_normal(shape)
+        writer.add_tensor(name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_file_is_converted_once_into_the_cache_and_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path / "home"))
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    with pytest.raises(ModelNotPrepared, match=re.escape(f"tiny.gguf is converted once into a plain fp32 folder under "
+                                                         f"HEADLAB_HOME (1-2 min for a 100 MB file on 2 cores): run "
+                                                         f"`python -m core prepare {source}`")):
+        load_model(str(source))
+    assert core_main(["prepare", str(source)]) == 0
+    assert lines_of(capsys)[0].startswith(f"{source}: LlamaForCausalLM, 0.0 M parameters")
+    folder = gguf_cache_dir(source)
+    assert folder.parent == models_dir() / "gguf" and folder.name.startswith("tiny-")
+    assert conversion_record(folder).source == str(source) and conversion_record(folder).tied_embeddings
+    loaded = load_model(str(source))
+    assert loaded.is_decoder and loaded.path == folder and loaded.architecture().kv_heads == 2
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    options = ["--data", "lm", "--limit", "1", "--window", "64", "--stride", "32", "--json"]
+    assert core_main(["evaluate", "--model", str(source), *options]) == 0
+    assert json.loads(lines_of(capsys)[0])["perplexity"] > 1
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written  # converted once
+    # a file changed in place is another model: converted again, on load, by the command that needs it
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert gguf_cache_dir(source) != folder
+    assert core_main(["evaluate", "--model", str(source), *options]) == 0
+    assert conversion_record(gguf_cache_dir(source)) is not None
+
+
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path / "home"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 a zip, not a model")
+    for command in (["prepare", str(fake)], ["evaluate", "--model", str(fake)],
+                    ["evaluate", "--model", str(tmp_path / "missing.gguf")]):
+        assert core_main(command) == 2
+        err = lines_of(capsys)[1].splitlines()[-1]
+        assert err.startswith("error: ") and ("is not a GGUF file" in err or "is not a file" in err), err
