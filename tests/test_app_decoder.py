@@ -90,3 +90,30 @@ def test_model_page_converts_a_gguf_file_in_the_background(fresh_home, tmp_path)
     assert list((fresh_home / "models" / "gguf").iterdir())[0].name.startswith("tiny-")
     run_until(at, lambda a: "Perplexity" in metrics(a), timeout=300)  # its 128 positions set the window
     assert any("Sliding window of 128 tokens, stride 64" in c.value for c in at.caption)
+
+
+def session_script():
+    """What another page sees of the session: the prompted model and the dev rows."""
+    import streamlit as st
+
+    from ui.loaders import session_model_and_dev
+
+    _, _, loaded, data = session_model_and_dev()
+    st.write(f"{loaded.label_names} {loaded.prompt.label_words} {len(data)}")
+
+
+def test_other_pages_get_the_decoder_prompted_as_on_the_model_page(tiny_decoders, tmp_path):
+    data = tmp_path / "pos_neg.csv"
+    data.write_text("text,label\n" + "".join(f"a great film {i},pos\nan awful film {i},neg\n" for i in range(20)))
+    at = AppTest.from_function(session_script, default_timeout=60)
+    at.session_state["model_spec"] = str(tiny_decoders["qwen2"])
+    at.session_state["data_spec"] = DataSpec(str(data))
+    at.run()
+    assert not at.exception, at.exception
+    assert at.markdown[0].value == "['neg', 'pos'] ('negative', 'positive') 4"  # the data's own labels, default words
+    at.session_state["prompt_spec"] = PromptSpec(("bad", "good"), "Is this review good or bad? {text}")
+    at.run()
+    assert at.markdown[0].value == "['neg', 'pos'] ('bad', 'good') 4"
+    at.session_state["prompt_spec"] = PromptSpec(("no", "maybe", "yes"))  # words for other labels: not used
+    at.run()
+    assert at.markdown[0].value == "['neg', 'pos'] ('negative', 'positive') 4"
