@@ -127,7 +127,8 @@ def _detect_format(display: str, text: str) -> str:
     if ext == ".txt":
         if "\t" in first_line:
             return "tsv"
-        raise DataError(f"{display}: a .txt file must be tab-separated with a header row (text<TAB>label).")
+        raise DataError(f"{display}: a .txt file of labeled rows must be tab-separated with a header row "
+                        "(text<TAB>label); plain text (documents separated by blank lines) is read as task lm.")
     if ext == "":
         if first_line.lstrip()[:1] in ("{", "["):
             return "jsonl"
