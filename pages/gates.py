@@ -29,7 +29,7 @@ if st.session_state.get("gates_model") != loaded.fingerprint:  # another model: 
                             gates_model=loaded.fingerprint)
 elif "gates_from_run" in st.session_state:
     g.apply(st.session_state.pop("gates_from_run"), st.session_state.get("gates_what", "from a run"))
-subset = data.subset(g.SUBSET, seed=0)
+subset = data.subset(g.subset_size(loaded), seed=0)
 arch = loaded.architecture()
 layers, heads = arch.layers, arch.heads
 gates = g.current()
@@ -48,17 +48,21 @@ cols[0].metric(f"Accuracy ({len(subset)} dev)", f"{pruned.accuracy:.1%}",
 cols[1].metric("Latency, batch 1", f"{pruned.latency_b1_ms:.1f} ms", f"{result.speedup(1):.2f}× faster",
                delta_color="normal" if result.speedup(1) >= 1 else "inverse",
                help=f"dense {dense.latency_b1_ms:.1f} ms, timed interleaved in this process")
-cols[2].metric("Latency, batch 32", f"{pruned.latency_b32_ms:.0f} ms", f"{result.speedup(32):.2f}× faster",
-               delta_color="normal" if result.speedup(32) >= 1 else "inverse",
-               help=f"dense {dense.latency_b32_ms:.0f} ms; FLOPs alone predict {result.flop_speedup:.2f}×")
+big = result.large_batch  # 32, or 8 for a decoder
+cols[2].metric(f"Latency, batch {big}", f"{getattr(pruned, f'latency_b{big}_ms'):.0f} ms",
+               f"{result.speedup(big):.2f}× faster", delta_color="normal" if result.speedup(big) >= 1 else "inverse",
+               help=f"dense {getattr(dense, f'latency_b{big}_ms'):.0f} ms; FLOPs alone predict "
+                    f"{result.flop_speedup:.2f}×")
+stack = "Decoder" if loaded.is_decoder else "Encoder"
 removed = dense.parameters - pruned.parameters  # exact: closing one BERT head removes 4 d d_head + 3 d_head
 cols[3].metric("Parameters", f"{pruned.parameters / 1e6:.2f} M",
                f"-{removed:,} ({pruned.parameters / dense.parameters:.1%})" if removed else None, delta_color="off",
-               help=f"encoder {pruned.encoder_parameters / 1e6:.2f} M of {dense.encoder_parameters / 1e6:.2f} M; "
-                    "embeddings are not pruned")
-cols[4].metric("Encoder GFLOPs / example", f"{pruned.flops / 1e9:.3f}", f"{pruned.flops / dense.flops:.0%} of dense",
+               help=f"{stack.lower()} layers {pruned.encoder_parameters / 1e6:.2f} M of "
+                    f"{dense.encoder_parameters / 1e6:.2f} M; the token table is pruned only with hidden dims")
+cols[4].metric(f"{stack} GFLOPs / example", f"{pruned.flops / 1e9:.3f}", f"{pruned.flops / dense.flops:.0%} of dense",
                delta_color="off", help=f"at {result.seq_len} tokens (the subset's median)")
-cols[5].metric("Sparsity (CoFi)", f"{result.sparsity:.1%}", help="share of prunable encoder weights removed")
+cols[5].metric("Sparsity (CoFi)", f"{result.sparsity:.1%}",
+               help=f"share of the {stack.lower()} layers' prunable weights removed")
 share = pruned.flops_attention / max(pruned.flops, 1)
 st.caption(f"{result.note} FLOPs split: attention {share:.0%}, FFN {1 - share:.0%} (dense: "
            f"{dense.flops_attention / dense.flops:.0%} / {dense.flops_ffn / dense.flops:.0%}) — with short inputs most "
@@ -71,7 +75,8 @@ if os.getloadavg()[0] > (os.cpu_count() or 1):
 history = st.session_state.setdefault("gates_history", [])
 if not history or history[-1]["gates"] != gates:
     history.append({"step": len(history), "what": st.session_state.get("gates_what", "dense"), "gates": gates,
-                    "accuracy": pruned.accuracy, "latency_b32_ms": pruned.latency_b32_ms, "sparsity": result.sparsity})
+                    "accuracy": pruned.accuracy, "latency_ms": getattr(pruned, f"latency_b{big}_ms"),
+                    "batch": big, "sparsity": result.sparsity})
 
 st.caption(f"Accuracy on {len(subset)} seeded rows of {data_spec.caption(data)}")
 
@@ -160,9 +165,9 @@ if refined is not None:
     d, p = full.dense, full.pruned
     st.success(f"Full {name} ({n} examples): accuracy {p.accuracy:.1%} (dense {d.accuracy:.1%}, "
                f"{(p.accuracy - d.accuracy) * 100:+.1f} pts); latency batch 1 {p.latency_b1_ms:.1f} ms vs "
-               f"{d.latency_b1_ms:.1f} ms, batch 32 {p.latency_b32_ms:.0f} ms vs {d.latency_b32_ms:.0f} ms (more "
-               "repeats, timed in a separate process).")
-else:
+               f"{d.latency_b1_ms:.1f} ms, batch {big} {getattr(p, f'latency_b{big}_ms'):.0f} ms vs "
+               f"{getattr(d, f'latency_b{big}_ms'):.0f} ms (more repeats, timed in a separate process).")
+elif gates != ManualGates():  # nothing pruned: the dense model's full-dev figures are the Model page's
     job, path = f"gates-eval-{digest}-{data.fingerprint()}", g.refined_path(digest, data)
     ensure_job(job, ["pruning", "evaluate", "--model", spec, *data_spec.cli_args(), "--gates", str(state_file),
                      "--out", str(path), "--job", job])

@@ -10,8 +10,9 @@ through `pruning.record.measure_step`.
 
 Decoders go the same path (accuracy is the prompted classifier's; sparsity from `SizeModel`), but
 cost far more: one SmolLM2 forward of a ~77-token prompt takes ~0.4 s of CPU at batch 1, ~2.4 s at
-batch 8 and ~9 s at batch 32 (one thread), so `QUICK_ROUNDS`' batch-32 rounds alone take ~20 s on 2
-cores and the 100-prompt accuracy ~15-30 s.
+batch 8 and ~9 s at batch 32 (one thread), so `QUICK_ROUNDS`' batch-32 rounds alone would take ~20 s
+on 2 cores: a decoder is timed at batch 1 and 8 (`DECODER_ROUNDS`, ~5 s), and its accuracy costs
+~0.15 s a prompt.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from pruning.size import SizeModel, exact_sparsity
 from pruning.surgery import prune
 
 QUICK_ROUNDS = {1: (3, 3), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size: ~2 s in all
+DECODER_ROUNDS = {1: (2, 1), 8: (1, 1)}  # a decoder's: batch 8 instead of 32 (~5 s for SmolLM2 on 2 cores)
+
+
+def quick_rounds(loaded: LoadedModel) -> dict[int, tuple[int, int]]:
+    """The (rounds, repeats) per batch size a quick look times: batch 1 and 32, or 1 and 8 for a decoder."""
+    return DECODER_ROUNDS if loaded.is_decoder else QUICK_ROUNDS
 
 
 @dataclass
@@ -48,11 +55,17 @@ class Figures:
     flops_attention: int
     flops_ffn: int
     latency_b1_ms: float | None = None
-    latency_b32_ms: float | None = None
+    latency_b32_ms: float | None = None  # encoders' larger batch
+    latency_b8_ms: float | None = None  # decoders' larger batch
 
     @property
     def flops(self) -> int:
         return self.flops_attention + self.flops_ffn
+
+    @property
+    def large_batch(self) -> int:
+        """The larger batch size timed: 8 for a decoder, else 32."""
+        return 8 if self.latency_b8_ms is not None else 32
 
 
 @dataclass
@@ -67,9 +80,13 @@ class Comparison:
     note: str  # what was kept, one line
 
     def speedup(self, batch: int) -> float:
-        """Measured dense / pruned latency at batch 1 or 32."""
+        """Measured dense / pruned latency at batch 1 or the larger batch (`large_batch`)."""
         key = f"latency_b{batch}_ms"
         return getattr(self.dense, key) / getattr(self.pruned, key)
+
+    @property
+    def large_batch(self) -> int:
+        return self.dense.large_batch
 
     @property
     def flop_speedup(self) -> float:
@@ -103,7 +120,7 @@ def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, d
 
     Accuracy of both on all of `data` (the dense model's from `dense_figures` when given: it does not
     change), sizes and encoder FLOPs at the data's median length, latency at each batch size of `rounds`
-    = {batch size: (rounds, repeats per round)} timed interleaved in this process (`time_pair`).
+    = {batch size: (rounds, repeats per round)} timed interleaved in this process (`time_models`).
     Used by the Gates page (`ui.gates.measure`, on the pruned copy it also exports), `pruning evaluate`
     (its full-dev job, through `compare_state`), `pruning apply` and every eval step of a training run
     (`pruning.record.measure_step`).
@@ -113,11 +130,12 @@ def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, d
     state = GateState.from_dict(info.gate_state) if info is not None else GateState.dense(GateShape.of(pruned))
     seq_len = median_tokens(dense, data.texts)
     base = dense_figures if dense_figures is not None else figures(dense, data, seq_len, progress)
-    base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None})
+    rounds = rounds or quick_rounds(dense)
+    base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None, "latency_b8_ms": None})
     small = figures(pruned, data, seq_len, progress)
     if progress:
-        progress(0, 1, "timing batch 1 and 32")
-    time_pair(dense, pruned, data.texts, base, small, rounds or QUICK_ROUNDS, warm_b32=warm_b32)
+        progress(0, 1, f"timing batch {' and '.join(map(str, rounds))}")
+    time_models({"dense": (dense, base), "pruned": (pruned, small)}, data.texts, rounds, warm_large=warm_b32)
     return Comparison(dense=base, pruned=small, sparsity=exact_sparsity(state, model=SizeModel.of(pruned)),
                       seq_len=seq_len, seconds=time.perf_counter() - start,
                       note=pruned.notes[-1] if pruned.notes else "")
@@ -137,18 +155,19 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
 
-def time_pair(dense: LoadedModel, pruned: LoadedModel, texts: list[str], dense_figures: Figures,
-              pruned_figures: Figures, rounds: dict[int, tuple[int, int]], *, warm_b32: bool = True) -> None:
-    """Time `pruned` against `dense` interleaved (`core.latency.compare`) on a batch of typical `texts`
-    (`core.latency.make_batch`) at each batch size of `rounds` = {batch size: (rounds, repeats per
-    round)}; writes the medians (ms) into the figures' latency_b<batch size>_ms. `warm_b32`: warm up
-    before the larger batches too."""
+def time_models(models: dict[str, tuple[LoadedModel, Figures]], texts: list[str],
+                rounds: dict[int, tuple[int, int]], *, warm_large: bool = True) -> None:
+    """Time the models of `models` = {name: (model, its figures)} interleaved (`core.latency.compare`) on a
+    batch of typical `texts` (`core.latency.make_batch`, the first model's tokenizer) at each batch size
+    of `rounds` = {batch size: (rounds, repeats per round)}; writes the medians (ms) into each model's
+    figures as latency_b<batch size>_ms. `warm_large`: warm up before the larger batches too."""
+    first = next(iter(models.values()))[0]
     for batch_size, (n_rounds, repeats) in rounds.items():
-        batch = make_batch(dense.tokenizer, texts, batch_size, dense.max_length)
-        timed = compare({"dense": dense.model, "pruned": pruned.model}, batch, rounds=n_rounds,
-                        repeats_per_round=repeats, warmup=batch_size == 1 or warm_b32)
-        setattr(dense_figures, f"latency_b{batch_size}_ms", timed["dense"].median_s * 1000)
-        setattr(pruned_figures, f"latency_b{batch_size}_ms", timed["pruned"].median_s * 1000)
+        batch = make_batch(first.tokenizer, texts, batch_size, first.max_length)
+        timed = compare({name: loaded.model for name, (loaded, _) in models.items()}, batch, rounds=n_rounds,
+                        repeats_per_round=repeats, warmup=batch_size == 1 or warm_large)
+        for name, (_, figs) in models.items():
+            setattr(figs, f"latency_b{batch_size}_ms", timed[name].median_s * 1000)
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,8 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
     assert not at.exception, at.exception
     dense = metrics(at)
     assert dense["Parameters"] == "22.71 M" and float(dense["Sparsity (CoFi)"].rstrip("%")) < 1  # biases, norms
+    # nothing pruned: the dense model's own figures, never timed against itself
+    assert [m.delta for m in at.metric if m.label.startswith("Latency")] == ["1.00× faster"] * 2
     next(b for b in at.button if b.label.startswith("Close the 24 least relevant")).click().run()
     assert not at.exception, at.exception
     closed = metrics(at)

@@ -176,11 +176,12 @@ def gate_grid(shape: tuple[int, int], values: np.ndarray | None, closed: set[tup
 
 
 def history_chart(history: pd.DataFrame) -> go.Figure:
-    """Accuracy against batch-32 latency for each change of the session, in order."""
-    fig = px.line(history, x="latency_b32_ms", y="accuracy", text="step", markers=True, hover_name="what",
-                  title="This session's changes: accuracy vs latency (batch 32)")
+    """Accuracy against the larger batch's latency (`latency_ms` at `batch`) for each change of the session."""
+    batch = int(history["batch"].iloc[-1])
+    fig = px.line(history, x="latency_ms", y="accuracy", text="step", markers=True, hover_name="what",
+                  title=f"This session's changes: accuracy vs latency (batch {batch})")
     fig.update_traces(textposition="top center")
-    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="latency, batch 32 (ms)",
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title=f"latency, batch {batch} (ms)",
                       yaxis_title="subset accuracy")
     return fig
 

@@ -18,16 +18,23 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.heads import HeadsReport
+from core.adapter import GateShape
 from core.cpu_queue import paused_for_timing
 from core.data import TextDataset
 from core.models import LoadedModel
 from core.paths import headlab_home
+from core.structure import PruningPlan
 from core.summary import median_tokens
 from pruning.gate_state import GateState
-from pruning.live import Comparison, Figures, ManualGates, figures, measure_pruned
+from pruning.live import Comparison, Figures, ManualGates, figures, measure_pruned, quick_rounds, time_models
 from pruning.surgery import prune
 
 SUBSET = 100  # dev sentences measured after every change (seeded); the full dev set follows in the background
+DECODER_SUBSET = 32  # a decoder's prompts cost ~0.15 s each on 2 cores (SmolLM2)
+
+
+def subset_size(loaded: LoadedModel) -> int:
+    return DECODER_SUBSET if loaded.is_decoder else SUBSET
 _MODEL = {LoadedModel: lambda m: m.fingerprint}
 _DATA = {TextDataset: lambda d: d.fingerprint()}
 
@@ -77,8 +84,12 @@ def _load_report(folder: str) -> HeadsReport:
 
 @st.cache_data(max_entries=4, show_spinner="Measuring the dense model...", hash_funcs={**_MODEL, **_DATA})
 def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
+    """The dense model's accuracy and sizes on `subset`, and its latency timed alone (what the page shows
+    while nothing is pruned: the same model is never timed against itself)."""
     with paused_for_timing():
-        return figures(loaded, subset, median_tokens(loaded, subset.texts))
+        dense = figures(loaded, subset, median_tokens(loaded, subset.texts))
+        time_models({"dense": (loaded, dense)}, subset.texts, quick_rounds(loaded))
+    return dense
 
 
 @st.cache_data(max_entries=64, show_spinner=False, hash_funcs=_MODEL)
@@ -101,9 +112,15 @@ def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Com
     """Dense vs pruned on `subset` (`pruning.live.measure_pruned`, cached per gate choice: undo and
     repeats are instant). Both models just ran, so batch 32 is not warmed up; `seconds` includes pruning.
     Background work holding the CPU is frozen meanwhile (`paused_for_timing`): a toggle is interactive
-    work, and the two models' timings must not share the cores with it."""
+    work, and the two models' timings must not share the cores with it. With nothing pruned the dense
+    figures are shown as they are (1.00x)."""
     start = time.perf_counter()
     dense = dense_figures(loaded, subset)
+    if gates == ManualGates():
+        shape = GateShape.of(loaded)
+        return Comparison(dense=dense, pruned=dense, sparsity=0.0, seq_len=median_tokens(loaded, subset.texts),
+                          seconds=time.perf_counter() - start,
+                          note=f"Dense: {PruningPlan.from_state(GateState.dense(shape)).describe(shape)}.")
     with paused_for_timing():
         cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense, warm_b32=False)
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)

@@ -25,6 +25,11 @@ from pruning.live import compare_state, measure_pruned
 from pruning.surgery import prune
 
 FULL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # core.latency.compare (rounds, repeats) per batch size: a careful look
+DECODER_FULL_ROUNDS = {1: (5, 2), 8: (3, 1)}  # a decoder's larger batch is 8 (see pruning.live)
+
+
+def full_rounds(loaded) -> dict[int, tuple[int, int]]:
+    return DECODER_FULL_ROUNDS if loaded.is_decoder else FULL_ROUNDS
 _PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _LABELS = {"encoder_parameters": "encoder parameters", "encoder_mflops_per_example": "encoder MFLOPs/example",
            "attention_mflops": "  attention MFLOPs", "ffn_mflops": "  FFN MFLOPs",
@@ -96,7 +101,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = load_or_prepare(args.model)
     data = load_data(data_spec(args), "dev", loaded.label_names)
     state = read_gates(args.gates, loaded)
-    result = run_with_bar(args.job, lambda bar: compare_state(loaded, state, data, rounds=FULL_ROUNDS, progress=bar))
+    result = run_with_bar(args.job, lambda bar: compare_state(loaded, state, data, rounds=full_rounds(loaded),
+                                                              progress=bar))
     record = json.dumps({"examples": len(data), "data": data.name, **result.as_dict()}, indent=1)
     if args.out is None:
         print(record)
@@ -119,9 +125,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     state = _state(args, loaded, heads)
     pruned = prune(loaded, state)
+    timed = full_rounds(loaded)
 
     def measure_and_save(bar):
-        cmp = measure_pruned(loaded, pruned, data, rounds=FULL_ROUNDS, progress=bar)
+        cmp = measure_pruned(loaded, pruned, data, rounds=timed, progress=bar)
         bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
         return cmp, save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
 
@@ -134,7 +141,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         "attention_mflops": {k: f.flops_attention / 1e6 for k, f in sides.items()},
         "ffn_mflops": {k: f.flops_ffn / 1e6 for k, f in sides.items()},
         "accuracy": {k: f.accuracy for k, f in sides.items()},
-        **{f"latency_b{b}_ms": {k: getattr(f, f"latency_b{b}_ms") for k, f in sides.items()} for b in FULL_ROUNDS},
+        **{f"latency_b{b}_ms": {k: getattr(f, f"latency_b{b}_ms") for k, f in sides.items()} for b in timed},
     }
     threads = torch.get_num_threads()
     if args.json:
@@ -154,7 +161,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             ratio += f" ({d / p:.2f}x faster)"
         rows.append((label, fmt.format(d), fmt.format(p), ratio))
     print(_table(rows))
-    rounds, repeats = FULL_ROUNDS[1]
+    rounds, repeats = timed[1]
     print(f"\n{cmp.note} CoFi sparsity {cmp.sparsity:.3f}. Accuracy on {data.name}, no retraining after pruning; "
           f"FLOPs at the median length of {cmp.seq_len} tokens; latency median of {rounds * repeats} runs at batch 1 "
           f"interleaved with the dense model, {threads} threads.")
