@@ -1,20 +1,23 @@
 """Head relevance benchmark: (a) speed on dev sentences, (b) faithfulness of head rankings.
 
-(a) times `HeadRelevance.attribute` on a fixed dev subset (one warm-up, then timed repeats), next to
-    a Captum `LayerGradientXActivation` pass over every W_O (head relevance only), and reports the
-    conservation error of the timed run.
+(a) times `HeadRelevance.attribute` for each method (conservative LRP, AttnLRP) on a fixed dev subset
+    (one warm-up, then timed repeats, interleaved), next to the plain forward pass of `core.evaluate`
+    on the same texts (so the ratio holds on a loaded machine) and a Captum `LayerGradientXActivation`
+    pass over every W_O (conservative head relevance only); prints seconds per example and each
+    method's conservation error. A decoder explains its prompted label word's logit.
 (b) ranks heads on a fixed subset of the ranking split (train by default, so dev accuracy is not
     measured on the sentences that chose the heads), masks 0/30/50/70/90% of them in increasing order of
-    |relevance|, signed relevance and Michel importance, and against random orders (mean of seeds),
-    and prints dev accuracy for each.
+    |relevance| (each method), signed relevance and Michel importance, and against random orders (mean
+    of seeds), and prints dev accuracy for each.
 
-Run: .venv/bin/python -m bench.relevance_bench [--model default] [--n 500] [--seeds 5] [--rank-split train]
-     [--part all|a|b]
+Run: .venv/bin/python -m bench.relevance_bench [--model default|smollm2] [--n 500] [--seeds 5]
+     [--rank-split train] [--part all|a|b] [--no-captum]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -23,6 +26,7 @@ import torch
 from captum.attr import LayerGradientXActivation
 
 from analysis.conservative import conservative
+from analysis.lrp_pass import METHODS
 from analysis.relevance import HeadRelevance, mask_heads, michel_importance
 from core.batching import collate, encode, sorted_batches
 from core.data import TextDataset, load_data
@@ -71,23 +75,38 @@ def _spread(seconds: list[float]) -> str:
     return f"median {statistics.median(seconds):.2f} s (min {min(seconds):.2f}, max {max(seconds):.2f})"
 
 
-def speed(loaded: LoadedModel, sample: TextDataset, repeats: int) -> None:
-    """Print (a): seconds for relevance of the sample, ours and Captum's, plus the conservation error."""
-    explainer = HeadRelevance(loaded)
-    seconds, results = timed({"ours": lambda: explainer.attribute(sample.texts),
-                              "captum": lambda: captum_head_relevance(loaded, sample.texts)}, repeats)
-    result, captum = results["ours"], results["captum"]
-    print(f"(a) relevance of {len(sample)} dev sentences, batch 32, {repeats} runs after a warm-up:")
-    print(f"    HeadRelevance.attribute (heads + input + bias shares, one pass): {_spread(seconds['ours'])}")
-    print(f"    Captum LayerGradientXActivation on all W_O (heads only, + a forward for the predicted class): "
-          f"{_spread(seconds['captum'])}")
-    print(f"    max |ours - Captum| head relevance: {np.nanmax(np.abs(result.per_example - captum)):.2e} "
-          f"(mean |logit| {np.mean(np.abs(result.logits)):.2f})")
-    scale = np.abs(result.logits) + np.abs(result.input_relevance) + np.abs(result.bias_relevance)
-    print(f"    conservation: max |logit - input - bias| = {np.max(np.abs(result.convergence_delta)):.2e}, "
-          f"max relative {np.max(np.abs(result.convergence_delta) / scale):.2e}; "
-          f"mean logit {np.mean(result.logits):.3f} = input {np.mean(result.input_relevance):.3f} "
-          f"+ bias share {np.mean(result.bias_relevance):.3f}")
+def speed(loaded: LoadedModel, sample: TextDataset, repeats: int, captum: bool) -> None:
+    """Print (a): seconds for relevance of the sample by each method (and Captum's), the plain forward pass
+    for scale, and each method's conservation error."""
+    fns = {"forward": lambda: evaluate(loaded.model, loaded.tokenizer, sample, max_length=loaded.max_length)}
+    fns |= {method: lambda method=method: HeadRelevance(loaded, method=method).attribute(sample.texts)
+            for method in METHODS}
+    if captum:
+        fns["captum"] = lambda: captum_head_relevance(loaded, sample.texts)
+    seconds, results = timed(fns, repeats)
+    n, forward = len(sample), statistics.median(seconds["forward"])
+    print(f"(a) relevance of {n} dev texts, batch 32, {repeats} runs after a warm-up "
+          f"(s/example = median / {n}; x forward = median / the plain forward's):")
+    print(f"    plain forward (core.evaluate, inference mode): {_spread(seconds['forward'])}, "
+          f"{forward / n:.3f} s/example")
+    for method in METHODS:
+        result, median = results[method], statistics.median(seconds[method])
+        print(f"    HeadRelevance.attribute, {method} (heads + input + bias [+ absorbed] shares, one pass): "
+              f"{_spread(seconds[method])}, {median / n:.3f} s/example, x{median / forward:.1f} forward")
+        scale = (np.abs(result.logits) + np.abs(result.input_relevance) + np.abs(result.bias_relevance)
+                 + np.abs(result.absorbed_relevance))
+        print(f"      conservation: max |logit - input - bias - absorbed| = "
+              f"{np.max(np.abs(result.convergence_delta)):.2e}, max relative "
+              f"{np.max(np.abs(result.convergence_delta) / scale):.2e}; mean logit {np.mean(result.logits):.3f} = "
+              f"input {np.mean(result.input_relevance):.3f} + bias {np.mean(result.bias_relevance):.3f} "
+              f"+ absorbed {np.mean(result.absorbed_relevance):.3f}")
+    if captum:
+        median = statistics.median(seconds["captum"])
+        print(f"    Captum LayerGradientXActivation on all W_O (heads only, + a forward for the predicted class): "
+              f"{_spread(seconds['captum'])}, {median / n:.3f} s/example")
+        diff = np.nanmax(np.abs(results["conservative"].per_example - results["captum"]))
+        print(f"    max |conservative - Captum| head relevance: {diff:.2e} "
+              f"(mean |logit| {np.mean(np.abs(results['conservative'].logits)):.2f})")
 
 
 def masked_accuracy(loaded: LoadedModel, dev: TextDataset, order: np.ndarray, fraction: float, shape) -> float:
@@ -101,22 +120,26 @@ def masked_accuracy(loaded: LoadedModel, dev: TextDataset, order: np.ndarray, fr
 def faithfulness(loaded: LoadedModel, rank: TextDataset, dev: TextDataset, seeds: int) -> None:
     """Print (b): dev accuracy per masked fraction for each ranking (least important masked first)."""
     result = HeadRelevance(loaded).attribute(rank.texts)
+    attn = HeadRelevance(loaded, method="attnlrp").attribute(rank.texts)
     importance = michel_importance(loaded, rank.texts, rank.labels)
     shape = result.relevance.shape
     orders = {
         "|relevance|": np.argsort(result.relevance, axis=None, kind="stable"),
+        "attnlrp": np.argsort(attn.relevance, axis=None, kind="stable"),
         "signed": np.argsort(result.relevance_signed, axis=None, kind="stable"),
         "michel": np.argsort(importance, axis=None, kind="stable"),
     }
     randoms = [np.random.default_rng(seed).permutation(int(np.prod(shape))) for seed in range(seeds)]
-    header = f"{'masked':>8} {'heads':>6} {'|relevance|':>12} {f'random({seeds})':>16} {'signed':>8} {'michel':>8}"
+    header = (f"{'masked':>8} {'heads':>6} {'|relevance|':>12} {'attnlrp':>8} {f'random({seeds})':>16} "
+              f"{'signed':>8} {'michel':>8}")
     print(f"\n(b) dev accuracy (n={len(dev)}) with the least relevant heads masked; ranking from {rank.name}")
     print(header)
     for fraction in FRACTIONS:
         acc = {name: masked_accuracy(loaded, dev, order, fraction, shape) for name, order in orders.items()}
         rnd = [masked_accuracy(loaded, dev, order, fraction, shape) for order in randoms]
         print(f"{fraction:>7.0%} {round(fraction * np.prod(shape)):>6} {acc['|relevance|']:>12.4f} "
-              f"{np.mean(rnd):>9.4f} ±{np.std(rnd):.4f} {acc['signed']:>8.4f} {acc['michel']:>8.4f}")
+              f"{acc['attnlrp']:>8.4f} {np.mean(rnd):>9.4f} ±{np.std(rnd):.4f} {acc['signed']:>8.4f} "
+              f"{acc['michel']:>8.4f}")
 
 
 def main() -> None:
@@ -127,15 +150,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up")
     parser.add_argument("--rank-split", default="train", choices=("train", "dev"), help="split that ranks heads")
     parser.add_argument("--part", default="all", choices=("all", "a", "b"), help="(a) speed, (b) faithfulness")
+    parser.add_argument("--no-captum", action="store_true", help="skip the Captum timing in (a)")
     args = parser.parse_args()
     loaded = load_model(args.model)
     dev = load_data("default", split="dev", label_names=loaded.label_names)
     rank = load_data("default", split=args.rank_split, label_names=loaded.label_names).subset(args.n, seed=0)
     arch = loaded.architecture()
-    print(f"model {args.model} ({arch.layers} layers x {arch.heads} heads, hidden {arch.hidden}); device cpu; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    kv = f" ({arch.kv_heads} KV)" if arch.kv_heads and arch.kv_heads != arch.heads else ""
+    print(f"model {args.model} ({arch.layers} layers x {arch.heads} heads{kv}, hidden {arch.hidden}); device cpu; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
     if args.part in ("all", "a"):
-        speed(loaded, dev.subset(args.n, seed=0), args.repeats)
+        speed(loaded, dev.subset(args.n, seed=0), args.repeats, captum=not args.no_captum)
     if args.part in ("all", "b"):
         faithfulness(loaded, rank, dev, args.seeds)
 
