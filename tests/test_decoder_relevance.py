@@ -117,6 +117,23 @@ def test_conservation_next_token(decoders, arch, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_soft_capping_by_the_identity_rule(decoders, method):
+    """Gemma's final soft-capping cap * tanh(z / cap), with a cap small enough to bend the logits, keeps
+    both the label logit and the next-token logit conserved."""
+    loaded = decoders["gemma3"]
+    config = loaded.model.config
+    cap, config.final_logit_softcapping = config.final_logit_softcapping, 0.05
+    try:
+        prompted = HeadRelevance(loaded, method=method).attribute(TEXTS)
+        text = HeadRelevance(loaded, method=method).attribute_next_token(TEXTS)
+    finally:
+        config.final_logit_softcapping = cap
+    assert np.all(np.abs(prompted.logits) < 0.05) and np.max(np.abs(prompted.logits)) > 0.03  # tanh bends
+    assert_conserved(prompted)
+    assert_conserved(text)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_relevance_is_gate_gradient_per_query_head(decoders, arch, method):
     """r_lh = d logit / d gate_lh, a gate on query head h's slice of o_proj's input, in the method's mode;
