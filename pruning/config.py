@@ -16,7 +16,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from core.data import DataSpec, format_label_map, parse_label_map
 from pruning import methods as registry
 from pruning.distributed import DEVICES
+from pruning.lora import LoraSettings
 from pruning.options import check_fields, option
+
+TASKS = ("", "classify", "lm")  # the data's task ("": as the data implies, `core.data.DataSpec.task`)
 
 
 @dataclass
@@ -26,11 +29,13 @@ class TrainConfig:
     Defaults run CoFi on the default model (MiniLM-L6, Rotten Tomatoes) in a few minutes on 2 CPU cores.
     """
 
-    model: str = option("default", "default | minilm-l3 | folder of a fine-tuned classifier (also the teacher)",
-                        required=True)
+    model: str = option("default", "default | minilm-l3 | smollm2 | folder of a fine-tuned classifier or a "
+                        "Llama-family decoder (also the teacher)", required=True)
     teacher: str = option("", "distillation teacher and latency reference (blank: the model itself); same labels")
-    data: str = option("default", "default (Rotten Tomatoes) | CSV/TSV/JSONL file, split 80/10/10 (seeded)",
-                       required=True)
+    data: str = option("default", "default (Rotten Tomatoes) | lm (Lee news) | wiki (Wikipedia) | CSV/TSV/JSONL "
+                       "file of labelled rows or TXT/JSONL file of documents, split 80/10/10 (seeded)", required=True)
+    task: str = option("", "what the data trains: classify (labelled rows; a decoder's prompt) | lm (documents: a "
+                       "decoder's next-token loss); blank: lm for the built-in text, else classify", choices=TASKS)
     text_column: str = option("", "data file: the column holding the texts (blank: auto-detected, 'text' first)")
     label_column: str = option("", "data file: the column holding the labels (blank: auto-detected, 'label' first)")
     label_map: dict = field(default_factory=dict, metadata={
@@ -40,10 +45,18 @@ class TrainConfig:
     steps: int = option(400, "learned methods: optimizer steps learning gates and weights (incl. a plain "
                         "fine-tune)", low=0)
     finetune_steps: int = option(150, "steps fine-tuning the sliced model after pruning (0: none)", low=0)
-    lr: float = option(5e-5, "AdamW learning rate of the model weights (linear decay in the final fine-tune)",
-                       low=0.0, open_low=True)
+    lr: float = option(5e-5, "AdamW learning rate of the model weights, or of the LoRA adapters with lora "
+                       "(linear decay in the final fine-tune)", low=0.0, open_low=True)
     batch_size: int = option(32, "training examples per step", low=1)
-    max_length: int = option(64, "tokens per training example (longer ones are cut)", low=8, high=512)
+    max_length: int = option(64, "tokens per training example (longer ones are cut; a decoder's prompt template "
+                             "comes on top of the text's)", low=8, high=512)
+    lora: bool = option(False, "train LoRA adapters on Q/K/V/O and the FFN projections instead of the weights "
+                        "(base weights frozen; merged before pruning and export)")
+    lora_rank: int = option(8, "lora: rank r of each adapter", low=1, high=256)
+    lora_alpha: float = option(16.0, "lora: scale numerator alpha (the delta is scaled by alpha / r)", low=0.0,
+                               open_low=True)
+    lora_dropout: float = option(0.05, "lora: dropout probability on each adapter's input", low=0.0, high=1.0,
+                                 open_high=True)
     distill: bool = option(True, "mix logit distillation from the dense teacher into the task loss")
     alpha_ce: float = option(0.5, "weight of the logit distillation T^2 KL (CoFi: 0.1, 0.3 or 0.5)", low=0.0,
                              high=1.0)
@@ -104,7 +117,7 @@ class TrainConfig:
     @property
     def data_spec(self) -> DataSpec:
         """The run's data as one `DataSpec` (always split 80/10/10: a run trains on train, evaluates on dev)."""
-        return DataSpec(self.data, self.text_column, self.label_column, self.label_map)
+        return DataSpec(self.data, self.text_column, self.label_column, self.label_map, task=self.task or None)
 
     @staticmethod
     def data_fields(spec: DataSpec) -> dict:
@@ -114,7 +127,12 @@ class TrainConfig:
             raise ValueError(f"A training run splits {spec.path} 80/10/10 (train / dev / test); 'whole file' "
                              "applies to evaluation only.")
         return {"data": spec.path, "text_column": spec.text_column or "", "label_column": spec.label_column or "",
-                "label_map": dict(spec.label_map)}
+                "label_map": dict(spec.label_map), "task": spec.task if spec.is_text and not spec.is_builtin else ""}
+
+    @property
+    def lora_settings(self) -> LoraSettings | None:
+        """The LoRA adapters' settings (None: the weights themselves train)."""
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout) if self.lora else None
 
     @property
     def gate_steps(self) -> int:

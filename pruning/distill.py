@@ -4,14 +4,25 @@
 
     L_layer = sum over teacher layers i of MSE(W H_s^{m(i)}, H_t^i)
 
-H are hidden states (B, T, d) after each encoder layer, W a d x d linear map initialised to the
-identity (`LayerMatcher`, trained with the model), and m(i) the student layer closest (smallest
-MSE) to teacher layer i among the surviving ones, chosen every step under a monotone constraint
+H are hidden states (B, T, d) after each layer, W a d x d linear map initialised to the identity
+(`LayerMatcher`, trained with the model), and m(i) the student layer closest (smallest MSE) to
+teacher layer i among the surviving ones, chosen every step under a monotone constraint
 (`align_layers`: later teacher layers map to strictly later student layers), as in CoFi's
 `layer_distill_version` 4.
+
+Decoders: H is the residual stream after each decoder layer (`layer_outputs` captures it; the
+transformers `hidden_states[-1]` of a causal LM is after the final norm instead), and each token's
+state is divided by its root mean square before the MSE (`LayerMatcher(normalise=True)`). A pre-norm
+stream is not normalised between layers: its scale grows with depth and a few "massive
+activations" dwarf the rest (SmolLM2-135M: per-layer RMS 2 to 120, single values up to 2.5e4 on a
+few tokens), so a raw MSE would match little but those; every layer reads the stream through an
+RMSNorm, i.e. by its direction per token, which is what the normalised MSE compares.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,17 +87,48 @@ def align_layers(losses: torch.Tensor, alive: torch.Tensor | None = None) -> lis
     return alignment
 
 
+def rms_normalised(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each token's state divided by its root mean square: (B, T, d) -> (B, T, d)."""
+    return h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+@contextlib.contextmanager
+def layer_outputs(adapter) -> Iterator[list[torch.Tensor]]:
+    """The residual stream of the forward pass run inside the block, by forward hooks on the layers of
+    `adapter` (a `core.adapter.Adapter`): the list gets the input of layer 0, then each layer's output,
+    L + 1 tensors (B, T, d) in all, as `hidden_states` of a transformers model (but before any final
+    norm). The hooks are removed on exit."""
+    states: list[torch.Tensor] = []
+
+    def first(module, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    def output(module, args, out):
+        states.append(out[0] if isinstance(out, tuple) else out)
+
+    layers = adapter.layers
+    handles = [layers[0].register_forward_pre_hook(first, with_kwargs=True),
+               *(layer.register_forward_hook(output) for layer in layers)]
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class LayerMatcher(nn.Module):
     """W (d x d, identity at init, with bias 0) and the layer-matching loss L_layer.
 
     Args:
         hidden: d, the hidden size of student and teacher.
         layers: teacher layers to match (0-based; default `teacher_layers(L)` once known).
+        normalise: compare each token's states divided by their RMS (decoders, see the module docstring).
     """
 
-    def __init__(self, hidden: int, layers: list[int] | None = None):
+    def __init__(self, hidden: int, layers: list[int] | None = None, *, normalise: bool = False):
         super().__init__()
         self.layers = layers
+        self.normalise = normalise
         self.transform = nn.Linear(hidden, hidden)
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(hidden))
@@ -97,7 +139,7 @@ class LayerMatcher(nn.Module):
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int | None]]:
         """L_layer and the alignment m(i).
 
-        `student`, `teacher`: hidden states after each encoder layer, L tensors (B, T, d) each (e.g.
+        `student`, `teacher`: hidden states after each layer, L tensors (B, T, d) each (e.g.
         `outputs.hidden_states[1:]`); `alive` (L,) bool: student layers still present (e.g. mha gate
         > 0); `mask` (B, T) attention mask. Returns (scalar loss, one student layer index per matched
         teacher layer, None where nothing survives).
@@ -106,7 +148,11 @@ class LayerMatcher(nn.Module):
             raise ValueError(f"Student and teacher have {len(student)} and {len(teacher)} layers; they must match.")
         layers = self.layers if self.layers is not None else teacher_layers(len(teacher))
         mapped = [self.transform(h) for h in student]  # L x (B, T, d)
-        losses = torch.stack([torch.stack([masked_mse(s, teacher[i].detach(), mask) for s in mapped])
+        targets = {i: teacher[i].detach() for i in layers}
+        if self.normalise:
+            mapped = [rms_normalised(h) for h in mapped]
+            targets = {i: rms_normalised(h) for i, h in targets.items()}
+        losses = torch.stack([torch.stack([masked_mse(s, targets[i], mask) for s in mapped])
                               for i in layers])  # (n_teacher, L_s)
         alignment = align_layers(losses, alive)
         terms = [losses[row, col] for row, col in enumerate(alignment) if col is not None]

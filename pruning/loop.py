@@ -3,7 +3,7 @@
     start (or resume from the checkpoint)  ->  eval + checkpoint at step 0
     every step:  stop?  ->  lr  ->  forward / backward / step  ->  log
                  eval (adaptive cadence) -> at the end of the gate phase: slice the structure -> checkpoint
-    final eval on the whole dev split  ->  export the model to <run_dir>/model  ->  done
+    final eval on the whole dev split  ->  export the model to <run_dir>/model (LoRA merged)  ->  done
 
 Phases: a learned method first trains its gates with the weights for `steps` steps; then the
 deterministic structure is fixed, the model sliced (`pruning.surgery.prune`) and the smaller model
@@ -38,6 +38,7 @@ from pruning.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pruning.config import TrainConfig
 from pruning.distributed import Dist, checksum, launcher_pid
 from pruning.export import save_pruned
+from pruning.lora import merge_lora
 from pruning.methods.base import Progress
 from pruning.record import StepRecord, measure_step
 from pruning.runs import Heartbeat, RunStore
@@ -135,7 +136,7 @@ def run(s: TrainSession, signals: StopSignals) -> str:
     s.progress(total, total, "final evaluation on the full dev split")
     final = evaluate(s, final=True)
     if s.dist.main:
-        s.student.model.cpu()
+        merge_lora(s.student.model).cpu()  # the exported folder holds plain weights, no peft module
         final.export = str(save_pruned(s.student, s.job.run_dir / MODEL_FILE, overwrite=True))
         s.store.finish(s.job.run_id, "done", result=final.to_dict())
     return "done"

@@ -1,9 +1,11 @@
 """`StepRecord`: what one eval step of a training run measured, written by the loop, kept by the run
 store (as JSON) and read by attribute by the Prune page, the Pareto chart, the CLI and bench.
 
-`measure_step(session, final)` slices the current structure, measures it against the dense teacher
-(`pruning.live.measure_pruned`: accuracy on the dev subset, or on the whole dev split at the end, and
-latency at batch 1 and 32 timed interleaved in this process) and adds the training state: sparsity
+`measure_step(session, final)` slices the current structure (a copy of the student with its LoRA
+deltas merged, if it has any), measures it against the dense teacher (`pruning.live.measure_pruned`:
+accuracy on the dev subset, or on the whole dev split at the end, and latency at batch 1 and 32
+timed interleaved in this process; on documents `pruning.lm_measure.measure_text`: perplexity and
+next-token accuracy) and adds the training state: sparsity
 (expected and exact) and target, the method's own figures (lambda_1, lambda_2), the mean of each loss
 term since the last eval, units alive per layer, where the figures came from, and the clock.
 """
@@ -19,11 +21,16 @@ import torch
 
 from core.summary import median_tokens
 from pruning.gate_state import GateState
-from pruning.live import Comparison, Figures, figures, measure_pruned
+from pruning.live import Comparison, figures, measure_pruned
+from pruning.lm_measure import measure_text, text_figures, text_length
+from pruning.lora import merged_copy
 from pruning.surgery import prune
 
 LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
 FINAL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # ... and at the final full-dev evaluation
+# A decoder's forward costs far more (SmolLM2: ~9 s of CPU at batch 32), so it is timed fewer times.
+DECODER_LIVE_ROUNDS = {1: (2, 1), 32: (1, 1)}
+DECODER_FINAL_ROUNDS = {1: (3, 3), 32: (2, 1)}
 CLOCK = ("train_s", "eval_s", "checkpoint_s", "setup_s")  # the training clock's parts, seconds
 
 
@@ -72,6 +79,8 @@ class StepRecord:
     eval_gap: int = 0
     eval_fraction: float = 0.0
     export: str | None = None  # the exported model's folder (final record of a finished run)
+    perplexity: float | None = None  # language modelling: the LM's perplexity on the dev documents (the
+    dense_perplexity: float | None = None  # accuracies are then next-token accuracies); None for classifiers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,12 +114,43 @@ def alive(state: GateState) -> dict[str, list[int] | int]:
             "hidden_alive": int((s.hidden > 0).sum())}
 
 
-def _dense_figures(session, data) -> Figures:
-    """The teacher's accuracy and sizes on `data`, computed once per dataset and kept on the session."""
+def _dense_figures(session, data):
+    """The teacher's accuracy and sizes on `data` (language modelling: with its perplexity,
+    `pruning.lm_measure.text_figures`), computed once per dataset and kept on the session."""
     cache = session.__dict__.setdefault("_dense_figures", {})
     if data.name not in cache:
-        cache[data.name] = figures(session.teacher, data, median_tokens(session.teacher, data.texts))
+        teacher = session.teacher
+        cache[data.name] = (text_figures(teacher, data, text_length(teacher, data))
+                            if session.examples.language_modelling else
+                            figures(teacher, data, median_tokens(teacher, data.texts)))
     return cache[data.name]
+
+
+def _measure(session, snapshot, data, final: bool) -> tuple[Comparison, float | None, float | None]:
+    """The snapshot against the teacher on `data`, and (language modelling) both perplexities."""
+    if session.teacher.is_decoder:
+        rounds = DECODER_FINAL_ROUNDS if final else DECODER_LIVE_ROUNDS
+    else:
+        rounds = FINAL_ROUNDS if final else LIVE_ROUNDS
+    if session.examples.language_modelling:
+        text = measure_text(session.teacher, snapshot, data, _dense_figures(session, data), rounds)
+        return text.comparison, text.perplexity, text.dense_perplexity
+    return measure_pruned(session.teacher, snapshot, data, _dense_figures(session, data), rounds), None, None
+
+
+def _snapshot(session, state: GateState):
+    """The student as it would be exported now: its LoRA deltas merged (into a copy) and, in the gate
+    phase, sliced by `state`. The gate hooks are detached meanwhile: the copies must not carry them (a
+    hook that is a bound method would be deep-copied with its owner and the train-time gate sample)."""
+    hooks = session.hooks
+    if hooks is not None:
+        hooks.remove()
+    try:
+        student = merged_copy(session.student)
+        return prune(student, state) if session.phase == "gates" else student
+    finally:
+        if hooks is not None:
+            hooks.attach()
 
 
 def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord:
@@ -120,11 +160,10 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
     c = session.c
     state = session.current_state()
     data = session.dev if final else session.dev_subset
-    snapshot = prune(session.student, state) if session.phase == "gates" else session.student
+    snapshot = _snapshot(session, state)
     snapshot.model.eval()
     try:
-        cmp: Comparison = measure_pruned(session.teacher, snapshot, data, _dense_figures(session, data),
-                                         FINAL_ROUNDS if final else LIVE_ROUNDS)
+        cmp, ppl, dense_ppl = _measure(session, snapshot, data, final)
     finally:
         session.student.model.train()
     expected = session.method.expected_sparsity(session.step) if session.pruning() else None
@@ -154,4 +193,5 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
         note=cmp.note, device=str(session.device), threads=torch.get_num_threads(), processes=session.dist.world,
         replica_checksums=replicas, clock=dict(session.clock), eval_seconds=seconds, eval_gap=session.gap,
         eval_fraction=session.clock["eval_s"] / max(1e-9, sum(session.clock.values())),
+        perplexity=ppl, dense_perplexity=dense_ppl,
     )

@@ -6,7 +6,14 @@ gates with the weights (`setup_gates`: the student is a trainable copy of the mo
 then the deterministic structure is sliced (`setup_finetune`) and the smaller model fine-tuned.
 Several processes (torchrun): every step's global batch is split into one contiguous shard per rank
 (`batch`), batch-mean loss terms are weighted by world * shard / batch so the averaged gradient is the
-global batch's, and the method's shared tensors (gates, multipliers) are averaged after backward.
+global batch's, and the method's shared tensors (gates, multipliers) are averaged after backward
+(language-modelling terms are means over a shard's scored tokens, so there ranks weigh by examples).
+
+The task follows the data (`pruning.examples`): labelled texts train the classifier (an encoder's
+head, or a decoder's prompt: the label words' logits), plain documents train a decoder's causal LM
+on next-token prediction. With `lora` the student trains LoRA adapters with its weights frozen
+(`pruning.lora`): they are added before the gate hooks (which then gate the adapters' wrappers too)
+and merged into the weights before every slicing and the export.
 """
 
 from __future__ import annotations
@@ -23,23 +30,38 @@ import numpy as np
 import torch
 
 from core.adapter import Adapter, GateShape
-from core.batching import collate, encode, sorted_batches
-from core.data import load_splits
+from core.batching import Encoded, encode, sorted_batches
+from core.data import TextDataset, load_splits, load_text
 from core.loaded import LoadedModel
 from core.models import load_model
 from core.structure import pruning_info
 from pruning import memory
 from pruning.checkpoints import rng_state, set_rng_state
 from pruning.config import TrainConfig
+from pruning.distill import layer_outputs
 from pruning.distributed import Dist, resolve_device
+from pruning.examples import Examples, cut_texts, text_examples
 from pruning.gate_state import GateState
 from pruning.hooks import GateHooks
+from pruning.lora import add_lora, lora_parameters, merge_lora
 from pruning.losses import TaskLoss
 from pruning.methods.base import MethodContext, Progress, PruningMethod
 from pruning.runs import RunStore
 from pruning.surgery import prune
 
 BATCH_TERMS = ("task", "distill_ce", "distill_layer")  # batch means: weighted by shard size across ranks
+UNCUT = 10**9  # no cut (a prompted decoder's texts are cut before the template is filled)
+
+
+def classification_examples(loaded: LoadedModel, data: TextDataset, max_length: int) -> Examples:
+    """One example per text of `data`, its target the class id: an encoder's text cut to `max_length`
+    tokens, a prompted decoder's prompt around its text cut to `max_length` tokens (`pruning.examples`)."""
+    if loaded.prompt is None:
+        enc = encode(loaded.tokenizer, data.texts, max_length)
+    else:
+        texts, cut = cut_texts(loaded.text_tokenizer, data.texts, max_length)
+        enc = Encoded(ids=encode(loaded.tokenizer, texts, UNCUT).ids, truncated=cut, max_length=max_length)
+    return Examples(enc=enc, labels=torch.tensor(data.labels), pad_id=loaded.tokenizer.pad_token_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +94,21 @@ class TrainSession:
         if not same:
             self._check_teacher()
         self.teacher.model.eval()
-        splits = load_splits(config.data_spec, self.teacher.label_names)
-        if len(splits.train) < config.batch_size:
-            raise ValueError(f"The training split has {len(splits.train)} examples, fewer than batch_size "
+        spec = config.data_spec
+        if spec.is_text:  # documents: the causal LM's next-token loss, evaluated by perplexity
+            self.train_data, self.dev = load_text(spec, "train"), load_text(spec, "dev")
+            self.examples: Examples = text_examples(self.base, self.train_data.documents, config.max_length)
+        else:
+            splits = load_splits(spec, self.teacher.label_names)
+            self.train_data, self.dev = splits.train, splits.dev
+            self.examples = classification_examples(self.base, splits.train, config.max_length)
+        if len(self.examples) < config.batch_size:
+            raise ValueError(f"The training split has {len(self.examples)} examples, fewer than batch_size "
                              f"{config.batch_size}.")
         if config.batch_size < dist.world:
             raise ValueError(f"batch_size {config.batch_size} is the global batch, split across {dist.world} "
                              "processes; it must be at least the number of processes.")
-        self.train_data, self.dev = splits.train, splits.dev
-        self.dev_subset = splits.dev.subset(config.eval_examples, seed=config.seed)
-        self.enc = encode(self.base.tokenizer, splits.train.texts, config.max_length)
-        self.labels = torch.tensor(splits.train.labels)
+        self.dev_subset = self.dev.subset(config.eval_examples, seed=config.seed)
         context = MethodContext(base=self.base, teacher=self.teacher, train=self.train_data, device=self.device,
                                 seed=config.seed, progress=self.progress)
         self.method: PruningMethod = config.method_class()(config.method_options(), context)
@@ -110,11 +136,18 @@ class TrainSession:
         free = memory.available_bytes(self.device)
         if free is not None and self.device.type == "cpu":
             free += memory.FLOAT * sum(held.values())
-        longest = max(len(ids) for ids in self.enc.ids)  # tokens; the batch holding it is the peak
+        lora = self.c.lora_settings
+        config = self.base.model.config
+        work = memory.Workload(
+            decoder=self.base.is_decoder, eager=getattr(config, "_attn_implementation", "eager") == "eager",
+            vocab=config.vocab_size if self.examples.language_modelling else 0,
+            hidden_states=self.method.learned and self.method.needs_hidden_states(),
+            lora_rank=lora.rank if lora else 0, lora_dropout=bool(lora and lora.dropout > 0))
         return memory.estimate(held[id(self.base.model)], held[id(self.teacher.model)], self.shape,
-                               math.ceil(self.c.batch_size / self.dist.world), longest,
+                               math.ceil(self.c.batch_size / self.dist.world), self.examples.longest,
                                gated=self.method.learned, device=str(self.device),
-                               processes=self.dist.local_world if self.device.type == "cpu" else 1, available=free)
+                               processes=self.dist.local_world if self.device.type == "cpu" else 1, available=free,
+                               trainable=lora_parameters(self.base.adapter, lora.rank) if lora else None, work=work)
 
     def _check_teacher(self) -> None:
         """A separate teacher must share the model's labels and vocabulary (the method may ask for more:
@@ -129,9 +162,26 @@ class TrainSession:
 
     def _trainable_copy(self) -> LoadedModel:
         model = copy.deepcopy(self.base.model).to(self.device)
-        model.train()
-        model.requires_grad_(True)
-        return dataclasses.replace(self.base, model=model, adapter=Adapter(model), notes=list(self.base.notes))
+        return self._trainable(dataclasses.replace(self.base, model=model, adapter=Adapter(model),
+                                                   notes=list(self.base.notes)))
+
+    def _trainable(self, student: LoadedModel) -> LoadedModel:
+        """`student` in train mode with every weight trainable, or (lora) with LoRA adapters added and
+        only those trainable."""
+        student.model.to(self.device).train()
+        student.model.requires_grad_(True)
+        if self.c.lora:
+            add_lora(student, self.c.lora_settings)
+            student.model.to(self.device)
+        return student
+
+    def _trained_module(self) -> torch.nn.Module:
+        """What the forward pass calls: the student's classifier, or its causal LM for language modelling."""
+        return self.student.lm if self.examples.language_modelling else self.student.model
+
+    def _optimizer(self, extra: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        params = [p for p in self.student.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW([*params, *extra], lr=self.c.lr, weight_decay=0.0)
 
     def autocast(self):
         """bf16 autocast on CUDA; nothing on the CPU."""
@@ -143,26 +193,25 @@ class TrainSession:
         """The gate phase: a trainable copy of the model with hooks; the method creates its gates."""
         self.student = self._trainable_copy()
         extra = self.method.setup(self.student)
-        self.hooks = GateHooks(self.student, GateState.dense(self.shape)).attach()
-        self.ddp = self.dist.wrap(self.student.model, self.device)
-        params = [*self.student.model.parameters(), *extra]
-        self.optimizer = torch.optim.AdamW(params, lr=self.c.lr, weight_decay=0.0)
+        self.hooks = GateHooks(self.student, GateState.dense(self.shape)).attach()  # after LoRA: on its wrappers
+        self.ddp = self.dist.wrap(self._trained_module(), self.device)
+        self.optimizer = self._optimizer(extra)
         self.phase = "gates"
 
     def setup_finetune(self, state: GateState) -> None:
-        """The fixed-structure phase: slice (a copy of) the student, or the model if there is none."""
+        """The fixed-structure phase: slice (a copy of) the student, its LoRA deltas merged first, or the
+        model if there is none; with lora the sliced model gets fresh adapters."""
         if self.hooks is not None:
             self.hooks.remove()
         source = self.student if self.student is not None else self.base
-        self.student = prune(source, state.detach())
-        self.student.model.to(self.device).train()
-        self.student.model.requires_grad_(True)
+        merge_lora(source.model)
+        self.student = self._trainable(prune(source, state.detach()))
         info = pruning_info(self.student.model)
-        self.ddp = self.dist.wrap(self.student.model, self.device,
+        self.ddp = self.dist.wrap(self._trained_module(), self.device,
                                   find_unused=bool(info is not None and info.plan.skipped_attention))
         self.fixed = state.detach()
         self.hooks = None
-        self.optimizer = torch.optim.AdamW(self.student.model.parameters(), lr=self.c.lr, weight_decay=0.0)
+        self.optimizer = self._optimizer([])
         self.phase = "finetune"
 
     def one_shot(self) -> None:
@@ -178,7 +227,8 @@ class TrainSession:
         resume sees the same batches. A rank whose shard is empty (a last batch smaller than the
         number of ranks) runs the batch's first example with weight 0."""
         def epoch_batches(epoch: int) -> list[np.ndarray]:
-            return list(sorted_batches(self.enc, self.c.batch_size, np.random.default_rng([self.c.seed, epoch])))
+            rng = np.random.default_rng([self.c.seed, epoch])
+            return list(sorted_batches(self.examples.enc, self.c.batch_size, rng))
 
         if self._epoch < 0:
             self._epoch, self._batches = 0, epoch_batches(0)
@@ -189,8 +239,8 @@ class TrainSession:
         mine = idx[self.dist.shard(len(idx))]
         weight = self.dist.world * len(mine) / len(idx)
         mine = mine if len(mine) else idx[:1]
-        batch = collate([self.enc.ids[i] for i in mine], self.base.tokenizer.pad_token_id)
-        return {k: v.to(self.device) for k, v in batch.items()}, self.labels[mine].to(self.device), weight
+        batch, targets = self.examples.batch(mine)
+        return {k: v.to(self.device) for k, v in batch.items()}, targets.to(self.device), weight
 
     def lr(self) -> float:
         """Constant in the gate phase; linear decay to 0 over the final fine-tune."""
@@ -206,25 +256,42 @@ class TrainSession:
     def distilling(self) -> bool:
         return self.c.distill or self.method.distills_always
 
+    def forward(self, module: torch.nn.Module, loaded: LoadedModel, batch: dict[str, torch.Tensor],
+                hidden: bool = False):
+        """`module` (the student's trained module, or the teacher's counterpart inside `loaded`) on
+        `batch`. With `hidden` the outputs' hidden_states are the stream at every layer boundary, L + 1
+        tensors (B, T, d): a decoder's are its residual stream (`pruning.distill.layer_outputs`)."""
+        kwargs = {"use_cache": False} if self.examples.language_modelling else {}
+        if not (hidden and loaded.is_decoder):
+            return module(**batch, **({"output_hidden_states": True} if hidden else {}), **kwargs)
+        with layer_outputs(loaded.adapter) as states:
+            out = module(**batch, **kwargs)
+        out.hidden_states = tuple(states)
+        return out
+
+    def _teacher_module(self) -> torch.nn.Module:
+        return self.teacher.lm if self.examples.language_modelling else self.teacher.model
+
     def loss_terms(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward passes of student (and teacher when needed) on `batch`; the named loss terms."""
+        """Forward passes of student (and teacher when needed) on `batch`; the named loss terms. `labels`:
+        (B,) class ids, or (B, T) next-token targets (language modelling)."""
         if self.phase == "gates":
             state = self.method.train_state(self.step)
             self.hooks.update(state)
             hidden = self.method.needs_hidden_states()
             with self.autocast():
-                out = self.ddp(**batch, output_hidden_states=hidden)
+                out = self.forward(self.ddp, self.student, batch, hidden)
                 teacher_out = None
                 if self.method.needs_teacher(self.distilling()):
                     with torch.no_grad():
-                        teacher_out = self.teacher.model(**batch, output_hidden_states=hidden)
+                        teacher_out = self.forward(self._teacher_module(), self.teacher, batch, hidden)
             return self.method.loss(self.step, labels, out, teacher_out, state, batch["attention_mask"], self.task)
         with self.autocast():
-            out = self.ddp(**batch)
+            out = self.forward(self.ddp, self.student, batch)
             teacher_logits = None
             if self.distilling():
                 with torch.no_grad():
-                    teacher_logits = self.teacher.model(**batch).logits
+                    teacher_logits = self.forward(self._teacher_module(), self.teacher, batch).logits
         return self.task(out.logits, labels, teacher_logits)
 
     def train_step(self) -> None:

@@ -6,8 +6,10 @@ hidden dims), distillation from the dense teacher and a Lagrangian to a ramped t
 
 The target t is 0 for `prefinetune_steps` (a plain distillation fine-tune), then rises linearly to
 `target_sparsity` over `warmup_steps` and holds. L_layer matches each teacher layer to the closest
-surviving student layer through one learned d x d map (`pruning.distill.LayerMatcher`). After the
-gate phase the deterministic structure is sliced and fine-tuned with distillation.
+surviving student layer through one learned d x d map (`pruning.distill.LayerMatcher`; a decoder's
+residual stream is compared per token after RMS normalisation). After the gate phase the
+deterministic structure is sliced and fine-tuned with distillation. The task's logits are a
+classifier's (B, C) or a causal LM's (B, T, V) (`pruning.losses`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pruning.size import expected_sparsity
 
 @dataclass
 class CoFiOptions:
-    target_sparsity: float = option(0.6, "fraction of the encoder's weights to remove", low=0.0, high=1.0,
+    target_sparsity: float = option(0.6, "fraction of the layers' weights to remove", low=0.0, high=1.0,
                                     open_high=True)
     prefinetune_steps: int = option(20, "plain fine-tune steps before pruning starts (CoFi: 100)", low=0)
     warmup_steps: int = option(200, "steps over which the target rises linearly from 0 to target_sparsity",
@@ -76,7 +78,7 @@ class CoFi(GatedMethod):
         super().setup(student)
         device = self.context.device
         self.controller = LagrangianController().to(device)
-        self.matcher = LayerMatcher(self.context.shape.hidden).to(device)
+        self.matcher = LayerMatcher(self.context.shape.hidden, normalise=student.is_decoder).to(device)
         self._optimizers["lambdas"] = self.controller.optimizer(self.options.lambda_lr)
         return list(self.matcher.parameters())
 
@@ -94,14 +96,15 @@ class CoFi(GatedMethod):
 
     def loss(self, step, labels, outputs, teacher_outputs, state, attention_mask, task):
         """T^2 KL to the teacher's logits, layer matching and (while pruning) the Lagrangian term."""
-        terms = {"distill_ce": task.distill_ce(outputs.logits, teacher_outputs.logits)}
+        terms = {"distill_ce": task.distill_ce(outputs.logits, teacher_outputs.logits, labels)}
         if self.needs_hidden_states():
             layer, _ = self.matcher([h.float() for h in outputs.hidden_states[1:]],
                                     [h.float() for h in teacher_outputs.hidden_states[1:]],
                                     alive=state.mha.detach() > 0, mask=attention_mask)
             terms["distill_layer"] = self.options.alpha_layer * layer
         if self.pruning(step):
-            terms["lagrangian"] = self.controller(expected_sparsity(self.gates), self.schedule.at(step))
+            terms["lagrangian"] = self.controller(expected_sparsity(self.gates, model=self.context.sizes),
+                                                  self.schedule.at(step))
         return terms
 
     def target(self, step: int) -> float | None:
