@@ -115,6 +115,7 @@ class PromptClassifier(nn.Module):
         lm.config.num_labels = len(label_names)
         lm.config.id2label = dict(enumerate(label_names))
         lm.config.label2id = {n: i for i, n in enumerate(label_names)}
+        self.train(lm.training)  # an LM in eval mode gives a classifier in eval mode
 
     @property
     def config(self):
