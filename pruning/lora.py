@@ -37,7 +37,7 @@ class LoraSettings:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0
 
 
 def target_names(adapter: Adapter) -> list[str]:

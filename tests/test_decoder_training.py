@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,11 @@ SMALL = dict(batch_size=8, eval_every=10, eval_budget=1.0, eval_examples=8, chec
 @pytest.fixture(scope="module")
 def decoders(tiny_decoders) -> dict[str, object]:
     return {arch: load_model(str(folder)) for arch, folder in tiny_decoders.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir))
 
 
 def session(folder: Path, teacher, reviews: Path, tmp_path: Path, **overrides) -> TrainSession:
@@ -144,7 +150,7 @@ def test_lora_on_an_encoder_adapts_its_six_projections(tiny_dir):
 def test_lora_steps_train_only_adapters_and_gates(method, decoders, tiny_decoders, reviews, tmp_path):
     extra = dict(target_sparsity=0.5, prefinetune_steps=0, warmup_steps=4) if method == "cofi" else {}
     s = session(tiny_decoders["llama"], decoders["llama"], reviews, tmp_path, method=method, steps=6,
-                finetune_steps=0, lora=True, lora_dropout=0.0, **extra)
+                finetune_steps=0, lora=True, **extra)
     s.setup_gates()
     base = {n.replace(".base_layer", ""): p.detach().clone() for n, p in s.student.model.named_parameters()
             if "lora_" not in n}
@@ -225,7 +231,7 @@ def test_trained_gates_prune_to_the_gated_model(arch, decoders, tiny_decoders, r
     """CoFi steps with LoRA; the LoRA deltas merged, the deterministic (soft) gates folded and sliced give
     the class logits and the LM logits of the gated model."""
     s = session(tiny_decoders[arch], decoders[arch], reviews, tmp_path, method="cofi", steps=12, finetune_steps=0,
-                target_sparsity=0.5, prefinetune_steps=0, warmup_steps=6, lora=True, lora_dropout=0.0, lr=1e-2)
+                target_sparsity=0.5, prefinetune_steps=0, warmup_steps=6, lora=True, lr=1e-2)
     s.setup_gates()
     for _ in range(12):
         s.train_step()
@@ -338,6 +344,48 @@ def test_a_lora_cofi_run_on_a_decoder_exports_plain_weights(decoders, tiny_decod
     exported = load_pruned(folder)
     assert not has_lora(exported.model) and exported.is_decoder
     assert exported.architecture().parameters == final["parameters"]
+
+
+def stop_at(store: RunStore, run_id: int, step: int):
+    """A progress callback requesting a stop after `step` steps (the loop reads the flag once a second)."""
+    def progress(done, total, message):
+        if done == step:
+            store.request_stop(run_id)
+            time.sleep(1.1)
+    return progress
+
+
+def test_a_lora_run_resumed_in_its_fine_tune_is_the_same_run(decoders, tiny_decoders, reviews, tmp_path):
+    """Stopped after slicing (the fine-tune's fresh adapters on the pruned model), resumed from the
+    checkpoint: the same losses and accuracies as the run that was never stopped."""
+    store = RunStore(tmp_path / "runs.sqlite")
+    config = TrainConfig.build(**{**SMALL, "model": str(tiny_decoders["llama"]), "data": str(reviews), "lr": 1e-2,
+                                  "eval_every": 4}, method="l0", steps=8, finetune_steps=6, l0_lambda=1.0,
+                               gate_lr=2.0, lora=True).check()
+    stopped = store.create(config.to_dict())
+    assert run_job(store, stopped, stop_at(store, stopped, 10), teacher=decoders["llama"]) == "stopped"
+    assert store.get(stopped).step == 10
+    assert run_job(store, stopped, teacher=decoders["llama"]) == "done"
+    whole = store.create(config.to_dict())
+    assert run_job(store, whole, teacher=decoders["llama"]) == "done"
+    a, b = store.metrics(whole), store.metrics(stopped)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a[-1]["phase"] == "finetune"
+    assert sum(a[-1]["heads_alive"]) < 12  # the fine-tune trains a sliced model (LoRA on what is left)
+    for x, y in zip(a, b):
+        assert y["losses"] == pytest.approx(x["losses"], abs=1e-5) and y["accuracy"] == x["accuracy"], x["step"]
+
+
+def test_a_lora_cofi_run_on_an_encoder(tiny, tiny_dir, reviews, tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    config = TrainConfig.build(**{**SMALL, "model": str(tiny_dir), "data": str(reviews), "label_map": {}},
+                               method="cofi", steps=12, finetune_steps=2, target_sparsity=0.5, prefinetune_steps=0,
+                               warmup_steps=6, lora=True, lora_rank=4).check()
+    run_id = store.create(config.to_dict())
+    assert run_job(store, run_id, teacher=tiny) == "done"
+    final = store.get(run_id).result
+    assert final["parameters"] < final["dense_parameters"] and final["losses"].keys() == {"task", "distill_ce"}
+    exported = load_pruned(final["export"])
+    assert not has_lora(exported.model) and exported.architecture().parameters == final["parameters"]
 
 
 # ----------------------------------------------------------------------------- language modelling
