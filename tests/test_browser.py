@@ -182,3 +182,34 @@ def test_prune_page_curves_grow_while_a_run_trains_in_a_real_browser(app_url, ho
     finally:
         if train.poll() is None:
             train.kill()
+
+
+def test_smollm2_goes_through_all_four_pages_in_a_real_browser(app_url, page):
+    """Last in this file (it leaves the session on the decoder): the Model page shows SmolLM2's query and KV
+    heads, the Heads page starts its analysis, the Gates page closes a query head and its figures change,
+    the Prune page offers a run on it."""
+    page.set_viewport_size({"width": 1400, "height": 1800})
+    page.goto(app_url)
+    page.get_by_text("SmolLM2-135M-Instruct (decoder").click(timeout=120_000)
+    page.get_by_text("KV heads").wait_for(timeout=120_000)
+    page.get_by_text("Zero-shot classification").wait_for(timeout=120_000)
+    assert not page.locator('[data-testid="stException"]').count()
+    page.screenshot(path=str(ARTIFACTS / "model_page_smollm2.png"), full_page=True)
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Heads").click()
+    page.get_by_text("Computing relevance and roles").wait_for(timeout=120_000)  # its job runs in the background
+    assert not page.locator('[data-testid="stException"]').count()
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Gates").click()
+    page.get_by_text("kept 270/270 heads").wait_for(timeout=600_000)
+    assert page.get_by_text("Latency, batch 8").is_visible()  # a decoder's larger batch
+    grid = page.locator(".js-plotly-plot").first
+    grid.locator(".scatterlayer .trace").first.locator(".point").nth(1).click(force=True)  # layer 0, query head 1
+    page.get_by_text("kept 269/270 heads (90/90 KV heads)").wait_for(timeout=600_000)
+    assert not page.locator('[data-testid="stException"]').count()
+    page.screenshot(path=str(ARTIFACTS / "gates_page_smollm2.png"))
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Prune").click()
+    page.get_by_role("button", name="Start run").wait_for(timeout=120_000)
+    assert page.locator("code", has_text="smollm2").first.is_visible()  # the caption names the chosen model
+    assert not page.locator('[data-testid="stException"]').count()

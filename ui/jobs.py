@@ -9,7 +9,8 @@ from core.jobs import JobState, job_state, start_job
 
 # What the app's job names (their prefix before the fingerprints) do, as the queue panel says it.
 JOB_KINDS = {"summary": "Model evaluation", "heads": "Heads analysis", "gates-eval": "Gates full-dev evaluation",
-             "prepare": "preparing", "finetune": "fine-tuning", "export": "export"}
+             "prepare": "preparing", "finetune": "fine-tuning", "export": "export",
+             "perplexity": "Language modelling (perplexity)", "zeroshot": "Zero-shot evaluation"}
 
 
 def ensure_job(name: str, args: list[str]) -> JobState | None:
