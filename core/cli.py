@@ -25,8 +25,9 @@ from core.cpu_queue import BACKGROUND, INTERACTIVE, cpu_turn, watch_pauses
 from core.data import DataError, DataSpec, parse_label_map
 from core.jobs import BACKGROUND_ENV, JobReporter
 from core.messages import one_line
-from core.models import LoadedModel, ModelError, ModelNotPrepared, load_model
+from core.models import BUILTIN_MODELS, LoadedModel, ModelError, ModelNotPrepared, load_model
 from core.prepare import prepare
+from core.prompting import PromptSpec
 
 BACKGROUND_NICE = 10  # niceness added to background processes: the app's server goes first
 
@@ -81,14 +82,15 @@ def run_with_bar(job: str | None, work, priority: int | None = INTERACTIVE):
     return result
 
 
-def load_or_prepare(spec: str, label_names: list[str] | None = None) -> LoadedModel:
-    """Load a model; a built-in one that is not fine-tuned yet is fine-tuned first (with a bar)."""
+def load_or_prepare(spec: str, label_names: list[str] | None = None, prompt: PromptSpec | None = None) -> LoadedModel:
+    """Load a model; a built-in one that is not prepared yet (fine-tuned, or converted from its GGUF) is
+    prepared first, with a bar."""
     try:
-        return load_model(spec, label_names=label_names)
+        return load_model(spec, label_names=label_names, prompt=prompt)
     except ModelNotPrepared:
-        print(f"Preparing built-in model '{spec}' (one-time fine-tune)...", file=sys.stderr)
+        print(f"Preparing built-in model '{spec}' once ({BUILTIN_MODELS[spec]})...", file=sys.stderr)
         run_with_bar(f"prepare-{spec}", lambda bar: prepare(spec, progress=bar), BACKGROUND)
-        return load_model(spec)
+        return load_model(spec, label_names=label_names, prompt=prompt)
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
