@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from core.batching import collate, encode
+from core.cpu_queue import pauses_seen
 from core.generation import greedy_decode
 
 LENGTH_SAMPLE = 2000  # texts, evenly spaced over the data (not its first rows), whose lengths define "typical"
@@ -110,6 +111,21 @@ def make_batch(tokenizer, texts: list[str], batch_size: int, max_length: int = 1
 
 
 @torch.inference_mode()
+def _timed(call, device: torch.device) -> float:
+    """Seconds one `call()` takes. A call during which this process was paused (a SIGCONT arrived: the
+    CPU queue froze it for interactive work, `core.cpu_queue.pauses_seen`) is made again, so a timing
+    never includes a pause."""
+    while True:
+        pauses = pauses_seen()
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if pauses_seen() == pauses:
+            return elapsed
+
+
 def time_forward(model, batch: dict[str, torch.Tensor], *, warmup: int = 3, repeats: int = 20,
                  budget_s: float = 3.0, options: dict | None = None) -> Latency:
     """Time `model(**batch, **options)`: `warmup` untimed calls, then up to `repeats` timed ones within
@@ -124,11 +140,7 @@ def time_forward(model, batch: dict[str, torch.Tensor], *, warmup: int = 3, repe
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < repeats and (len(times) < 5 or time.perf_counter() < deadline):
-        _sync(device)
-        start = time.perf_counter()
-        model(**batch, **options)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(_timed(lambda: model(**batch, **options), device))
     return _summarise(times, batch, model)
 
 
@@ -156,11 +168,7 @@ def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], 
         for _ in range(rounds):
             for name, m in models.items():
                 for _ in range(repeats_per_round):
-                    _sync(devices[name])
-                    start = time.perf_counter()
-                    m(**batches[name])
-                    _sync(devices[name])
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(_timed(lambda m=m, name=name: m(**batches[name]), devices[name]))
     return {name: _summarise(t, batch, models[name]) for name, t in times.items()}
 
 

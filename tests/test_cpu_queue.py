@@ -173,3 +173,39 @@ def test_every_page_says_what_the_background_work_does(workers):
     analysis.stop()
     training.stop()
     assert queue_line(cpu_queue.reconcile(workers.db)) is None
+
+
+PAUSED_TIMING = textwrap.dedent("""
+    import sys, time
+    import torch
+    from core.cpu_queue import watch_pauses
+    from core.latency import compare
+
+    class Slow(torch.nn.Module):  # 0.2 s a call, whatever the machine
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))  # where it runs (the CPU)
+
+        def forward(self, input_ids):
+            time.sleep(0.2)
+            return input_ids
+    watch_pauses()
+    print("ready", flush=True)
+    start = time.perf_counter()
+    timed = compare({"slow": Slow()}, {"input_ids": torch.zeros(1, 3)}, rounds=3, repeats_per_round=2, warmup=False)
+    print(timed["slow"].p90_s, time.perf_counter() - start, flush=True)
+""")
+
+
+def test_a_timing_never_includes_a_pause():
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_TIMING], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)  # inside the timed calls
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGCONT)
+    p90, wall = map(float, proc.stdout.readline().split())
+    assert proc.wait(timeout=30) == 0
+    assert wall > 1.5 + 6 * 0.2 - 0.1  # the pause happened during the timing...
+    assert 0.19 < p90 < 0.5  # ...and no timed call includes it (the paused call was made again)
