@@ -60,7 +60,7 @@ def test_empty_dataset_is_refused(tiny_dir):
 
 def test_latency_harness_shape(tiny_dir):
     loaded = load_model(str(tiny_dir))
-    result = measure(loaded.model, loaded.tokenizer, TEXTS, repeats=7, warmup=1)
+    result = measure(loaded.model, loaded.tokenizer, TEXTS, repeats=7, warmup=1, budget_s=600)  # all 7, however busy
     assert set(result) == {1, 32}
     for b, lat in result.items():
         assert lat.batch_size == b and lat.repeats == 7
