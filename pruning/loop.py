@@ -28,10 +28,13 @@ at the same step.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
 
+from core.cpu_queue import BACKGROUND, cpu_turn
+from core.jobs import BACKGROUND_ENV
 from core.loaded import LoadedModel
 from pruning import memory
 from pruning.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -210,4 +213,9 @@ def run_job(store: RunStore | None, run_id: int | None, progress: Progress | Non
         pass
     if job is None:
         return "stopped"
-    return train(TrainConfig.from_dict(job.config), store, job, progress, teacher=teacher, dist=dist)
+    # A background run takes the machine's CPU turn only once it is the run store's turn: the other order
+    # deadlocks two runs (each holding what the other waits for). Parallel and data-parallel runs take none.
+    queued = exclusive and dist.world == 1 and os.environ.get(BACKGROUND_ENV)
+    with cpu_turn(f"pruning train --run-id {run_id}", BACKGROUND, progress=progress) if queued \
+            else contextlib.nullcontext():
+        return train(TrainConfig.from_dict(job.config), store, job, progress, teacher=teacher, dist=dist)

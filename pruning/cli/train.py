@@ -21,7 +21,6 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from core.cli import load_or_prepare, run_with_bar
-from core.cpu_queue import BACKGROUND
 from core.data import load_splits
 from core.folders import check_target
 from pruning import distributed
@@ -99,12 +98,9 @@ def summary(run: Run) -> str:
 def run_and_report(store: RunStore, run_id: int, job: str | None, *, parallel: bool, as_json: bool, teacher=None,
                    dist=None) -> int:
     """Train run `run_id` of `store` in this process, then print its record (JSON) or `summary` line.
-
-    A background run waits for the machine's CPU turn as `BACKGROUND` work (interactive work pauses
-    it); `parallel` runs and data-parallel ranks take no turn."""
-    priority = None if parallel or (dist is not None and dist.world > 1) else BACKGROUND
+    (`run_job` takes the machine's CPU turn, as `BACKGROUND` work, once the run store gives the run its turn.)"""
     run_with_bar(job, lambda bar: run_job(store, run_id, bar, exclusive=not parallel, teacher=teacher, dist=dist),
-                 priority)
+                 None)
     run = store.get(run_id)
     if as_json:
         print(json.dumps({"id": run.id, "status": run.status, "step": run.step, "total": run.total,
