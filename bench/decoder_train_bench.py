@@ -32,10 +32,10 @@ from pruning.runs import RunStore
 
 SETTINGS = {  # chosen to fit the 30-minute budget on 2 cores (see the module docstring)
     "model": "smollm2", "data": "lm", "method": "l0", "lora": True, "lora_rank": 8, "lr": 2e-4,
-    "batch_size": 4, "max_length": 64, "steps": 120, "finetune_steps": 30, "alpha_ce": 0.3,
+    "batch_size": 4, "max_length": 64, "steps": 120, "finetune_steps": 40, "alpha_ce": 0.3,
     "eval_every": 40, "eval_examples": 8, "checkpoint_every": 0,
 }
-METHOD_SETTINGS = {"l0": {"l0_lambda": 0.02, "gate_lr": 0.5},
+METHOD_SETTINGS = {"l0": {"l0_lambda": 0.01, "gate_lr": 0.5},
                    "cofi": {"target_sparsity": 0.3, "prefinetune_steps": 10, "warmup_steps": 80, "gate_lr": 0.5,
                             "lambda_lr": 0.5, "alpha_layer": 0.5}}
 OVERRIDES = {"steps": int, "finetune_steps": int, "batch_size": int, "max_length": int, "lr": float, "l0_lambda": float,

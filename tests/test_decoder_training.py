@@ -23,6 +23,7 @@ from pruning.config import TrainConfig
 from pruning.distill import LayerMatcher, layer_outputs, rms_normalised
 from pruning.distributed import Dist
 from pruning.examples import text_examples
+from pruning.gate_state import GateState
 from pruning.hooks import gated
 from pruning.loop import run_job
 from pruning.lora import LoraSettings, add_lora, has_lora, lora_parameters, merge_lora, merged_copy
@@ -137,6 +138,26 @@ def test_lora_merge_keeps_the_logits_and_leaves_no_peft_module(decoders, arch):
     assert not torch.allclose(unmerged, dense, atol=1e-3)  # the delta matters
     assert torch.allclose(merged, unmerged, atol=1e-5) and not has_lora(student.model)
     assert sum(p.numel() for p in student.model.parameters()) == sum(p.numel() for p in loaded.model.parameters())
+
+
+def test_lora_on_a_sliced_decoder_with_uneven_gqa_groups(decoders):
+    """Qwen2 (6 query heads in 2 KV groups of 3) with one head of layer 0 closed keeps 2 + 3 heads there:
+    its K/V expand their output per query head, get no adapter and keep their weights; every other
+    projection is adapted, the forward runs and the merge keeps the logits."""
+    loaded = decoders["qwen2"]
+    pruned = prune(loaded, GateState.from_closed_heads(loaded, [(0, 0)]))
+    add_lora(pruned, LoraSettings(rank=2))
+    adapted = {n.rpartition(".lora_A")[0] for n, _ in pruned.model.named_parameters() if ".lora_A." in n}
+    skipped = {"lm.model.layers.0.self_attn.k_proj", "lm.model.layers.0.self_attn.v_proj"}
+    assert len(adapted) == 3 * 7 - 2 and not adapted & skipped
+    with torch.no_grad():
+        for name, p in pruned.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+        batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+        unmerged = pruned.lm(**batch).logits
+        merge_lora(pruned.model)
+        assert torch.allclose(pruned.lm(**batch).logits, unmerged, atol=1e-5)
 
 
 def test_lora_on_an_encoder_adapts_its_six_projections(tiny_dir):
