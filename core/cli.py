@@ -26,7 +26,7 @@ from core.data import DataError, DataSpec, parse_label_map
 from core.jobs import BACKGROUND_ENV, JobReporter
 from core.messages import one_line
 from core.models import BUILTIN_MODELS, LoadedModel, ModelError, ModelNotPrepared, load_model
-from core.prepare import prepare
+from core.prepare import prepare, prepare_job
 from core.prompting import PromptSpec
 
 BACKGROUND_NICE = 10  # niceness added to background processes: the app's server goes first
@@ -83,13 +83,14 @@ def run_with_bar(job: str | None, work, priority: int | None = INTERACTIVE):
 
 
 def load_or_prepare(spec: str, label_names: list[str] | None = None, prompt: PromptSpec | None = None) -> LoadedModel:
-    """Load a model; a built-in one that is not prepared yet (fine-tuned, or converted from its GGUF) is
-    prepared first, with a bar."""
+    """Load a model; a built-in one that is not prepared yet (fine-tuned, or converted from its GGUF) or a
+    .gguf file not converted yet (or changed since) is prepared first, with a bar."""
     try:
         return load_model(spec, label_names=label_names, prompt=prompt)
     except ModelNotPrepared:
-        print(f"Preparing built-in model '{spec}' once ({BUILTIN_MODELS[spec]})...", file=sys.stderr)
-        run_with_bar(f"prepare-{spec}", lambda bar: prepare(spec, progress=bar), BACKGROUND)
+        what = f"built-in model '{spec}' ({BUILTIN_MODELS[spec]})" if spec in BUILTIN_MODELS else f"{spec} (GGUF)"
+        print(f"Preparing {what} once...", file=sys.stderr)
+        run_with_bar(prepare_job(spec), lambda bar: prepare(spec, progress=bar), BACKGROUND)
         return load_model(spec, label_names=label_names, prompt=prompt)
 
 

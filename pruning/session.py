@@ -45,7 +45,7 @@ from pruning.gate_state import GateState
 from pruning.hooks import GateHooks
 from pruning.lora import add_lora, lora_parameters, merge_lora
 from pruning.losses import TaskLoss
-from pruning.methods.base import MethodContext, Progress, PruningMethod
+from pruning.methods.base import MethodContext, OneShotResult, Progress, PruningMethod
 from pruning.runs import RunStore
 from pruning.surgery import prune
 
@@ -110,7 +110,8 @@ class TrainSession:
                              "processes; it must be at least the number of processes.")
         self.dev_subset = self.dev.subset(config.eval_examples, seed=config.seed)
         context = MethodContext(base=self.base, teacher=self.teacher, train=self.train_data, device=self.device,
-                                seed=config.seed, progress=self.progress)
+                                seed=config.seed, progress=self.progress, examples=self.examples)
+        config.method_class().check_model(config.method_options(), self.base)
         self.method: PruningMethod = config.method_class()(config.method_options(), context)
         if not same:
             self.method.check_teacher(self.teacher)
@@ -122,6 +123,9 @@ class TrainSession:
         self.hooks: GateHooks | None = None
         self.ddp: torch.nn.Module | None = None  # the student's model as trained (DDP-wrapped with several ranks)
         self.fixed: GateState | None = None
+        self.masks: dict[str, torch.Tensor] = {}  # a one-shot method's weight masks (parameter name -> 0/1)
+        self.rebuilt = False  # the one-shot method changed weights before slicing (a resume asks it again)
+        self._masked: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.losses: dict[str, list[float]] = {}
         self.clock = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "setup_s": 0.0}
@@ -198,14 +202,20 @@ class TrainSession:
         self.optimizer = self._optimizer(extra)
         self.phase = "gates"
 
-    def setup_finetune(self, state: GateState) -> None:
-        """The fixed-structure phase: slice (a copy of) the student, its LoRA deltas merged first, or the
-        model if there is none; with lora the sliced model gets fresh adapters."""
+    def setup_finetune(self, state: GateState, source: LoadedModel | None = None,
+                       masks: dict[str, torch.Tensor] | None = None) -> None:
+        """The fixed-structure phase: slice (a copy of) `source`, else the student, its LoRA deltas merged
+        first, or the model if there is none; `masks` (parameter names of the sliced model) are applied and
+        stay applied (`apply_masks`); with lora the sliced model gets fresh adapters."""
         if self.hooks is not None:
             self.hooks.remove()
-        source = self.student if self.student is not None else self.base
+        source = source or (self.student if self.student is not None else self.base)
         merge_lora(source.model)
-        self.student = self._trainable(prune(source, state.detach()))
+        sliced = prune(source, state.detach())
+        self.masks = {name: mask.to(self.device) for name, mask in (masks or {}).items()}
+        self._masked = [(sliced.model.get_parameter(name), mask) for name, mask in self.masks.items()]
+        self.student = self._trainable(sliced)  # LoRA wraps the same weight tensors: the references hold
+        self.apply_masks()
         info = pruning_info(self.student.model)
         self.ddp = self.dist.wrap(self._trained_module(), self.device,
                                   find_unused=bool(info is not None and info.plan.skipped_attention))
@@ -215,9 +225,17 @@ class TrainSession:
         self.phase = "finetune"
 
     def one_shot(self) -> None:
-        """A one-shot method's structure, computed once on rank 0 (on the CPU copy) and sent to the others."""
-        state = self.method.prune() if self.dist.main else None
-        self.setup_finetune(self.dist.broadcast(state))
+        """A one-shot method's structure (and changed weights, masks), computed once on rank 0 (on the CPU
+        copy) and sent to the others."""
+        result = self.dist.broadcast(OneShotResult.of(self.method.prune()) if self.dist.main else None)
+        self.rebuilt = result.source is not None
+        self.setup_finetune(result.state, result.source, result.masks)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the masked weights again (after an optimizer step or a LoRA merge moved them)."""
+        for weight, mask in self._masked:
+            weight.mul_(mask.to(weight.dtype))
 
     # ------------------------------------------------------------------ one step
 
@@ -316,6 +334,8 @@ class TrainSession:
         self.optimizer.step()
         if pruning:
             self.method.step(self.step)
+        elif self.phase == "finetune":
+            self.apply_masks()
         for name, value in zip(("loss", *terms), logged.tolist()):
             self.losses.setdefault(name, []).append(value)
 
@@ -340,6 +360,7 @@ class TrainSession:
             "method": self.method.state_dict() if self.phase == "gates" else None,
             "optimizer": self.optimizer.state_dict(),
             "fixed_state": self.fixed.to_dict() if self.fixed is not None else None,
+            "masks": {name: mask.bool().cpu() for name, mask in self.masks.items()}, "rebuilt": self.rebuilt,
             "rng": rng_state(), "losses": self.losses, "clock": dict(self.clock),
             "cadence": {"gap": self.gap, "next_eval": self.next_eval, "evals": self.evals},
         }
@@ -354,8 +375,13 @@ class TrainSession:
             if payload["phase"] == "gates":
                 self.setup_gates()
                 self.method.load_state_dict(payload["method"])
+            elif payload.get("rebuilt"):  # the sliced model has the method's changed weights: ask it again
+                result = OneShotResult.of(self.method.prune())
+                self.rebuilt = True
+                self.setup_finetune(result.state, result.source, result.masks)
             else:
-                self.setup_finetune(GateState.from_dict(payload["fixed_state"]))
+                masks = {name: mask.float() for name, mask in payload.get("masks", {}).items()}
+                self.setup_finetune(GateState.from_dict(payload["fixed_state"]), masks=masks)
             self.student.model.load_state_dict(payload["model"], strict=True)
             self.optimizer.load_state_dict(payload["optimizer"])
             set_rng_state(payload["rng"])

@@ -3,7 +3,10 @@
 A method is one class with a `name`, a one-line `summary`, an `Options` dataclass (its own settings,
 each field with a default and a `help` text in its metadata) and one of two shapes:
 
-- one-shot (`learned = False`): `prune()` returns the `GateState` to slice before the fine-tune;
+- one-shot (`learned = False`): `prune()` returns the `GateState` to slice before the fine-tune, or a
+  `OneShotResult`: that state, the model to slice it from when the method changed weights first (FLAP's
+  bias compensation, ZipLM's OBS update, LaCo's merged layers) and weight masks that stay applied through
+  the fine-tune and the export (Wanda's unstructured and 2:4 sparsity);
 - learned (`learned = True`): during the gate phase the loop calls, every step,
   `train_state(step)` (the gate values the hooks apply), `loss(...)` (named loss terms), then after
   backward `shared_tensors()` (gradients averaged over ranks) and `step(step)` (its own optimizers);
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +29,7 @@ import torch
 from core.adapter import GateShape
 from core.data import TextDataset
 from core.loaded import LoadedModel
+from pruning.examples import Examples
 from pruning.gate_state import GateState
 from pruning.losses import TaskLoss
 from pruning.options import check_fields
@@ -42,8 +46,9 @@ class NoOptions:
 @dataclass
 class MethodContext:
     """What a method may read: the model it prunes (`base`: unpruned, eval mode, on the CPU), the
-    distillation teacher, the training split, the device the student trains on, the run's seed and a
-    progress callback (`done, total, message`)."""
+    distillation teacher, the training split (`train`; `examples`: its token ids and targets, as the run
+    trains on them, for calibration passes: `pruning.calibration`), the device the student trains on,
+    the run's seed and a progress callback (`done, total, message`)."""
 
     base: LoadedModel
     teacher: LoadedModel
@@ -51,6 +56,7 @@ class MethodContext:
     device: torch.device
     seed: int
     progress: Progress
+    examples: Examples | None = None
 
     @property
     def shape(self) -> GateShape:
@@ -60,6 +66,23 @@ class MethodContext:
     def sizes(self) -> SizeModel:
         """CoFi's size model of `base` (an encoder's or a decoder's weight count)."""
         return SizeModel.of(self.base)
+
+
+@dataclass
+class OneShotResult:
+    """What a one-shot method decided: the structure to slice, the model to slice it from (None: the
+    run's base model; else a copy whose weights the method changed) and weight masks: parameter name of
+    the sliced model -> 0/1 tensor of its shape, multiplied in after every optimizer step of the fine-tune
+    (unstructured sparsity; a method that masks refuses `lora` in `check_config`: a merged LoRA delta
+    would fill the zeros in)."""
+
+    state: GateState
+    source: LoadedModel | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result: GateState | OneShotResult) -> OneShotResult:
+        return result if isinstance(result, OneShotResult) else cls(result)
 
 
 class PruningMethod:
@@ -82,6 +105,11 @@ class PruningMethod:
         """ValueError if `options` do not fit the run's `config` (a `pruning.config.TrainConfig`: steps,
         finetune_steps, ...)."""
 
+    @classmethod
+    def check_model(cls, options, loaded: LoadedModel) -> None:
+        """ValueError, with the reason, if the method does not apply to `loaded` (the unpruned model: an
+        encoder or a decoder, `loaded.is_decoder`)."""
+
     def check_teacher(self, teacher: LoadedModel) -> None:
         """ValueError if a separate `teacher` cannot serve this method (same labels and vocabulary are
         checked by the loop)."""
@@ -92,8 +120,9 @@ class PruningMethod:
 
     # ------------------------------------------------------------------ one-shot methods
 
-    def prune(self) -> GateState:
-        """The structure to slice before the final fine-tune (one-shot methods)."""
+    def prune(self) -> GateState | OneShotResult:
+        """The structure to slice before the final fine-tune (one-shot methods), with the weights changed
+        or masked first where the method does so (`OneShotResult`)."""
         raise NotImplementedError(f"{self.name} is a learned method: it has no one-shot prune().")
 
     # ------------------------------------------------------------------ learned methods

@@ -1,14 +1,19 @@
-"""The method registry the CLI, the Prune page and bench read: the built-in methods (one module each,
-imported here) plus any module named in the environment variable `HEADLAB_METHODS` (comma-separated
-import paths), imported when the registry is first read, so a method defined outside HeadLab is
-available to the CLI, the app and its background jobs alike."""
+"""The method registry the CLI, the Prune page and bench read: the built-in methods (every module of
+this package, imported here; each registers its methods) plus any module named in the environment
+variable `HEADLAB_METHODS` (comma-separated import paths), imported when the registry is first read, so
+a method defined outside HeadLab is available to the CLI, the app and its background jobs alike."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
+from pathlib import Path
 
-from pruning.methods import base, cofi, dense, l0, oneshot  # noqa: F401  (each registers its methods)
+from pruning.methods import base
+
+for _module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+    importlib.import_module(f"pruning.methods.{_module.name}")
 
 PLUGINS_ENV = "HEADLAB_METHODS"
 _plugins_loaded = False
