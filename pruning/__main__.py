@@ -27,7 +27,7 @@ import argparse
 import sys
 
 from core.cli import Parser, run_command, torch_threads
-from pruning.cli import apply, runs, train
+from pruning.cli import apply, runs, sweep, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     apply.add_commands(sub)  # apply, evaluate
     train.add_commands(sub)  # train, methods
     runs.add_commands(sub)  # runs list | stop | resume | delete | export
+    sweep.add_commands(sub)  # sweep
     args = parser.parse_args(argv)
     with torch_threads(getattr(args, "threads", 0)):
         return run_command(args)

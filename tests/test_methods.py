@@ -111,3 +111,24 @@ def test_a_method_from_this_file_runs_through_the_prune_page_form(tiny_dir, revi
     assert run.status == "done", run.error
     assert run.config["method"] == "global-magnitude" and run.config["options"]["keep"] == pytest.approx(0.25)
     assert int((store.gates(run.id, 0).head > 0).sum()) == 2  # a quarter of 8 heads
+
+
+def test_a_sweep_queues_one_run_per_target_and_each_reaches_its_target(tiny_dir, reviews, app_home):
+    """`sweep` records one run per target with the method's target set to it, queues them in the background
+    (one trains at a time) or, with --wait, trains them here; the sparsity each reaches grows with its target."""
+    options = ["--model", str(tiny_dir), "--data", str(reviews), "--method", "random", "--finetune-steps", "2", *SMALL]
+    assert main(["sweep", *options, "--targets", "0.3,0.6"]) == 0
+    store = RunStore()
+    deadline = time.monotonic() + 240
+    while not all(r.status == "done" for r in store.list()) and time.monotonic() < deadline:
+        assert not [r for r in store.list() if r.status in ("failed", "stopped")]
+        time.sleep(1)
+    assert main(["sweep", *options, "--targets", "0.45", "--wait"]) == 0
+    runs = sorted(store.list(), key=lambda r: r.config["options"]["target_sparsity"])
+    assert [r.config["options"]["target_sparsity"] for r in runs] == [0.3, 0.45, 0.6]
+    assert all(r.status == "done" for r in runs)
+    reached = [r.final.sparsity for r in runs]
+    assert reached == sorted(reached) and reached[0] < reached[-1]
+    for bad in (["--targets", "0.3", "--target-sparsity", "0.5"], ["--targets", "0.3,0.3"], ["--targets", "x"]):
+        assert main(["sweep", *options, *bad]) == 2
+    assert main(["sweep", *options[:-len(SMALL) - 4], "--method", "dense", "--targets", "0.3"]) == 2  # no target

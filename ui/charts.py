@@ -186,18 +186,34 @@ def history_chart(history: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def frontier(points: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `points` no other row beats on both speedup_b32 and accuracy, by rising speedup."""
+    ordered = points.sort_values(["speedup_b32", "accuracy"], ascending=[False, False])
+    best, keep = -float("inf"), []
+    for index, row in ordered.iterrows():  # from the fastest down: kept if more accurate than every faster one
+        if row["accuracy"] > best:
+            best = row["accuracy"]
+            keep.append(index)
+    return points.loc[keep].sort_values("speedup_b32")
+
+
 def pareto_chart(runs: pd.DataFrame) -> go.Figure:
     """Accuracy vs measured batch-32 speedup of finished runs, with each teacher's dense point at 1x.
 
     `runs`: one row per run with columns label, method, model, teacher, accuracy, dense_accuracy,
     speedup_b32 (the run's model timed interleaved with its teacher, so the ratio is comparable
-    across runs measured at different times).
+    across runs measured at different times). A dotted line joins each method's frontier (`frontier`).
     """
     fig = px.scatter(runs, x="speedup_b32", y="accuracy", color="method", symbol="model", text="label",
                      hover_data=["teacher", "sparsity"], labels={"speedup_b32": "batch-32 speedup over the teacher "
                                                                 "(measured)", "accuracy": "full-dev accuracy"},
                      title="Finished runs: accuracy vs measured speedup")
     fig.update_traces(textposition="top center", marker_size=11)
+    for method, points in runs.groupby("method"):
+        front = frontier(points)
+        if len(front) > 1:
+            fig.add_trace(go.Scatter(x=front["speedup_b32"], y=front["accuracy"], mode="lines", hoverinfo="skip",
+                                     name=f"{method} frontier", line=dict(dash="dot", width=1), showlegend=False))
     dense = runs.groupby("teacher", as_index=False)["dense_accuracy"].mean()
     fig.add_trace(go.Scatter(x=[1.0] * len(dense), y=dense["dense_accuracy"], mode="markers+text",
                              text=[f"dense {t}" for t in dense["teacher"]], textposition="bottom center",

@@ -54,7 +54,7 @@ def _train_fields() -> dict[str, tuple[object, str]]:
     return found
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
+def add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per training setting (default None = the config's or the method's default)."""
     for name, (f, text) in _train_fields().items():
         default = f.default if f.default is not MISSING else None
@@ -80,7 +80,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _given_config(args: argparse.Namespace) -> dict:
+def given_config(args: argparse.Namespace) -> dict:
     """The TrainConfig fields set on the command line."""
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_main(args: argparse.Namespace, dist) -> int:
     store = RunStore()
-    given = _given_config(args)
+    given = given_config(args)
     if args.run is not None:
         if given or args.run_dir is not None:
             names = ", ".join([config_flag(k) for k in given] + (["--run-dir"] if args.run_dir else []))
@@ -149,7 +149,7 @@ def add_commands(sub) -> None:
     """The `train` and `methods` subcommands."""
     tr = sub.add_parser("train", help="learn which heads / sublayers / units / dims to drop (cofi, l0) or prune "
                         "one-shot (baselines), then fine-tune; progress goes to the run store")
-    _add_train_options(tr)
+    add_train_options(tr)
     tr.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
                     help="new folder for checkpoints and the pruned model (default: under $HEADLAB_HOME/runs)")
     tr.add_argument("--run", "--run-id", type=int, default=None, metavar="ID", dest="run",
