@@ -21,7 +21,8 @@ from ui.loaders import get_data, session_data_spec
 from ui.settings import settings_inputs
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
-COMMON = ("steps", "finetune_steps", "alpha_ce", "distill", "threads", "device")  # run settings on the form
+COMMON = ("steps", "finetune_steps", "alpha_ce", "distill", "threads", "device",  # run settings on the form
+          "tensorboard", "mlflow")
 CURVES = {
     "accuracy": ["accuracy", "dense_accuracy"],
     "speedup (batch 32 / batch 1, measured)": ["speedup_b32", "speedup_b1", "flop_speedup"],

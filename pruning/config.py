@@ -71,6 +71,10 @@ class TrainConfig:
     seed: int = option(0, "seed of batches, gate noise, dropout and baseline draws", low=0)
     threads: int = option(1, "torch threads (1 keeps the app responsive on 2 cores; 0 = torch's default)", low=0)
     device: str = option("auto", "auto (CUDA when present) | cpu | cuda; bf16 autocast on CUDA", choices=DEVICES)
+    tensorboard: str = option("", "also write TensorBoard event files to this folder (one subfolder per run; blank: "
+                              "none); open with `tensorboard --logdir DIR`")
+    mlflow: str = option("", "also log the run to an MLflow file store in this folder (experiment 'headlab'; "
+                         "blank: none); open with `mlflow ui --backend-store-uri DIR`")
     options: dict = field(default_factory=dict, metadata={"help": "the method's own settings"})
 
     @classmethod

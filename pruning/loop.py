@@ -47,6 +47,7 @@ from pruning.record import StepRecord, measure_step
 from pruning.runs import Heartbeat, RunStore
 from pruning.session import Job, TrainSession
 from pruning.signals import StopSignals
+from pruning.trackers import trackers_of
 
 MODEL_FILE = "model"  # the exported pruned model inside the run folder
 WAITING = "waiting"  # what rank 0 tells the other ranks while the run waits in the queue
@@ -65,6 +66,7 @@ def evaluate(s: TrainSession, final: bool = False) -> StepRecord | None:
         record = measure_step(s, final, replicas)
         s.store.add_metrics(s.job.run_id, s.step, record.to_dict(), s.job.attempt)
         s.store.add_gates(s.job.run_id, s.step, s.current_state(), s.job.attempt)
+        trackers_of(s).log(record)  # TensorBoard / MLflow copies, when asked for; never fails the run
     s.losses = {}
     s.evals += 1
     s.gap, s.next_eval = s.dist.broadcast((s.gap, s.next_eval))

@@ -5,16 +5,18 @@
 (`to_json` / `from_json`). `load_data(spec, split, label_names)` is the one way from a spec to labeled
 rows, `load_text(spec, split)` the one way from a spec of text (task "lm") to documents.
 
-Two tasks: "classify" (labeled rows: the built-in `default` Rotten Tomatoes task, or a CSV / TSV / JSONL
-file) and "lm" (documents without labels, for perplexity: the built-in `lm` = Lee news articles, `wiki` =
-Wikipedia articles, or a `.txt` / `.jsonl` file, `core.data.text`). The built-in names imply their task;
+Two tasks: "classify" (labeled rows: the built-in `default` Rotten Tomatoes task, or a CSV / TSV / JSONL /
+Parquet / Arrow file or a `datasets` save_to_disk folder, `core.data.hf`) and "lm" (documents without
+labels, for perplexity: the built-in `lm` = Lee news articles, `wiki` = Wikipedia articles, or a `.txt` /
+`.jsonl` file, `core.data.text`, or the text column of the `datasets` formats). The built-in names imply their task;
 a file is classification data unless the spec says task "lm".
 
 The rule for "dev": a file's rows (or documents) are shuffled with seed 13 and split 80/10/10 into
 train/dev/test, like the built-in tasks, so the Model page's evaluation, the Heads analysis, the Gates
 measurement and a training run's eval steps all see the same dev rows. Only a spec with `whole_file`
 reads every row, and only for evaluation: training and fine-tuning need a train split and refuse it
-(`load_splits`).
+(`load_splits`). A save_to_disk folder of a DatasetDict with a train split keeps its own splits instead
+(validation as dev; a missing one cut from train, `core.data.hf`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.data import hf
 from core.data.dataset import DataError, TaskSplits, TextDataset
 from core.data.labels import check_label_map, format_label_map, map_labels
 from core.data.tables import read_table
@@ -192,6 +195,11 @@ def load_splits(spec: DataSpec | str, label_names: list[str] | None = None) -> T
     if spec.is_default:
         splits = load_default_task()
         return TaskSplits(*(_relabel(s, label_names, spec.label_map) for s in (splits.train, splits.dev, splits.test)))
+    if hf.is_hf_source(spec.path):  # a DatasetDict folder keeps its own train / validation / test splits
+        own = hf.task_splits(spec.path, text_column=spec.text_column, label_column=spec.label_column,
+                             label_names=label_names, label_map=spec.label_map)
+        if own is not None:
+            return own
     return split_dataset(_read_file(spec, label_names))
 
 
@@ -213,6 +221,10 @@ def load_text(spec: DataSpec | str, split: str = "dev") -> LMText:
                         "news), 'wiki' (Wikipedia) or a .txt / .jsonl file read as task 'lm'.")
     if spec.path in TEXT_TASKS:
         return TEXT_TASKS[spec.path]().split(split)
+    if not spec.whole_file and hf.is_hf_source(spec.path):
+        own = hf.text_splits(spec.path, spec.text_column)
+        if own is not None:
+            return own.split(split)
     text = read_documents(spec.path, spec.text_column)
     if not spec.whole_file:
         return split_documents(text).split(split)

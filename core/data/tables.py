@@ -38,23 +38,35 @@ def read_table(
 ) -> TextDataset:
     """Read a labeled table from a path (str/Path) or an uploaded file-like (`.name`, `.getvalue()`/`.read()`).
 
-    Format by extension: .csv, .tsv (or .txt with tabs), .jsonl/.json (JSON lines, or one JSON array);
+    Format by extension: .csv, .tsv (or .txt with tabs), .jsonl/.json (JSON lines, or one JSON array),
+    .parquet / .arrow or a folder written by `datasets`' `save_to_disk` (`core.data.hf`; every split of it);
     a file-like without a name is sniffed. Columns are auto-detected unless given. Rows with an empty
     text or label are dropped and texts over `max_chars` characters truncated, each with a warning.
     Labels are first renamed by `label_map` (file label -> model label). With `label_names` (the model's
     id2label order) they are then mapped to the model's ids, by name or by integer id; without, sorted
     unique labels become ids 0..k-1. Raises DataError on any bad input.
     """
-    display, text = read_source(source)
-    where = name or display
-    if not text.strip():
-        raise DataError(f"{display} is empty.")
-    fmt = _detect_format(display, text)
-    cells = parse_json(text, display) if fmt == "jsonl" else _parse_delimited(text, fmt, display)
+    from core.data import hf  # Parquet / Arrow files and `save_to_disk` folders, read by `datasets`
+
+    if hf.is_hf_source(source):
+        display, cells = hf.read_columns(source)
+    else:
+        display, text = read_source(source)
+        if not text.strip():
+            raise DataError(f"{display} is empty.")
+        fmt = _detect_format(display, text)
+        cells = parse_json(text, display) if fmt == "jsonl" else _parse_delimited(text, fmt, display)
+    return table_dataset(cells, display, name or display, text_column=text_column, label_column=label_column,
+                         label_names=label_names, label_map=label_map, max_chars=max_chars)
+
+
+def pick_columns(cells: dict[str, list[str | None]], text_column: str | None, label_column: str | None,
+                 display: str) -> tuple[str, str]:
+    """(text column, label column) of a table's `cells`: the ones named (exact, else case-insensitive), else
+    the usual names ("text", "label", ...), else guessed from the values. DataError when none fits."""
     n_rows = len(next(iter(cells.values()), []))
     if n_rows == 0:
         raise DataError(f"{display} has no data rows (columns: {_columns(cells)}).")
-
     columns = list(cells)
     text_col = resolve_column(columns, text_column, "text", display) if text_column else None
     label_col = resolve_column(columns, label_column, "label", display) if label_column else None
@@ -68,7 +80,15 @@ def read_table(
     label_col = label_col or _guess_label_column(cells, exclude=text_col, n_rows=n_rows)
     if label_col is None:
         raise DataError(f"{display}: no label column found (columns: {_columns(columns)}); name one.")
+    return text_col, label_col
 
+
+def table_dataset(cells: dict[str, list[str | None]], display: str, where: str, *, text_column: str | None = None,
+                  label_column: str | None = None, label_names: list[str] | None = None,
+                  label_map: dict[str, str] | None = None, max_chars: int = 20_000) -> TextDataset:
+    """The labeled rows of a table's columns (column name -> cleaned cells), by `read_table`'s rules."""
+    n_rows = len(next(iter(cells.values()), []))
+    text_col, label_col = pick_columns(cells, text_column, label_column, display)
     rows = [(t, lab) for t, lab in zip(cells[text_col], cells[label_col]) if t is not None and lab is not None]
     warnings = []
     if len(rows) < n_rows:
@@ -136,7 +156,7 @@ def _detect_format(display: str, text: str) -> str:
     raise DataError(f"{display}: unsupported file type '{ext}' (use .csv, .tsv, .txt with tabs or .jsonl).")
 
 
-def _cell(value: Any) -> str | None:
+def cell(value: Any) -> str | None:
     """A cell as stripped text, or None when missing or blank. Integral floats (JSON 1.0) read as "1"."""
     if value is None:
         return None
@@ -157,7 +177,7 @@ def _parse_delimited(text: str, fmt: str, display: str) -> dict[str, list[str | 
         df = pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False)
     except (ValueError, csv.Error) as e:  # pandas ParserError / EmptyDataError are ValueErrors
         raise DataError(f"{display} could not be read as {fmt.upper()} ({quote(e)}).") from e
-    return {str(col).strip(): [_cell(v) for v in df.iloc[:, i]] for i, col in enumerate(df.columns)}
+    return {str(col).strip(): [cell(v) for v in df.iloc[:, i]] for i, col in enumerate(df.columns)}
 
 
 def parse_json(text: str, display: str) -> dict[str, list[str | None]]:
@@ -184,7 +204,7 @@ def parse_json(text: str, display: str) -> dict[str, list[str | None]]:
         if not isinstance(record, dict):
             raise DataError(f'{display} {what} {lineno} is not a JSON object like {{"text": ..., "label": ...}}.')
     keys = dict.fromkeys(key for record in records for key in record)
-    return {str(key).strip(): [_cell(record.get(key)) for record in records] for key in keys}
+    return {str(key).strip(): [cell(record.get(key)) for record in records] for key in keys}
 
 
 def resolve_column(columns: list[str], wanted: str, role: str, display: str) -> str:

@@ -91,8 +91,15 @@ def split_documents(text: LMText, what: str = "documents", seed: int = SPLIT_SEE
 
 def read_documents(source: Any, text_column: str | None = None) -> LMText:
     """The documents of a `.txt` or `.jsonl` file, from a path or an uploaded file-like (`.name`,
-    `.getvalue()`/`.read()`); see the module docstring for the formats. Empty documents are skipped.
+    `.getvalue()`/`.read()`); see the module docstring for the formats (a `.parquet` / `.arrow` file or a
+    save_to_disk folder: its text column, `core.data.hf`). Empty documents are skipped.
     `text_column` names a JSONL field (a `.txt` file has none). DataError for anything else."""
+    from core.data import hf  # Parquet / Arrow files and `save_to_disk` folders, read by `datasets`
+
+    if hf.is_hf_source(source):
+        display, columns = hf.read_columns(source)
+        column = hf.text_field(display, columns, text_column)
+        return _documents(display, columns[column])
     display, content = read_source(source)
     suffix = Path(display).suffix.lower()
     if suffix not in TEXT_SUFFIXES + JSON_SUFFIXES:
@@ -107,6 +114,11 @@ def read_documents(source: Any, text_column: str | None = None) -> LMText:
         docs = [block.strip() for block in _BLANK_LINES.split(content.replace("\r\n", "\n"))]
     else:
         docs = _json_documents(content, display, text_column)
+    return _documents(display, docs)
+
+
+def _documents(display: str, docs: list[str | None]) -> LMText:
+    """The whole file's non-empty documents (DataError when there is none)."""
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"{display} holds no non-empty document.")

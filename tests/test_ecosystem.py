@@ -1,0 +1,188 @@
+"""The Hugging Face ecosystem around HeadLab: `datasets` formats in (Parquet, Arrow, save_to_disk folders with
+their splits), TensorBoard / MLflow copies of a run out, plain-transformers exports of standard shapes, and
+the `headlab` command."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import datasets
+import pytest
+
+from core.data import DataSpec, load_data, load_splits, load_text, read_documents, read_table, source_labels
+from core.data.dataset import DataError
+
+ROOT = Path(__file__).resolve().parent.parent
+FEATURES = datasets.Features({"sentence": datasets.Value("string"), "idx": datasets.Value("int32"),
+                              "label": datasets.ClassLabel(names=["neg", "pos"])})
+
+
+def rows(n: int, start: int = 0) -> dict[str, list]:
+    """`n` reviews; even rows pos (ClassLabel id 1), odd rows neg (0)."""
+    return {"sentence": [f"review {start + i} is {'good' if i % 2 == 0 else 'bad'}" for i in range(n)],
+            "idx": list(range(start, start + n)), "label": [1 - i % 2 for i in range(n)]}
+
+
+@pytest.fixture(scope="module")
+def hf_dict(tmp_path_factory) -> Path:
+    """A DatasetDict with train (40 rows), validation (10) and test (10, two unlabeled: id -1), saved to disk."""
+    test = rows(10, 50)
+    test["label"][:2] = [-1, -1]
+    folder = tmp_path_factory.mktemp("hf") / "reviews_dd"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(rows(40), features=FEATURES),
+        "validation": datasets.Dataset.from_dict(rows(10, 40), features=FEATURES),
+        "test": datasets.Dataset.from_dict(test, features=FEATURES),
+    }).save_to_disk(str(folder))
+    return folder
+
+
+# ----------------------------------------------------------------------------- data in
+
+
+def test_save_to_disk_splits_are_train_dev_test(hf_dict):
+    splits = load_splits(DataSpec(str(hf_dict)))
+    assert [len(s) for s in (splits.train, splits.dev, splits.test)] == [40, 10, 8]
+    assert splits.train.label_names == ["neg", "pos"]  # the ClassLabel's names, not its ids
+    assert splits.dev.texts[0] == "review 40 is good" and splits.dev.labels[0] == 1
+    assert splits.test.texts[0] == "review 52 is good"  # the unlabeled rows were dropped
+    assert any("2 of 10 rows" in w for w in splits.test.warnings)
+    assert "split 'validation'" in splits.dev.selection
+    # the model's label names and a label map number every split alike
+    mapped = load_splits(DataSpec(str(hf_dict), label_map={"pos": "fresh", "neg": "rotten"}), ["fresh", "rotten"])
+    assert mapped.dev.labels[:2] == [0, 1] and mapped.train.label_names == ["fresh", "rotten"]
+
+
+def test_save_to_disk_folder_read_whole_and_column_choices(hf_dict):
+    whole = load_data(DataSpec(str(hf_dict), whole_file=True))
+    assert len(whole) == 58 and whole.texts[:1] == ["review 0 is good"]  # every split, in order
+    assert source_labels(DataSpec(str(hf_dict))) == ["neg", "pos"]
+    by_idx = read_table(hf_dict, label_column="idx")  # a named column wins over the ClassLabel one
+    assert by_idx.label_names[:3] == ["0", "1", "2"]
+    with pytest.raises(DataError, match="no text column 'body'"):
+        read_table(hf_dict, text_column="body")
+
+
+def test_a_dict_without_dev_split_cuts_it_from_train(tmp_path):
+    folder = tmp_path / "train_only"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(50), features=FEATURES)}).save_to_disk(str(folder))
+    splits = load_splits(DataSpec(str(folder)))
+    assert [len(s) for s in (splits.train, splits.dev, splits.test)] == [40, 5, 5]  # seeded 80/10/10 of train
+    assert set(splits.train.texts) | set(splits.dev.texts) | set(splits.test.texts) == set(rows(50)["sentence"])
+
+
+def test_parquet_and_arrow_files_read_like_any_table(tmp_path):
+    data = datasets.Dataset.from_dict(rows(30), features=FEATURES)
+    data.to_parquet(str(tmp_path / "r.parquet"))
+    single = tmp_path / "single"
+    data.save_to_disk(str(single))
+    arrow = next(single.glob("*.arrow"))
+    expected = read_table(_csv(tmp_path, rows(30)))
+    for source in (tmp_path / "r.parquet", arrow, single):
+        got = read_table(source)
+        assert (got.texts, got.label_names, got.labels) == (expected.texts, ["neg", "pos"], expected.labels)
+    splits = load_splits(DataSpec(str(tmp_path / "r.parquet")))  # one table: the seeded 80/10/10 split
+    assert [len(s) for s in (splits.train, splits.dev, splits.test)] == [24, 3, 3]
+    upload = io.BytesIO((tmp_path / "r.parquet").read_bytes())
+    upload.name = "upload.parquet"
+    assert read_table(upload).texts == expected.texts
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="cannot be read by the datasets library"):
+        read_table(tmp_path / "bad.parquet")
+
+
+def _csv(folder: Path, columns: dict[str, list]) -> Path:
+    """The same rows as a CSV, labels written as their names (the reference reader)."""
+    path = folder / "same.csv"
+    lines = ["sentence,idx,label"] + [f"{s},{i},{['neg', 'pos'][lab]}" for s, i, lab in
+                                      zip(columns["sentence"], columns["idx"], columns["label"])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_documents_from_datasets_formats(tmp_path):
+    docs = {"text": [f"document {i}. It has words." for i in range(20)], "source": ["web"] * 20}
+    folder = tmp_path / "docs_dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(docs),
+                          "validation": datasets.Dataset.from_dict({"text": ["held out"], "source": ["x"]})}
+                         ).save_to_disk(str(folder))
+    spec = DataSpec(str(folder), task="lm")
+    assert load_text(spec, "dev").documents == ("held out",)
+    assert len(load_text(spec, "train")) == 16 and len(load_text(spec, "test")) == 2  # test cut from train
+    datasets.Dataset.from_dict(docs).to_parquet(str(tmp_path / "d.parquet"))
+    assert read_documents(tmp_path / "d.parquet").documents == tuple(docs["text"])
+    with pytest.raises(DataError, match="no text column 'body'"):
+        read_documents(tmp_path / "d.parquet", "body")
+
+
+# ----------------------------------------------------------------------------- runs out
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, tiny_dir, reviews):
+    """A short tracked one-shot run of the tiny model (3 eval steps: 0, 5 and the final 10)."""
+    from core.models import load_model
+    from pruning.config import TrainConfig
+    from pruning.loop import run_job
+    from pruning.runs import RunStore
+
+    root = tmp_path_factory.mktemp("tracked")
+    store = RunStore(root / "runs.sqlite")
+    config = TrainConfig.build(model=str(tiny_dir), data=str(reviews), method="random", target_sparsity=0.5,
+                               finetune_steps=10, batch_size=8, eval_every=5, eval_budget=1.0, eval_examples=8,
+                               score_examples=16, tensorboard=str(root / "tb"), mlflow=str(root / "mlruns"))
+    run_id = store.create(config.to_dict())
+    assert run_job(store, run_id, teacher=load_model(str(tiny_dir))) == "done"
+    return store, run_id, root, config
+
+
+def test_tensorboard_event_file_holds_every_measurement(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store, run_id, root, config = tracked_run
+    folders = list((root / "tb").iterdir())
+    assert [f.name for f in folders] == [f"run-{run_id}-random"]
+    events = EventAccumulator(str(folders[0]))
+    events.Reload()
+    records = store.records(run_id)
+    for name in ("accuracy", "sparsity", "latency_b32_ms", "speedup_b1", "heads_alive/0"):
+        scalars = events.Scalars(name)
+        assert [e.step for e in scalars] == [r.step for r in records]
+        want = [float(r.row()[name] if "/" not in name else r.heads_alive[0]) for r in records]
+        assert [e.value for e in scalars] == pytest.approx(want, rel=1e-6)
+    assert [e.value for e in events.Scalars("loss_task")] == pytest.approx([r.losses["task"] for r in records[1:]])
+    (text,) = events.Tensors("config/text_summary")
+    assert b"| option.target_sparsity | 0.5 |" in text.tensor_proto.string_val[0]
+
+
+def test_mlflow_run_holds_params_and_metrics_at_their_steps(tracked_run):
+    from mlflow.tracking import MlflowClient
+
+    store, run_id, root, config = tracked_run
+    client = MlflowClient(tracking_uri=(root / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("headlab")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["headlab.run_id"] == str(run_id)
+    assert run.data.params["method"] == "random" and run.data.params["finetune_steps"] == "10"
+    assert run.data.params["option.target_sparsity"] == "0.5"
+    records = store.records(run_id)
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [m.step for m in history] == [r.step for r in records]
+    assert [m.value for m in history] == pytest.approx([r.accuracy for r in records])
+    assert run.data.metrics["sparsity"] == pytest.approx(records[-1].sparsity)
+
+
+def test_a_failing_tracker_warns_once_and_the_run_goes_on(tmp_path, capsys, reviews, tiny_dir):
+    from pruning.config import TrainConfig
+    from pruning.trackers import Trackers
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    config = TrainConfig.build(model=str(tiny_dir), data=str(reviews), method="random",
+                               tensorboard=str(blocker / "tb"), mlflow=str(blocker / "ml"))
+    trackers = Trackers(config, 1, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("warning: TensorBoard logging stopped")
+    assert err[1].startswith("warning: MLflow logging stopped")
+    assert not any(t.alive for t in trackers.items)
