@@ -34,6 +34,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_length: int = 64  # tokens; review snippets average ~25
     seed: int = 0
+    freeze_embeddings: bool = False  # the embedding tables (half of MiniLM's weights) stay as pre-trained
 
 
 @dataclass
@@ -55,8 +56,13 @@ def finetune(model, tokenizer, splits: TaskSplits, config: FinetuneConfig = Fine
     labels = torch.tensor(splits.train.labels)
     steps_per_epoch = -(-len(enc) // config.batch_size)
     total = steps_per_epoch * config.epochs
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    if config.freeze_embeddings:
+        for table in model.base_model.embeddings.modules():
+            if isinstance(table, torch.nn.Embedding):
+                table.requires_grad_(False)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in trained if p.ndim < 2]
+    decay = [p for n, p in trained if p.ndim >= 2]
     optim = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,

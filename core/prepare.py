@@ -67,16 +67,21 @@ def prepare(name: str, config: FinetuneConfig = FinetuneConfig(), progress: Prog
     if record.exists() and not force:
         return FinetuneResult(**json.loads(record.read_text()))
     splits = load_default_task()
-    base = base_encoder_dir(name)
-    names = splits.train.label_names
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, local_files_only=True, num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)}, attn_implementation="eager", use_safetensors=True,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    model, tokenizer = untrained_classifier(name, splits.train.label_names)
     result = finetune(model, tokenizer, splits, config, progress)
     save_classifier(model, tokenizer, out, result)
     return result
+
+
+def untrained_classifier(name: str, label_names: list[str]):
+    """Built-in encoder `name` (its packaged sentence encoder) with a fresh classification head for
+    `label_names`, and its tokenizer: what `prepare` fine-tunes."""
+    base = base_encoder_dir(name)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, local_files_only=True, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)}, attn_implementation="eager", use_safetensors=True,
+    )
+    return model, AutoTokenizer.from_pretrained(base, local_files_only=True)
 
 
 def prepare_job(spec: str) -> str:

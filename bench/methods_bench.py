@@ -1,0 +1,213 @@
+"""Every pruning method side by side on the same model, data and recovery budget, with measured speed.
+
+For each method and target (a real run each, in the run store, so they also appear on the Prune page and
+its Pareto chart):
+
+- encoder (the built-in default on Rotten Tomatoes; targets: fractions of the encoder's weights, default
+  0.5 and 0.75): full-dev accuracy and the dense one, batch-1 and batch-32 speedups measured interleaved with
+  the dense model at the final evaluation, non-zero weights of the exported model's layers (masks count as
+  zeros, so unstructured sparsity shows here and not in the speedups), pruning time (the one-shot step, or
+  the gate phase) and recovery time (the fine-tune);
+- decoder (SmolLM2 on the `lm` text task; targets: fractions of its non-embedding weights, default 0.2 and
+  0.35): dev perplexity and the dense one, next-token accuracy, zero-shot accuracy of the exported model on
+  the Rotten Tomatoes dev prompts (`--zero-shot N` snippets), prefill speedups at batch 1 and 8 (the run's
+  interleaved timing) and decode tokens/s of the exported model against the dense one, measured in this
+  process one after another.
+
+Every method gets the same recovery budget (`--finetune-steps`, LoRA on decoders); learned methods (CoFi,
+L0) spend `--steps` on their gates on top, stated in the table. A method that does not apply to a family
+refuses with its reason, printed in the table. Options of single methods: `--set name=value` (applied to
+every method that has the option, e.g. `--set calibration_examples=32`).
+
+Run: nice .venv/bin/python -m bench.methods_bench [--family encoder|decoder|both] [--methods a,b,...]
+     [--targets 0.5,0.75] [--finetune-steps N] [--steps N] [--zero-shot N] [--threads 2] [--parallel]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.train_bench import Printer, for_method
+from core.data import load_default_task
+from core.evaluate import evaluate
+from core.latency import decode_speed
+from core.lm_text import lee_splits
+from core.models import load_model
+from pruning.cli.sweep import target_option
+from pruning.loop import run_job
+from pruning.methods import methods
+from pruning.record import StepRecord
+from pruning.runs import RunStore
+
+FAMILIES = {
+    "encoder": {"model": "default", "data": "default", "targets": (0.5, 0.75), "speedups": (2.0, 4.0),
+                "batch_size": 32, "max_length": 64},
+    "decoder": {"model": "smollm2", "data": "lm", "targets": (0.2, 0.35), "speedups": (1.25, 1.5), "batch_size": 4,
+                "max_length": 64, "lora": True, "lora_rank": 8, "lr": 2e-4},
+}
+SKIP = ("dense",)  # the reference every row is timed against, not a row of its own
+
+
+@dataclass
+class Row:
+    """One method at one target on one family."""
+
+    family: str
+    method: str
+    target: float | None
+    status: str
+    final: StepRecord | None = None
+    nonzero: float | None = None  # share of the layers' weights that are non-zero in the export
+    zero_shot: float | None = None
+    decode_speedup: float | None = None
+    prune_s: float = 0.0
+    recover_s: float = 0.0
+    note: str = ""
+
+
+def nonzero_share(folder: str) -> float:
+    """Non-zero entries over all entries of the exported model's layer weight matrices (2-D, not embeddings)."""
+    model = load_model(folder).model
+    total = nonzero = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "embed" not in name and "classifier" not in name and "score" not in name:
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p))
+    return nonzero / total
+
+
+def decoder_extras(row: Row, dense, prompts: int) -> None:
+    """Zero-shot accuracy and decode speed of the row's exported decoder against the `dense` one."""
+    pruned = load_model(row.final.export)
+    dev = load_default_task().dev.subset(prompts, seed=0)
+    row.zero_shot = evaluate(pruned.model, pruned.tokenizer, dev).accuracy
+    texts = list(lee_splits().dev.documents[:8])
+    speeds = [decode_speed(m.lm, m.text_tokenizer, texts).tokens_per_s for m in (dense, pruned)]
+    row.decode_speedup = speeds[1] / speeds[0]
+
+
+def method_target(method: str) -> str | None:
+    """The option a target sets for `method` (`pruning.cli.sweep.target_option`), None without one."""
+    try:
+        return target_option(method)
+    except ValueError:
+        return None
+
+
+def run_row(store: RunStore, family: str, method: str, target: float | None, settings: dict, parallel: bool) -> Row:
+    """Train (or prune) one row's run and read its record; `target` sets the method's target option."""
+    option = method_target(method)
+    changes = {"method": method, **({option: target} if option else {})}
+    row = Row(family, method, target, "refused")
+    try:
+        config = for_method({**settings, **changes}, method).check()
+    except ValueError as exc:
+        row.note = str(exc)
+        return row
+    run_id = store.create(config.to_dict())
+    start = time.perf_counter()
+    row.status = run_job(store, run_id, Printer(f"{family} {method} {target}", start), exclusive=not parallel)
+    run = store.get(run_id)
+    row.final, row.note = run.final, (run.error or "")[:160]
+    if row.final is not None:
+        clock = row.final.clock
+        row.prune_s, row.recover_s = clock.get("setup_s", 0.0), clock.get("train_s", 0.0)
+        row.nonzero = nonzero_share(row.final.export)
+    return row
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[Row]) -> str:
+    """The rows as one markdown table per family."""
+    out = []
+    for family in dict.fromkeys(r.family for r in rows):
+        decoder = family == "decoder"
+        quality = (("dev ppl (dense)", "next-token acc", "zero-shot acc") if decoder
+                   else ("dev acc (dense)", "retention"))
+        speed = ("prefill b1", "prefill b8", "decode") if decoder else ("b1 speedup", "b32 speedup")
+        header = ("method", "target", "sparsity", "non-zero", *quality, *speed, "prune s", "recover s", "note")
+        out += [f"\n{family}:\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in (r for r in rows if r.family == family):
+            f = r.final
+            if f is None:
+                cells = [r.method, fmt(r.target, "g"), *["-"] * (len(header) - 3), r.note or r.status]
+            else:
+                if decoder:
+                    q = (f"{fmt(f.perplexity, '.2f')} ({fmt(f.dense_perplexity, '.2f')})", fmt(f.accuracy, ".3f"),
+                         fmt(r.zero_shot, ".3f"))
+                    s = (fmt(f.speedup_b1, ".2f") + "x", fmt(f.speedup_b32, ".2f") + "x",
+                         fmt(r.decode_speedup, ".2f") + "x")
+                else:
+                    q = (f"{f.accuracy:.4f} ({f.dense_accuracy:.4f})", f"{f.accuracy / f.dense_accuracy:.1%}")
+                    s = (fmt(f.speedup_b1, ".2f") + "x", fmt(f.speedup_b32, ".2f") + "x")
+                cells = [r.method, fmt(r.target, "g"), f"{f.sparsity:.3f}", fmt(r.nonzero, ".1%"), *q, *s,
+                         f"{r.prune_s:.0f}", f"{r.recover_s:.0f}", r.note]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def parse_value(text: str) -> int | float | str:
+    """An int, else a float, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_sets(items: list[str]) -> dict:
+    """["calibration_examples=32"] -> {"calibration_examples": 32}."""
+    return {name: parse_value(value) for name, _, value in (item.partition("=") for item in items)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("encoder", "decoder", "both"), default="both")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    parser.add_argument("--targets", default=None, help="comma-separated (default: 0.5,0.75 encoder; 0.2,0.35 decoder)")
+    parser.add_argument("--finetune-steps", type=int, default=100, help="every method's recovery budget")
+    parser.add_argument("--steps", type=int, default=300, help="gate-phase steps of the learned methods")
+    parser.add_argument("--zero-shot", type=int, default=200, help="Rotten Tomatoes dev prompts for the decoders")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a method option")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", action="store_true", help="do not wait for runs of other processes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = [m for m in (args.methods.split(",") if args.methods else methods()) if m not in SKIP]
+    store, rows = RunStore(), []
+    for family in ("encoder", "decoder") if args.family == "both" else (args.family,):
+        spec = FAMILIES[family]
+        targets = [float(t) for t in args.targets.split(",")] if args.targets else spec["targets"]
+        settings = {**{k: v for k, v in spec.items() if k != "targets"}, "threads": args.threads,
+                    "finetune_steps": args.finetune_steps, "steps": args.steps, **parse_sets(args.set)}
+        dense = load_model(spec["model"]) if family == "decoder" else None
+        for method in names:
+            option = method_target(method)
+            levels = {None: [None], "target_speedup": spec["speedups"]}.get(option, targets)
+            for target in levels:
+                row = run_row(store, family, method, target, settings, args.parallel)
+                if dense is not None and row.final is not None:
+                    decoder_extras(row, dense, args.zero_shot)
+                rows.append(row)
+                print(f"{family} {method} {target}: {row.status} {row.note}", flush=True)
+    print(table(rows))
+    load = os.getloadavg()
+    speedups = ", ".join(f"{family} {spec['speedups']}" for family, spec in FAMILIES.items())
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} threads; recovery {args.finetune_steps} steps, gates {args.steps} steps (learned methods); "
+          f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; ZipLM's targets are speedups "
+          f"({speedups})")
+
+
+if __name__ == "__main__":
+    main()
