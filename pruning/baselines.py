@@ -22,7 +22,8 @@ import torch
 
 from core.adapter import GateShape
 from pruning.gate_state import GateState
-from pruning.size import SizeModel, exact_sparsity
+from pruning.scores import check_target, closest_state
+from pruning.size import SizeModel
 
 BASELINES = ("relevance", "importance", "random")
 Progress = Callable[[int, int, str], None]
@@ -67,22 +68,8 @@ def keep_state(loaded, scores: torch.Tensor, keep: float, ffn_criterion: str = "
 def baseline_state(method: str, loaded, texts: Sequence[str], labels: Sequence[int], target: float, *,
                    seed: int = 0, progress: Progress | None = None) -> GateState:
     """The one-shot gate state of baseline `method` whose exact sparsity is closest to `target` (fraction)."""
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
-        raise ValueError(f"The 'target' parameter of baseline_state() must be a fraction in [0, 1). Got {target!r}.")
+    check_target(target, "baseline_state()")
     scores = head_scores(method, loaded, texts, labels, seed=seed, progress=progress)
     criterion = "random" if method == "random" else "magnitude"
-    sizes = SizeModel.of(loaded)
-    best, best_gap = None, float("inf")
-    low, high = 1e-4, 1.0  # keep fraction; sparsity falls as keep grows
-    for _ in range(30):
-        mid = (low + high) / 2
-        state = keep_state(loaded, scores, mid, criterion, seed)
-        sparsity = exact_sparsity(state, model=sizes)
-        if abs(sparsity - target) < best_gap:
-            best, best_gap = state, abs(sparsity - target)
-        if sparsity > target:
-            low = mid
-        else:
-            high = mid
-    dense = GateState.dense(GateShape.of(loaded))
-    return dense if target <= exact_sparsity(dense, model=sizes) else best
+    return closest_state(lambda keep: keep_state(loaded, scores, keep, criterion, seed), target, SizeModel.of(loaded),
+                         GateShape.of(loaded))
