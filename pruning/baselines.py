@@ -22,8 +22,8 @@ import torch
 
 from core.adapter import GateShape
 from pruning.gate_state import GateState
-from pruning.scores import check_target, closest_state
 from pruning.size import SizeModel
+from pruning.sparsity_search import check_target, closest_state
 
 BASELINES = ("relevance", "importance", "random")
 Progress = Callable[[int, int, str], None]
@@ -71,5 +71,4 @@ def baseline_state(method: str, loaded, texts: Sequence[str], labels: Sequence[i
     check_target(target, "baseline_state()")
     scores = head_scores(method, loaded, texts, labels, seed=seed, progress=progress)
     criterion = "random" if method == "random" else "magnitude"
-    return closest_state(lambda keep: keep_state(loaded, scores, keep, criterion, seed), target, SizeModel.of(loaded),
-                         GateShape.of(loaded))
+    return closest_state(lambda keep: keep_state(loaded, scores, keep, criterion, seed), SizeModel.of(loaded), target)

@@ -31,8 +31,9 @@ from pruning.gate_state import GateState
 from pruning.methods.base import OneShotResult, PruningMethod, register
 from pruning.methods.wanda import calibration_batches
 from pruning.options import option
-from pruning.scores import closest_state, global_state
+from pruning.selection import global_state
 from pruning.sequential import editable_copy
+from pruning.sparsity_search import closest_state
 
 # decoder types whose config can give every projection a bias that a saved model keeps (load_pruned
 # builds the architecture from config.json): config flags -> the parts they switch on
@@ -130,7 +131,7 @@ class Flap(PruningMethod):
         stats = calibration.linear_inputs(c.base, c.examples,
                                           calibration_batches(self, self.options.calibration_examples), linears)
         heads, units = flap_scores(c.base, stats)
-        state = closest_state(lambda keep: global_state(c.shape, heads, units, keep), self.options.target_sparsity,
-                              c.sizes, c.shape)
+        state = closest_state(lambda keep: global_state(c.shape, heads, units, keep), c.sizes,
+                              self.options.target_sparsity)
         source = compensated_copy(c.base, state, stats) if self.options.compensate else None
         return OneShotResult(state, source=source)

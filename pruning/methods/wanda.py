@@ -27,9 +27,10 @@ from pruning.calibration import InputStats
 from pruning.gate_state import GateState
 from pruning.methods.base import OneShotResult, PruningMethod, register
 from pruning.options import option
-from pruning.scores import closest_state, per_layer_state, top_mask
+from pruning.selection import per_layer_state
 from pruning.sequential import editable_copy, sequential_prune
 from pruning.size import exact_sparsity
+from pruning.sparsity_search import closest_state, keep_mask
 
 BATCH = 8  # calibration examples per forward pass
 PATTERNS = ("unstructured", "2:4")
@@ -196,8 +197,8 @@ class WandaSP(PruningMethod):
 
     def closest(self, scores: list[tuple[torch.Tensor, torch.Tensor]]) -> GateState:
         heads, units = (torch.stack(parts) for parts in zip(*scores))
-        return closest_state(lambda keep: per_layer_state(self.context.shape, heads, units, keep),
-                             self.options.target_sparsity, self.context.sizes, self.context.shape)
+        return closest_state(lambda keep: per_layer_state(self.context.shape, heads, units, keep), self.context.sizes,
+                             self.options.target_sparsity)
 
     @staticmethod
     def counts(state: GateState) -> tuple[int, int]:
@@ -219,7 +220,7 @@ class WandaSP(PruningMethod):
         def prune_layer(layer: int, stats: dict[str, InputStats]) -> None:
             h, u = structured_scores(work, layer, stats)
             scores.append((h, u))
-            head[layer], units[layer] = top_mask(h, counts[0]), top_mask(u, counts[1])
+            head[layer], units[layer] = keep_mask(h, counts[0]), keep_mask(u, counts[1])
             o, down = work.adapter.attention_output(layer), work.adapter.ffn_out(layer)
             o.weight.mul_(head[layer].repeat_interleave(shape.head_dim).to(o.weight.dtype))
             down.weight.mul_(units[layer].to(down.weight.dtype))
