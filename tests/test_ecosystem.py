@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from core.data import DataSpec, load_data, load_splits, load_text, read_documents, read_table, source_labels
 from core.data.dataset import DataError
@@ -186,3 +187,102 @@ def test_a_failing_tracker_warns_once_and_the_run_goes_on(tmp_path, capsys, revi
     assert len(err) == 2 and err[0].startswith("warning: TensorBoard logging stopped")
     assert err[1].startswith("warning: MLflow logging stopped")
     assert not any(t.alive for t in trackers.items)
+
+
+# ----------------------------------------------------------------------------- plain-transformers exports
+
+
+def _plain_logits(folder: Path, loaded, texts: list[str]) -> torch.Tensor:
+    """Logits of `folder` loaded by plain transformers (no HeadLab class), read as `loaded` reads its own."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pruning.standard_export import logits
+
+    auto = AutoModelForCausalLM if loaded.is_decoder else AutoModelForSequenceClassification
+    model = auto.from_pretrained(folder, local_files_only=True).eval()
+    assert type(model).__module__.startswith("transformers.")
+    return logits(model, loaded, texts)
+
+
+TEXTS = ["a quietly moving film", "dull", "not bad at all, really, and rather long for a review"]
+
+
+@pytest.mark.parametrize("arch,closed", [
+    ("bert", {"ffn_keep": 0.5}),  # every head, the same FFN width everywhere
+    ("llama", {"layers": [1], "heads": [(0, 0), (0, 1), (2, 0), (2, 1)]}),  # a layer gone, one KV group left each
+    ("qwen2", {"heads": [(layer, h) for layer in range(3) for h in (0, 3)]}),  # 2 of 3 query heads per KV head
+    ("gemma3", {"layers": [0], "ffn_keep": 0.5}),  # a sliding-window layer gone: layer_types follow
+])
+def test_standard_exports_load_with_plain_transformers(arch, closed, tiny_dir, tiny_decoders, tmp_path):
+    from core.models import load_model
+    from pruning.gate_state import GateState
+    from pruning.standard_export import STANDARD, export, export_kind, standard_shape, without_layers
+    from pruning.surgery import prune
+
+    loaded = load_model(str(tiny_dir if arch == "bert" else tiny_decoders[arch]))
+    state = GateState.from_closed_heads(loaded, closed.get("heads", []))
+    state = without_layers(state, closed.get("layers", []))
+    if "ffn_keep" in closed:
+        state = state.with_ffn_keep(loaded.adapter, closed["ffn_keep"])
+    pruned = prune(loaded, state)
+    assert standard_shape(pruned).standard
+    done = export(pruned, tmp_path / "out", onnx=arch == "bert")
+    assert done.kind == STANDARD and export_kind(done.path)[0] == STANDARD
+    assert not (done.path / "pruning.json").exists()
+    got = _plain_logits(done.path, pruned, TEXTS)
+    with torch.no_grad():
+        want = pruned.model(**pruned.tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    layers = 3 - len(closed.get("layers", [])) if arch != "bert" else 2
+    import json
+    config = json.loads((done.path / "config.json").read_text())
+    assert config["num_hidden_layers"] == layers
+    if arch == "gemma3":
+        assert config["layer_types"] == ["full_attention", "sliding_attention"]
+    if arch == "qwen2":
+        assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+
+
+def test_other_shapes_keep_headlabs_layout_and_rounding_makes_them_standard(tiny_decoders, tmp_path):
+    from core.models import load_model
+    from pruning.gate_state import GateState
+    from pruning.standard_export import HEADLAB, STANDARD, export, round_to_standard, standard_shape
+    from pruning.surgery import prune
+
+    loaded = load_model(str(tiny_decoders["llama"]))
+    state = GateState.from_closed_heads(loaded, [(0, 0), (1, 2), (1, 3)]).with_ffn_keep(loaded.adapter, 0.5)
+    verdict = standard_shape(prune(loaded, state))
+    assert not verdict.standard and "unequal numbers of query heads" in verdict.reason
+    done = export(prune(loaded, state), tmp_path / "headlab")
+    assert done.kind == HEADLAB and (done.path / "pruning.json").exists() and verdict.reason in done.reason
+    rounded = round_to_standard(loaded, state)
+    # 10 of 12 heads in 5 of 6 KV groups -> 2 groups of 2 per layer; layer 1 keeps its open group 0 whole
+    assert rounded.head.sum(dim=1).tolist() == [4.0, 4.0, 4.0] and rounded.head[1].tolist() == [1, 1, 1, 1]
+    assert (rounded.intermediate > 0).sum(dim=1).tolist() == [24, 24, 24]
+    assert torch.equal(rounded.intermediate > 0, state.intermediate > 0)  # the same units were already uniform
+    assert export(prune(loaded, rounded), tmp_path / "std").kind == STANDARD
+    shape = standard_shape(prune(loaded, GateState.dense(loaded).with_hidden_keep(loaded.adapter, 0.5)))
+    assert not shape.standard and "hidden dims" in shape.reason
+
+
+def test_apply_prune_layers_writes_a_plain_folder(tiny_dir, reviews, tmp_path, capsys):
+    import json
+
+    from pruning.__main__ import main
+
+    out = tmp_path / "dropped"
+    assert main(["apply", "--model", str(tiny_dir), "--data", str(reviews), "--prune-layers", "1", "--out", str(out),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["export"]["kind"] == "standard" and report["sparsity"] == 0.5
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    dense = AutoModelForSequenceClassification.from_pretrained(tiny_dir, local_files_only=True).eval()
+    assert plain.config.num_hidden_layers == 1
+    # the deleted layer's weights are gone, the first layer's and the head are the dense model's
+    assert torch.equal(plain.bert.encoder.layer[0].output.dense.weight, dense.bert.encoder.layer[0].output.dense.weight)
+    assert torch.equal(plain.classifier.weight, dense.classifier.weight)
+    assert main(["apply", "--model", str(tiny_dir), "--data", str(reviews), "--prune-layers", "2", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "layer 2 does not exist" in capsys.readouterr().err

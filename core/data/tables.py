@@ -153,7 +153,8 @@ def _detect_format(display: str, text: str) -> str:
         if first_line.lstrip()[:1] in ("{", "["):
             return "jsonl"
         return "tsv" if "\t" in first_line else "csv"
-    raise DataError(f"{display}: unsupported file type '{ext}' (use .csv, .tsv, .txt with tabs or .jsonl).")
+    raise DataError(f"{display}: unsupported file type '{ext}' (use .csv, .tsv, .txt with tabs, .jsonl, .parquet, "
+                    ".arrow or a datasets save_to_disk folder).")
 
 
 def cell(value: Any) -> str | None:

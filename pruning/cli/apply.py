@@ -8,6 +8,7 @@ compares dense and pruned (by a gates file) on a whole dataset. Both measure thr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -15,13 +16,24 @@ from pathlib import Path
 
 import torch
 
+from core.adapter import Adapter
 from core.cli import add_data_options, data_spec, load_or_prepare, run_with_bar
 from core.data import load_data
 from core.folders import check_target, write_text_atomically
 from core.messages import quote
-from pruning.export import WRITER, save_pruned
+from pruning.export import WRITER
 from pruning.gate_state import CRITERIA, GateState
 from pruning.live import compare_state, measure_pruned
+from pruning.standard_export import (
+    STANDARD,
+    Exported,
+    drop_layers,
+    export,
+    parse_layers,
+    round_to_standard,
+    save_standard,
+    without_layers,
+)
 from pruning.surgery import prune
 
 FULL_ROUNDS = {1: (5, 5), 32: (5, 2)}  # core.latency.compare (rounds, repeats) per batch size: a careful look
@@ -85,10 +97,13 @@ def read_gates(path: Path, loaded) -> GateState:
 def _state(args: argparse.Namespace, loaded, heads: list[tuple[int, int]]) -> GateState:
     """The gate state from --gates FILE, or from --prune-heads / --ffn-keep / --hidden-keep."""
     if args.gates is not None:
-        if heads or args.ffn_keep is not None or args.hidden_keep is not None:
-            raise ValueError("--gates FILE cannot be combined with --prune-heads, --ffn-keep or --hidden-keep.")
+        if heads or args.ffn_keep is not None or args.hidden_keep is not None or args.prune_layers:
+            raise ValueError("--gates FILE cannot be combined with --prune-heads, --prune-layers, --ffn-keep or "
+                             "--hidden-keep.")
         return read_gates(args.gates, loaded)
     state = GateState.from_closed_heads(loaded, heads)
+    if args.prune_layers and loaded.is_decoder:  # whole decoder layers as gates: exactly the layers deleted
+        state = without_layers(state, parse_layers(args.prune_layers))
     if args.ffn_keep is not None:
         state = state.with_ffn_keep(loaded.adapter, args.ffn_keep, criterion=args.criterion)
     if args.hidden_keep is not None:
@@ -123,16 +138,63 @@ def cmd_apply(args: argparse.Namespace) -> int:
     for note in loaded.notes + data.warnings:
         print(f"warning: {note}", file=sys.stderr)
 
-    state = _state(args, loaded, heads)
-    pruned = prune(loaded, state)
     timed = full_rounds(loaded)
+    if args.prune_layers and not loaded.is_decoder:
+        if heads or args.ffn_keep is not None or args.hidden_keep is not None or args.gates or args.make_standard:
+            raise ValueError("An encoder's --prune-layers deletes whole layers; it takes no other pruning option.")
+        cmp, exported = run_with_bar(args.job, lambda bar: _drop_encoder_layers(args, loaded, data, timed, bar))
+        return _report(args, cmp, exported, data, timed, None)
+    state = _state(args, loaded, heads)
+    rounding = None
+    if args.make_standard:
+        rounded = round_to_standard(loaded, state)
+        rounding = (state, rounded)
+        state = rounded
+    pruned = prune(loaded, state)
 
     def measure_and_save(bar):
         cmp = measure_pruned(loaded, pruned, data, rounds=timed, progress=bar)
+        cost = None
+        if rounding is not None:
+            bar(0, 1, "measuring the structure before rounding")
+            before = measure_pruned(loaded, prune(loaded, rounding[0]), data, rounds=timed, progress=bar)
+            cost = _rounding_cost(before, cmp, timed)
         bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
-        return cmp, save_pruned(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx)
+        return cmp, export(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx), cost
 
-    cmp, out = run_with_bar(args.job, measure_and_save)
+    cmp, exported, cost = run_with_bar(args.job, measure_and_save)
+    return _report(args, cmp, exported, data, timed, cost)
+
+
+def _drop_encoder_layers(args, loaded, data, timed, bar):
+    """Delete an encoder's --prune-layers outright (a plain model), measure it, save it as a standard folder."""
+    layers = parse_layers(args.prune_layers)
+    plain = drop_layers(loaded, layers)
+    kept = plain.config.num_hidden_layers
+    note = f"Deleted layer(s) {', '.join(map(str, layers))}: {kept} of {kept + len(layers)} layers left."
+    small = dataclasses.replace(loaded, model=plain, adapter=Adapter(plain), notes=[note],
+                                fingerprint=f"{loaded.fingerprint}-drop-{'-'.join(map(str, layers))}")
+    cmp = measure_pruned(loaded, small, data, rounds=timed, progress=bar)
+    cmp = dataclasses.replace(cmp, sparsity=len(layers) / (kept + len(layers)))  # equal layers: their share
+    bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
+    reason = f"a plain transformers folder (from_pretrained loads it): {note}"
+    out = save_standard(small, plain, args.out, reason, overwrite=args.overwrite, onnx=args.onnx)
+    return cmp, Exported(out, STANDARD, reason)
+
+
+def _rounding_cost(before, after, timed) -> dict:
+    """What rounding to the standard shape changed: accuracy, parameters and latency (ms) before -> after."""
+    cost = {"accuracy": [before.pruned.accuracy, after.pruned.accuracy],
+            "parameters": [before.pruned.parameters, after.pruned.parameters],
+            "sparsity": [before.sparsity, after.sparsity]}
+    for b in timed:
+        cost[f"latency_b{b}_ms"] = [getattr(before.pruned, f"latency_b{b}_ms"), getattr(after.pruned,
+                                                                                        f"latency_b{b}_ms")]
+    return cost
+
+
+def _report(args, cmp, exported: Exported, data, timed, cost: dict | None) -> int:
+    """Print the dense / pruned table (or JSON), the export's kind and why, and the cost of rounding."""
     sides = {"dense": cmp.dense, "pruned": cmp.pruned}
     figures = {
         "parameters": {k: f.parameters for k, f in sides.items()},
@@ -143,10 +205,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
         "accuracy": {k: f.accuracy for k, f in sides.items()},
         **{f"latency_b{b}_ms": {k: getattr(f, f"latency_b{b}_ms") for k, f in sides.items()} for b in timed},
     }
-    threads = torch.get_num_threads()
+    threads, out = torch.get_num_threads(), exported.path
     if args.json:
         print(json.dumps({"out": str(out), "pruned": cmp.note, "median_tokens": cmp.seq_len,
-                          "sparsity": cmp.sparsity, "threads": threads, "figures": figures}, indent=2))
+                          "sparsity": cmp.sparsity, "threads": threads, "figures": figures,
+                          "export": {"kind": exported.kind, "reason": exported.reason},
+                          **({"standard_rounding": cost} if cost else {})}, indent=2))
         return 0
     rows = []
     for name, values in figures.items():
@@ -165,7 +229,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(f"\n{cmp.note} CoFi sparsity {cmp.sparsity:.3f}. Accuracy on {data.name}, no retraining after pruning; "
           f"FLOPs at the median length of {cmp.seq_len} tokens; latency median of {rounds * repeats} runs at batch 1 "
           f"interleaved with the dense model, {threads} threads.")
-    print(f"saved {out}{' (with model.onnx)' if args.onnx else ''}")
+    if cost:
+        (acc0, acc1), (ms0, ms1) = cost["accuracy"], cost["latency_b1_ms"]
+        print(f"made standard: accuracy {acc0:.4f} -> {acc1:.4f} ({acc1 - acc0:+.4f}), batch-1 latency "
+              f"{ms0:.2f} -> {ms1:.2f} ms, sparsity {cost['sparsity'][0]:.3f} -> {cost['sparsity'][1]:.3f}")
+    print(f"saved {out}{' (with model.onnx)' if args.onnx else ''}: {exported.kind} export, {exported.reason}")
     return 0
 
 
@@ -176,6 +244,12 @@ def add_commands(sub) -> None:
     ap.add_argument("--prune-heads", default="", metavar="L:H,...", help="heads to remove, 0-based, e.g. 0:1,3:2")
     ap.add_argument("--gates", type=Path, default=None, metavar="FILE",
                     help="a gate state as JSON (e.g. saved by the Gates page) instead of the three options here")
+    ap.add_argument("--prune-layers", default="", metavar="L,...",
+                    help="whole layers to remove, 0-based, e.g. 4,5: a plain transformers folder (a decoder's "
+                    "layers as closed gates, exactly; an encoder's deleted outright, its LayerNorms with them)")
+    ap.add_argument("--make-standard", action="store_true",
+                    help="round the structure to the nearest one a plain config expresses (same heads / KV "
+                    "groups / FFN width in every layer) and report what that costs in accuracy and speed")
     ap.add_argument("--ffn-keep", type=_fraction("--ffn-keep"), default=None, metavar="FRAC",
                     help="fraction of FFN units to keep in every layer, in (0, 1]")
     ap.add_argument("--hidden-keep", type=_fraction("--hidden-keep"), default=None, metavar="FRAC",
