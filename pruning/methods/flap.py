@@ -105,9 +105,9 @@ class FlapOptions:
 class Flap(PruningMethod):
     name = "flap"
     order = 22
-    summary = ("one-shot: remove the heads and FFN units of least standardised fluctuation Var(X_j)*||W_:,j||^2 "
-               "over all layers, compensating their mean in the output bias (An et al. 2024); the paper does not "
-               "retrain: set finetune_steps 0")
+    summary = ("one-shot (encoders and decoders): remove the heads and FFN units of least standardised fluctuation "
+               "Var(X_j)*||W_:,j||^2 over all layers, compensating their mean in the output bias (An et al. 2024); "
+               "the paper does not retrain: set finetune_steps 0 (the run's default fine-tunes)")
     Options = FlapOptions
 
     @classmethod

@@ -99,8 +99,9 @@ class WandaOptions:
 class Wanda(PruningMethod):
     name = "wanda"
     order = 20
-    summary = ("one-shot: zero the weights of least |W_ij|*||X_j|| in each output row (Sun et al. 2024), layer "
-               "by layer on the pruned layers' activations; masks only, so no smaller or faster model on the CPU")
+    summary = ("one-shot (encoders and decoders): zero the weights of least |W_ij|*||X_j|| in each output row (Sun et "
+               "al. 2024), layer by layer on the pruned layers' activations; masks only: no smaller or faster model "
+               "on the CPU's dense kernels; the paper does not retrain (finetune_steps 0)")
     Options = WandaOptions
 
     @classmethod
@@ -170,8 +171,9 @@ class WandaSPOptions:
 class WandaSP(PruningMethod):
     name = "wanda-sp"
     order = 21
-    summary = ("one-shot: remove the same share of heads and FFN units in every layer, scored by Wanda's "
-               "|W_ij|*||X_j|| on the attention / FFN output columns (structured Wanda of the FLAP repo)")
+    summary = ("one-shot (encoders and decoders): remove the same share of heads and FFN units in every layer, "
+               "scored by Wanda's |W_ij|*||X_j|| on the attention / FFN output columns, layer by layer on the pruned "
+               "layers' activations (structured Wanda of the FLAP repo)")
     Options = WandaSPOptions
 
     def target(self, step: int) -> float | None:
