@@ -50,6 +50,16 @@ class SparseSize:
         return text + f" (+ {self.other_bytes / mb:.2f} MB of other parameters, dense)"
 
 
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter name -> 0/1 nonzero pattern of every nn.Linear weight of `model` holding a zero: the masks
+    of a masked model read back from its weights (an exported Wanda run; dense weights hold no exact 0)."""
+    masks = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (module.weight == 0).any():
+            masks[f"{prefix}.weight" if prefix else "weight"] = (module.weight.detach() != 0).float()
+    return masks
+
+
 def sparse_size(model: nn.Module, masks: dict[str, torch.Tensor]) -> SparseSize:
     """The `SparseSize` of `model` with `masks` (parameter name -> 0/1 tensor of its (out, in) shape)."""
     unknown = sorted(set(masks) - {name for name, _ in model.named_parameters()})

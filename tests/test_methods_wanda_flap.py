@@ -30,7 +30,7 @@ from pruning.runs import RunStore
 from pruning.sequential import editable_copy, sequential_prune
 from pruning.session import Job, TrainSession
 from pruning.size import exact_sparsity
-from pruning.sparse_size import is_two_four, sparse_size
+from pruning.sparse_size import is_two_four, sparse_size, zero_masks
 from pruning.surgery import prune
 from tests.conftest import make_tiny
 
@@ -149,6 +149,9 @@ def test_wanda_masks_stay_applied_through_a_fine_tune(tiny_dir, reviews, tmp_pat
         assert (w[mask == 0] == 0).all() and (w[mask == 1] != 0).all(), name
         moved += int((w != base.model.get_parameter(name).detach() * mask).sum())
     assert moved > 0  # the fine-tune changed the kept weights
+    read_back = zero_masks(exported.model)
+    assert read_back.keys() == masks.keys() and all(torch.equal(read_back[n], m) for n, m in masks.items())
+    assert sparse_size(exported.model, read_back).sparsity == 0.5
     for extra in (["--lora"], ["--pattern", "2:4", "--target-sparsity", "0.6"]):
         assert main(["train", "--model", str(tiny_dir), "--data", str(reviews), "--method", "wanda", *extra]) == 2
 
