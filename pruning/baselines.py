@@ -66,9 +66,16 @@ def keep_state(loaded, scores: torch.Tensor, keep: float, ffn_criterion: str = "
 
 
 def baseline_state(method: str, loaded, texts: Sequence[str], labels: Sequence[int], target: float, *,
-                   seed: int = 0, progress: Progress | None = None) -> GateState:
-    """The one-shot gate state of baseline `method` whose exact sparsity is closest to `target` (fraction)."""
+                   seed: int = 0, progress: Progress | None = None,
+                   protected: torch.Tensor | None = None) -> GateState:
+    """The one-shot gate state of baseline `method` whose exact sparsity is closest to `target` (fraction).
+
+    `protected` (L, H) bool: heads ranked above every other head (`analysis.roles.survival.protect_scores`)."""
     check_target(target, "baseline_state()")
     scores = head_scores(method, loaded, texts, labels, seed=seed, progress=progress)
+    if protected is not None:
+        from analysis.roles.survival import protect_scores
+
+        scores = protect_scores(scores, protected)
     criterion = "random" if method == "random" else "magnitude"
     return closest_state(lambda keep: keep_state(loaded, scores, keep, criterion, seed), SizeModel.of(loaded), target)

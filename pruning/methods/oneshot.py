@@ -4,6 +4,11 @@ loop fine-tunes the sliced model (`pruning.baselines` has the scores and the bis
     relevance   Voita et al. (2019): conservative-LRP head relevance
     importance  Michel et al. (2019): |dL/d gate| per head, normalised per layer
     random      a seeded random draw
+
+`protect_roles`: the dense model's head roles (`analysis.roles.head_roles`: Voita's positional, syntactic,
+rare-word; a decoder's also previous-token, duplicate-token, induction) on the same scored examples; every
+head with a role gets its score raised above every role-free head's (`analysis.roles.survival.protect_scores`),
+so role-free heads are closed first and a role head only once none is left.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from pruning.gate_state import GateState
 from pruning.methods.base import PruningMethod, register
 from pruning.options import option
 
+ROLE_EXAMPLES = 20  # fewest sentences roles are found on (`analysis.roles.score_heads` needs 10 for rare-word)
+
 
 @dataclass
 class OneShotOptions:
@@ -22,6 +29,9 @@ class OneShotOptions:
                                     open_low=True, open_high=True)
     score_examples: int = option(256, "training examples the head scores average over (relevance, importance)",
                                  low=0)
+    protect_roles: bool = option(False, "rank every head with a Voita / Olsson role (found on the scored "
+                                 "examples, at least 20: spaCy parses, attention) above every role-free head: "
+                                 "role-free heads are closed first")
 
 
 class OneShot(PruningMethod):
@@ -35,7 +45,20 @@ class OneShot(PruningMethod):
         c.progress(0, 1, f"scoring heads ({self.criterion})")
         rows = c.train.subset(self.options.score_examples, seed=c.seed)
         return baseline_state(self.criterion, c.base, rows.texts, rows.labels, self.options.target_sparsity,
-                              seed=c.seed, progress=c.progress)
+                              seed=c.seed, progress=c.progress, protected=self.protected_heads())
+
+    def protected_heads(self):
+        """(L, H) bool of the heads with a role (protect_roles), else None."""
+        if not self.options.protect_roles:
+            return None
+        from analysis.roles import head_roles
+        from analysis.roles.survival import role_mask
+
+        c = self.context
+        c.progress(0, 1, "finding head roles (protect_roles)")
+        rows = c.train.subset(max(self.options.score_examples, ROLE_EXAMPLES), seed=c.seed)
+        shape = c.shape
+        return role_mask(head_roles(c.base, rows.texts, limit=len(rows)), (shape.layers, shape.heads))
 
     def target(self, step: int) -> float | None:
         return self.options.target_sparsity
