@@ -67,6 +67,9 @@ class TrainConfig:
                                 high=1.0, open_low=True)
     eval_examples: int = option(200, "dev examples (seeded subset) at each eval step; the last eval uses all",
                                 low=1)
+    drift_examples: int = option(16, "the eval subset's first texts whose LRP explanations are compared with the "
+                                 "dense model's at each eval step (explanation drift, classification on the CPU; "
+                                 "0: off)", low=0)
     checkpoint_every: int = option(2, "eval steps between checkpoints", low=0)
     seed: int = option(0, "seed of batches, gate noise, dropout and baseline draws", low=0)
     threads: int = option(1, "torch threads (1 keeps the app responsive on 2 cores; 0 = torch's default)", low=0)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from core.summary import median_tokens
+from pruning.drift_record import step_drift
 from pruning.gate_state import GateState
 from pruning.live import Comparison, figures, measure_pruned
 from pruning.lm_measure import measure_text, text_figures, text_length
@@ -81,6 +82,14 @@ class StepRecord:
     export: str | None = None  # the exported model's folder (final record of a finished run)
     perplexity: float | None = None  # language modelling: the LM's perplexity on the dev documents (the
     dense_perplexity: float | None = None  # accuracies are then next-token accuracies); None for classifiers
+    # explanation drift from the dense model on the first `drift_examples` dev-subset texts (`pruning.drift_record`;
+    # None when off): Spearman of kept heads' relevance, of token relevance, top-5 token overlap, sign-flip share
+    drift_head_spearman: float | None = None
+    drift_token_spearman: float | None = None
+    drift_token_topk: float | None = None
+    drift_flipped: float | None = None
+    drift_examples: int | None = None
+    drift_seconds: float | None = None  # what the drift figures cost at this eval (included in eval_seconds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +173,7 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
     snapshot.model.eval()
     try:
         cmp, ppl, dense_ppl = _measure(session, snapshot, data, final)
+        drift = step_drift(session, snapshot)
     finally:
         session.student.model.train()
     expected = session.method.expected_sparsity(session.step) if session.pruning() else None
@@ -193,5 +203,5 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
         note=cmp.note, device=str(session.device), threads=torch.get_num_threads(), processes=session.dist.world,
         replica_checksums=replicas, clock=dict(session.clock), eval_seconds=seconds, eval_gap=session.gap,
         eval_fraction=session.clock["eval_s"] / max(1e-9, sum(session.clock.values())),
-        perplexity=ppl, dense_perplexity=dense_ppl,
+        perplexity=ppl, dense_perplexity=dense_ppl, **drift,
     )

@@ -222,3 +222,33 @@ def test_protect_roles_keeps_role_heads_where_the_plain_method_closes_some(tiny,
     method = cls(options, MethodContext(base=tiny, teacher=tiny, train=data, device=torch.device("cpu"), seed=0,
                                         progress=lambda *a: None))
     assert (method.prune().head[protected] > 0).all()
+
+
+# ----------------------------------------------------------------------------- a training run records it
+
+
+def test_a_run_records_drift_at_each_eval(tiny, tiny_dir, reviews, tmp_path):
+    from core.data import load_splits
+    from pruning.config import TrainConfig
+    from pruning.loop import run_job
+    from pruning.runs import RunStore
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    config = TrainConfig.build(model=str(tiny_dir), data=str(reviews), method="relevance", target_sparsity=0.6,
+                               finetune_steps=10, score_examples=16, batch_size=8, eval_every=10, eval_budget=1.0,
+                               eval_examples=8, drift_examples=6)
+    run_id = store.create(config.to_dict())
+    assert run_job(store, run_id, teacher=tiny) == "done"
+    first, *_, last = store.records(run_id)
+    assert [r.drift_examples for r in store.records(run_id)] == [6] * len(store.records(run_id))
+    assert first.drift_seconds > 0 and last.final
+    # step 0 is the sliced model before its fine-tune: the same figures as drift() on a fresh slice
+    texts = load_splits(config.data_spec, tiny.label_names).dev.subset(8, seed=0).texts[:6]
+    expected = drift(tiny, prune(tiny, store.gates(run_id, 0)), texts)
+    assert first.drift_token_spearman == pytest.approx(expected.token_spearman, abs=1e-6)
+    assert first.drift_head_spearman == pytest.approx(expected.head_spearman, abs=1e-6)
+    assert first.drift_flipped == pytest.approx(expected.flipped) and first.drift_token_spearman < 1
+    off = store.create(TrainConfig.build(**{**config.to_dict(), **config.options, "drift_examples": 0,
+                                            "finetune_steps": 0}).to_dict())
+    assert run_job(store, off, teacher=tiny) == "done"
+    assert all(r.drift_examples is None for r in store.records(off))
