@@ -88,10 +88,10 @@ def model_hash(loaded: LoadedModel) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def table_key(loaded: LoadedModel, batch_size: int, seq_len: int) -> dict:
-    """What a cached table must match: machine, threads, model and batch shape."""
+def table_key(loaded: LoadedModel, batch_size: int, seq_len: int, grid: int = FFN_GRID) -> dict:
+    """What a cached table must match: machine, threads, model, batch shape and FFN grid."""
     return {"version": VERSION, "host": socket.gethostname(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "model": model_hash(loaded), "batch_size": batch_size, "seq_len": seq_len}
+            "model": model_hash(loaded), "batch_size": batch_size, "seq_len": seq_len, "grid": grid}
 
 
 def cache_path(key: dict) -> Path:
@@ -105,8 +105,10 @@ def ffn_widths(d_ff: int, grid: int = FFN_GRID) -> list[int]:
 
 
 def _cleaned(raw: Sequence[float]) -> list[float]:
-    """Non-negative, non-decreasing entries (running maximum): more kept units are never faster."""
-    return [float(x) for x in np.maximum.accumulate(np.maximum(np.asarray(raw, dtype=float), 0.0))]
+    """Non-negative, non-decreasing entries: each the least of its own and all larger levels' times (more
+    kept units are never faster, and a level slowed by other work on the machine does not lift the rest)."""
+    values = np.maximum(np.asarray(raw, dtype=float), 0.0)
+    return [float(x) for x in np.minimum.accumulate(values[::-1])[::-1]]
 
 
 @dataclass
@@ -164,7 +166,7 @@ def synthetic_batch(loaded: LoadedModel, batch_size: int, seq_len: int) -> dict[
     """input_ids and attention_mask (batch_size, seq_len): seeded random ordinary token ids, no padding
     (the cost of a forward does not depend on which tokens it reads)."""
     vocab = loaded.adapter.word_embeddings.weight.shape[0]
-    ids = torch.randint(0, min(vocab, len(loaded.tokenizer)), (batch_size, seq_len),
+    ids = torch.randint(0, min(vocab, len(loaded.text_tokenizer)), (batch_size, seq_len),
                         generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -185,15 +187,15 @@ def time_state(loaded: LoadedModel, state: GateState, batch: dict[str, torch.Ten
     return time_forward(pruned.model, batch, warmup=1, repeats=repeats, budget_s=budget_s).median_s
 
 
-def build(loaded: LoadedModel, batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN, *, rounds: int = 3,
-          repeats: int = 5, budget_s: float = 1.0, progress: Progress | None = None) -> LatencyTable:
+def build(loaded: LoadedModel, batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN, *, grid: int = FFN_GRID,
+          rounds: int = 3, repeats: int = 5, budget_s: float = 1.0, progress: Progress | None = None) -> LatencyTable:
     """Measure the table of `loaded` (unpruned) on this machine (see the module docstring): every level
     is timed once per round, the rounds going over all levels in turn, and its fastest round counts (a
     round slowed by other work on the machine is dropped)."""
     start = time.perf_counter()
     shape = GateShape.of(loaded)
     batch = synthetic_batch(loaded, batch_size, seq_len)
-    widths = ffn_widths(shape.intermediate)
+    widths = ffn_widths(shape.intermediate, grid)
     levels = [(0, 0), *((h, 0) for h in range(1, shape.heads + 1)), *((0, w) for w in widths[1:])]
     times = np.full((rounds, len(levels)), np.inf)
     for r in range(rounds):
@@ -206,15 +208,16 @@ def build(loaded: LoadedModel, batch_size: int = BATCH_SIZE, seq_len: int = SEQ_
     attention = [0.0, *((best[1:shape.heads + 1] - constant) / shape.layers)]
     ffn = [0.0, *((best[shape.heads + 1:] - constant) / shape.layers)]
     raw = {"levels": [list(level) for level in levels], "seconds": times.tolist()}
-    return LatencyTable(key=table_key(loaded, batch_size, seq_len), layers=shape.layers, constant=constant,
+    return LatencyTable(key=table_key(loaded, batch_size, seq_len, grid), layers=shape.layers, constant=constant,
                         attention=_cleaned(attention), widths=widths, ffn=_cleaned(ffn), raw=raw,
                         build_s=time.perf_counter() - start)
 
 
-def load_or_build(loaded: LoadedModel, batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN, *,
+def load_or_build(loaded: LoadedModel, batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN, *, grid: int = FFN_GRID,
                   progress: Progress | None = None, **kwargs) -> LatencyTable:
-    """The cached table of this machine, model and batch shape, else a new one (`build`, `kwargs`), cached."""
-    key = table_key(loaded, batch_size, seq_len)
+    """The cached table of this machine, model, batch shape and grid, else a new one (`build` with
+    `kwargs`: rounds, repeats, budget_s), cached."""
+    key = table_key(loaded, batch_size, seq_len, grid)
     path = cache_path(key)
     if path.is_file():
         try:
@@ -224,7 +227,7 @@ def load_or_build(loaded: LoadedModel, batch_size: int = BATCH_SIZE, seq_len: in
         if table is not None and table.key == key:
             table.cached = True
             return table
-    table = build(loaded, batch_size, seq_len, progress=progress, **kwargs)
+    table = build(loaded, batch_size, seq_len, grid=grid, progress=progress, **kwargs)
     write_text_atomically(path, table.to_json())
     return table
 
