@@ -5,6 +5,9 @@ the `headlab` command."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -286,3 +289,31 @@ def test_apply_prune_layers_writes_a_plain_folder(tiny_dir, reviews, tmp_path, c
     assert main(["apply", "--model", str(tiny_dir), "--data", str(reviews), "--prune-layers", "2", "--out",
                  str(tmp_path / "x")]) == 2
     assert "layer 2 does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the headlab command
+
+
+def test_headlab_dispatches_to_the_three_clis_with_their_exit_codes(tmp_path, monkeypatch, capsys):
+    import headlab_cli
+
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    assert headlab_cli.owner("evaluate") == "core" and headlab_cli.owner("roles") == "analysis"
+    assert headlab_cli.owner("train") == "pruning" and headlab_cli.owner("runs") == "pruning"
+    assert headlab_cli.main(["runs", "list"]) == 0 and capsys.readouterr().out.strip() == "no runs"
+    assert headlab_cli.main(["pruning", "methods"]) == 0 and "cofi:" in capsys.readouterr().out
+    assert headlab_cli.main(["evaluate", "--help"]) == 0 and "python -m core evaluate" in capsys.readouterr().out
+    assert headlab_cli.main(["runs", "stop"]) == 2  # pruning's own error: a run ID is needed
+    assert "needs a run ID" in capsys.readouterr().err
+    assert headlab_cli.main(["apply", "--bogus"]) == 2  # argparse's usage error, as `python -m pruning`
+    assert headlab_cli.main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_installed_headlab_script(tmp_path):
+    script = Path(sys.executable).parent / "headlab"
+    if not script.exists():
+        pytest.skip("headlab is not installed in this venv (pip install -e . --no-deps)")
+    env = {**os.environ, "HEADLAB_HOME": str(tmp_path)}
+    done = subprocess.run([str(script), "runs", "delete"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 2 and "error: runs delete needs a run ID" in done.stderr  # pruning's own message

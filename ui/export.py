@@ -14,13 +14,15 @@ from core.folders import FolderError, check_target
 from core.jobs import job_state
 from core.loaded import LoadedModel
 from core.paths import headlab_home
-from pruning.export import WRITER, check_name, save_pruned
+from pruning.export import WRITER, check_name
+from pruning.standard_export import STANDARD, export, export_kind
 from ui.jobs import ensure_job, wait_for
 
 _SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headlab-export")  # one export at a time
 
-HELP = ("Physically smaller safetensors folder that HeadLab loads back, plus model.onnx for onnxruntime, "
-        "checked against torch")
+HELP = ("Physically smaller safetensors folder, plus model.onnx for onnxruntime, checked against torch; a plain "
+        "transformers folder (from_pretrained loads it) when every layer keeps the same heads and FFN width, "
+        "else HeadLab's own layout")
 
 
 def exports_dir() -> Path:
@@ -83,7 +85,7 @@ def save_panel(out: Path, key: str, model: Callable[[], LoadedModel], label: str
     if not _writable(out):
         return
     if st.button(label, disabled=disabled, help=HELP):
-        tasks[str(out)] = (key, _SAVER.submit(save_pruned, model(), out, onnx=True))
+        tasks[str(out)] = (key, _SAVER.submit(export, model(), out, onnx=True))  # plain when the shape is standard
         st.rerun()
 
 
@@ -98,6 +100,9 @@ def _wait(future: Future) -> None:
 
 
 def _saved(out: Path) -> None:
+    kind = export_kind(out)
+    if kind is not None:  # which kind of folder was written, and why (pruning.standard_export)
+        st.caption(f"**{'Plain transformers' if kind[0] == STANDARD else 'HeadLab'} folder**: {kind[1]}.")
     sizes = {f.name: f.stat().st_size for f in out.iterdir()}
     st.success(f"Saved {out}: model.safetensors {sizes.get('model.safetensors', 0) / 1e6:.1f} MB, "
                f"model.onnx {sizes.get('model.onnx', 0) / 1e6:.1f} MB. Load it on the Model page as a local "

@@ -17,10 +17,11 @@ from core.folders import check_target
 from core.pruned import load_pruned
 from pruning.cli.train import run_and_report
 from pruning.config import TrainConfig
-from pruning.export import WRITER, save_pruned
+from pruning.export import WRITER
 from pruning.launch import LOG, launch
 from pruning.loop import MODEL_FILE
 from pruning.runs import RunStore
+from pruning.standard_export import export
 
 
 def _target_text(config: dict) -> str:
@@ -94,10 +95,11 @@ def _export_run(store: RunStore, args: argparse.Namespace) -> int:
         bar(0, 1, "loading the run's model")
         loaded = load_pruned(source)
         bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
-        return save_pruned(loaded, args.out, overwrite=args.overwrite, onnx=args.onnx)
+        return export(loaded, args.out, overwrite=args.overwrite, onnx=args.onnx)
 
-    out = run_with_bar(args.job, work)
-    print(f"saved {out}" + (" (with model.onnx, checked against torch)" if args.onnx else ""))
+    done = run_with_bar(args.job, work)
+    print(f"saved {done.path}" + (" (with model.onnx, checked against torch)" if args.onnx else "")
+          + f": {done.kind} export, {done.reason}")
     return 0
 
 
