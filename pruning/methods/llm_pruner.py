@@ -83,9 +83,9 @@ def coupled_state(loaded: LoadedModel, scores: GroupScores, layers: list[int], k
 class LLMPruner(PruningMethod):
     name = "llm-pruner"
     order = 20
-    summary = ("LLM-Pruner (Ma et al. 2023): one-shot removal of coupled heads / KV groups and MLP channels by "
-               "first-order Taylor importance of one backward pass; recovery = the run's fine-tune (decoders: "
-               "--lora, the paper's r 8 and lr 1e-4; encoders: a full fine-tune)")
+    summary = ("LLM-Pruner (Ma et al. 2023), encoders and decoders: one-shot removal of coupled heads / KV groups "
+               "and MLP channels by first-order Taylor importance of one backward pass; recovery = the run's "
+               "fine-tune (decoders: --lora, the paper's r 8 and lr 1e-4; encoders: a full fine-tune)")
     Options = LLMPrunerOptions
 
     @classmethod

@@ -82,9 +82,9 @@ def depth_state(loaded: LoadedModel, importance: torch.Tensor, keep: float) -> G
 class Minitron(PruningMethod):
     name = "minitron"
     order = 21
-    summary = ("Minitron (Muralidharan et al. 2024): forward-only activation importance, one-shot width (heads, "
-               "neurons, hidden channels) or depth pruning to a size; retraining = the run's fine-tune, always "
-               "distilled from the dense model (logit-only KD: --alpha-ce 1)")
+    summary = ("Minitron (Muralidharan et al. 2024), encoders and decoders: forward-only activation importance, "
+               "one-shot width (heads, neurons, hidden channels) or depth pruning to a size; retraining = the run's "
+               "fine-tune, always distilled from the dense model (logit-only KD: --alpha-ce 1)")
     Options = MinitronOptions
     distills_always = True
 
