@@ -13,8 +13,9 @@ paused the process is timed again):
 
 Simplifications (vs the paper's per-layer-type microbenchmarks): an entry is the average over the L
 layers of the model's own forward (one layer's share is below timing noise on small models); entries
-are made non-negative and non-decreasing in h / w (more heads are never faster: the cleaned table is
-what predictions use, the raw medians are kept beside it); a decoder's h heads are its first h query
+are made non-negative and non-decreasing in h / w (more heads are never faster; each entry is the least
+of its own and the larger levels' times; the cleaned table is what predictions use, the raw medians are
+kept beside it); a decoder's h heads are its first h query
 heads, so they fill KV groups in order (ceil(h / group) KV heads): a structure with scattered heads
 keeps more KV heads than the entry assumes. FFN widths between grid points are interpolated linearly.
 What is timed is `loaded.model` (an encoder's or a prompted decoder's classifier).

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from core.adapter import GateShape
+from core.data import TextDataset
 from core.models import load_model
 from core.pruned import load_pruned
 from pruning import latency_table
@@ -19,7 +20,7 @@ from pruning.__main__ import main
 from pruning.config import TrainConfig
 from pruning.distributed import Dist
 from pruning.latency_table import LatencyTable, Structure
-from pruning.methods.ziplm import BUCKETS, search
+from pruning.methods.ziplm import BUCKETS, search, structure_for_speedup
 from pruning.obs import hessian, obs_path, reconstruction_error
 from pruning.runs import RunStore
 from pruning.session import Job, TrainSession
@@ -225,3 +226,19 @@ def test_a_ziplm_run_exports_the_obs_updated_model(kind, tiny_dir, tiny_decoders
     changed = [not torch.equal(base.attention_output(i).weight, source.attention_output(i).weight) or
                not torch.equal(base.ffn_out(i).weight, source.ffn_out(i).weight) for i in range(len(base.layers))]
     assert any(changed)
+
+
+def test_structure_for_speedup_gives_the_gates_page_a_structure_within_the_target(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    table = latency_table.load_or_build(tiny, 2, 16, **FAST_TABLE)
+    speedup = 1 + (table.dense / table.constant - 1) / 2
+    texts = [f"a {word} film number {i}" for i in range(20) for word in ("great", "awful")]
+    data = TextDataset(texts=texts, labels=[0] * len(texts), label_names=list(tiny.label_names), name="calibration")
+    found = structure_for_speedup(tiny, speedup, data, calibration_examples=16, batch_size=2, seq_len=16, ffn_grid=4)
+    assert found.table == table and found.predicted_s <= table.dense / speedup + 1e-12
+    assert found.predicted_speedup >= speedup - 1e-9
+    kept = Structure.of(found.result.state)
+    assert sum(kept.heads) < table.layers * table.heads or sum(kept.units) < table.layers * table.widths[-1]
+    with pytest.raises(ValueError, match="smaller target_speedup"):
+        structure_for_speedup(tiny, table.dense / table.constant * 1.5, data, calibration_examples=16, batch_size=2,
+                              seq_len=16, ffn_grid=4)

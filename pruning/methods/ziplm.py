@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from core.adapter import Adapter, GateShape
+from core.data import TextDataset
 from core.loaded import LoadedModel
 from pruning import latency_table
 from pruning.calibration import batches, linear_inputs
@@ -230,3 +231,17 @@ class ZipLM(PruningMethod):
         c.progress(1, 1, f"ZipLM: predicted {p.predicted_s * 1e3:.3g} ms vs dense {p.table.dense * 1e3:.3g} ms "
                          f"({p.predicted_speedup:.2f}x) at batch {o.latency_batch_size} x {o.latency_seq_len}")
         return p.result
+
+
+def structure_for_speedup(loaded: LoadedModel, target_speedup: float, data: TextDataset, *, max_length: int = 128,
+                          calibration_examples: int = 64, batch_size: int = latency_table.BATCH_SIZE,
+                          seq_len: int = latency_table.SEQ_LEN, ffn_grid: int = latency_table.FFN_GRID,
+                          seed: int = 0, progress: Progress | None = None) -> ZipLMPlan:
+    """The Gates page's preset "target speed-up -> structure": ZipLM's plan for `loaded` (unpruned) with
+    the calibration texts of `data` (their labels are not read). `.result.state` is the structure to
+    gate; applied to the unchanged model it lacks ZipLM's weight update (`.result.source` has it)."""
+    from pruning.session import classification_examples  # the session imports the method registry
+
+    examples = classification_examples(loaded, data, max_length)
+    return plan(loaded, examples, target_speedup, calibration_examples=calibration_examples, batch_size=batch_size,
+                seq_len=seq_len, ffn_grid=ffn_grid, seed=seed, progress=progress)
