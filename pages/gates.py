@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.heads import report_dir
+from analysis.roles.survival import least_relevant_role_free
 from core.jobs import cancel_job, job_state
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
 from ui import gates as g
@@ -67,6 +68,15 @@ share = pruned.flops_attention / max(pruned.flops, 1)
 st.caption(f"{result.note} FLOPs split: attention {share:.0%}, FFN {1 - share:.0%} (dense: "
            f"{dense.flops_attention / dense.flops:.0%} / {dense.flops_ffn / dense.flops:.0%}) — with short inputs most "
            f"compute is in the FFN, so closing heads alone cannot buy much speed. Measured in {result.seconds:.1f} s.")
+if gates != ManualGates() and (not loaded.is_decoder or st.button(
+        "Compare the explanations with the dense model's", help=f"LRP of {g.DRIFT_EXAMPLES} prompts through both "
+        "models: several seconds for a decoder, so it waits for this button")):
+    why = g.explanation_drift(loaded, gates, subset)
+    st.caption(f"Faithfulness to the dense model's reasons ({why.examples} dev texts, LRP, the dense model's class): "
+               f"token relevance Spearman {why.token_spearman:.2f}, top-{why.top_k} token overlap "
+               f"{why.token_topk:.0%}, "
+               f"head relevance Spearman over the {why.heads_compared} kept heads {why.head_spearman:.2f}, "
+               f"explanations flipped {why.flipped:.0%} (the dense model itself: 1.00, 100%, 1.00, 0%).")
 
 if os.getloadavg()[0] > (os.cpu_count() or 1):
     st.warning(f"The machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): latencies are "
@@ -137,8 +147,14 @@ with right:
     if st.button("Keep only role-bearing heads", disabled=report is None, width="stretch"):
         g.apply(replace(gates, closed_heads=heads_without_role(report.table)), "keep role-bearing heads")
         st.rerun()
+    if st.button(f"Close {k} heads, role-free first", disabled=report is None, width="stretch",
+                 help="Protect role-bearing heads: the least relevant heads without a role, then (past them) the "
+                      "least relevant role heads"):
+        g.apply(replace(gates, closed_heads=least_relevant_role_free(report.table, int(k))),
+                f"close {k}, role-free first")
+        st.rerun()
     if report is None:
-        st.caption("The first two presets need the Heads analysis (button on the left).")
+        st.caption("The first three presets need the Heads analysis (button on the left).")
     runs = g.runs_with_gates(spec)
     if runs:
         run_col, step_col = st.columns(2)

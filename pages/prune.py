@@ -9,13 +9,14 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from analysis.roles.survival import role_vs_free, survival_frame
 from pruning.config import TrainConfig
 from pruning.distributed import torchrun_command
 from pruning.launch import launch, launch_command
 from pruning.live import ManualGates
 from pruning.methods import methods
 from pruning.runs import RunStore
-from ui.charts import gate_grid, pareto_chart
+from ui.charts import DRIFT_COLOURS, gate_grid, pareto_chart, role_survival_chart
 from ui.export import export_folder, export_panel
 from ui.loaders import get_data, session_data_spec
 from ui.settings import settings_inputs
@@ -29,6 +30,7 @@ CURVES = {
     "sparsity": ["expected_sparsity", "sparsity", "target"],
     "losses": None,  # every loss term the method logs (loss_<name>)
     "method's figures": None,  # e.g. CoFi's Lagrange multipliers lambda_1, lambda_2
+    "faithfulness to the dense model": list(DRIFT_COLOURS),  # explanation drift (analysis.drift), when recorded
 }
 
 st.title("Prune")
@@ -172,6 +174,26 @@ if steps:
         st.session_state.update(model_spec=config.model, data_spec=config.data_spec,
                                 gates_from_run=ManualGates.from_state(state), gates_what=f"run {run_id} step {step}")
         st.switch_page("pages/gates.py")
+    if st.toggle("Role survival: heads kept per role vs sparsity", key=f"role_survival_{run_id}",
+                 help="Which Voita / Olsson roles the run keeps at each step, from the Heads analysis of the dense "
+                      "model on the run's data (Heads or Gates page; the latest one found is used)"):
+        from ui.gates import find_report
+        from ui.loaders import get_model
+
+        config = TrainConfig.from_dict(run.config)
+        dense_model, dev_data = get_model(config.model), get_data(config.data_spec)
+        report = find_report(dense_model, dev_data) if dense_model and dev_data else None
+        if report is None:
+            st.info(f"No Heads analysis of {config.model} on this data yet: run it on the Heads page first.")
+        else:
+            sparsity = {r.step: r.sparsity for r in store.records(run_id)}
+            frame = survival_frame({s: store.gates(run_id, s) for s in steps}, report.table)
+            frame["sparsity"] = frame["step"].map(sparsity)
+            st.plotly_chart(role_survival_chart(frame, f"Run {run_id}: role heads kept"), key="role_survival")
+            kept_roles, kept_free = role_vs_free(store.gates(run_id, steps[-1]), report.table)
+            st.caption(f"At step {steps[-1]}: {kept_roles:.0%} of the role-bearing heads and {kept_free:.0%} of the "
+                       "role-free heads are kept (Voita et al. 2019: specialised heads are pruned last, i.e. the "
+                       "first share stays above the second). Roles from the dense model's Heads analysis.")
 
 def export_section(run_id: int) -> None:
     """Export a finished run's model (folder + ONNX) as a background job, refusing to overwrite."""
@@ -195,8 +217,14 @@ if finished:
     pareto = pd.DataFrame([{"label": run_name(r), "method": final.method,
                             "model": r.config.get("model"), "teacher": r.config.get("teacher") or r.config.get("model"),
                             "accuracy": final.accuracy, "dense_accuracy": final.dense_accuracy,
-                            "speedup_b32": final.speedup_b32, "sparsity": final.sparsity} for r, final in finished])
-    st.plotly_chart(pareto_chart(pareto), key="pareto")
+                            "speedup_b32": final.speedup_b32, "sparsity": final.sparsity,
+                            **{k: getattr(final, k) for k in DRIFT_COLOURS}} for r, final in finished])
+    drifted = [k for k in DRIFT_COLOURS if pareto[k].notna().any()]
+    colour = st.selectbox("Colour by", [None, *drifted], key="pareto_colour",
+                          format_func=lambda k: "method" if k is None else f"faithfulness: {DRIFT_COLOURS[k]}",
+                          help="The third axis: how far each run's explanations drifted from the dense model's "
+                               "(recorded at its final eval on its first drift_examples dev texts)")
+    st.plotly_chart(pareto_chart(pareto, colour), key="pareto")
     st.caption("Each run's speedup is timed interleaved with its teacher in the run's own process, so runs "
                "measured at different times compare; the dense teacher sits at 1×. Baselines and dense "
                "(small-dense) runs appear next to the learned methods.")

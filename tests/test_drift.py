@@ -19,6 +19,7 @@ from analysis.roles.survival import (
     protect_scores,
     role_heads,
     role_mask,
+    role_vs_free,
     survival,
     survival_frame,
 )
@@ -177,6 +178,7 @@ def test_role_survival_tracks_the_planted_heads(planted):
     assert (kept.loc[:, ["induction", "previous-token", "duplicate-token"]] == 0).all().all()  # never planted
     assert (kept.loc[9] == 0).all()  # the whole attention sublayer closed
     assert kept_heads(closed) == {(0, 1), (0, 2)}
+    assert role_vs_free(closed, planted) == pytest.approx((2 / 3, 0.0))  # 2 of 3 role heads, the role-free one gone
     assert role_mask(planted, shape).tolist() == [[True, True, True, False]]
 
 
@@ -252,3 +254,20 @@ def test_a_run_records_drift_at_each_eval(tiny, tiny_dir, reviews, tmp_path):
                                             "finetune_steps": 0}).to_dict())
     assert run_job(store, off, teacher=tiny) == "done"
     assert all(r.drift_examples is None for r in store.records(off))
+
+
+def test_charts_draw_drift_and_role_survival(planted):
+    from ui.charts import DRIFT_COLOURS, pareto_chart, role_survival_chart
+
+    runs = pd.DataFrame({"label": ["a", "b"], "method": ["relevance", "cofi"], "model": ["m", "m"],
+                         "teacher": ["m", "m"], "accuracy": [0.8, 0.7], "dense_accuracy": [0.85, 0.85],
+                         "speedup_b32": [1.5, 2.0], "sparsity": [0.5, 0.7], **{k: [0.9, 0.4] for k in DRIFT_COLOURS}})
+    coloured = pareto_chart(runs, "drift_token_spearman")
+    assert list(coloured.data[0].marker.color) == [0.9] and coloured.layout.coloraxis.colorbar.title.text == \
+        "token relevance Spearman"
+    assert {t.name for t in pareto_chart(runs).data} >= {"relevance, m", "cofi, m"}  # by method, as before
+    frame = survival_frame({0: _state((1, 4), []), 3: _state((1, 4), [(0, 0)])}, planted).assign(
+        sparsity=lambda f: f["step"].map({0: 0.0, 3: 0.2}))
+    fig = role_survival_chart(frame, "t")
+    lines = {t.name: list(t.y) for t in fig.data}
+    assert lines["positional"] == [1.0, 0.0] and lines["none"] == [1.0, 1.0] and "induction" not in lines

@@ -186,6 +186,20 @@ def history_chart(history: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def role_survival_chart(survival: pd.DataFrame, title: str) -> go.Figure:
+    """Share of each role kind's heads kept vs sparsity (`analysis.roles.survival.survival_frame` rows with a
+    `sparsity` column; kinds no head carries are left out), role-free heads ("none") dashed grey."""
+    frame = survival[survival["total"] > 0].sort_values("sparsity")
+    fig = px.line(frame, x="sparsity", y="share", color="kind", markers=True, hover_data=["step", "kept", "total"],
+                  color_discrete_map={**ROLE_COLOURS, "none": ROLE_COLOURS[""]}, title=title,
+                  labels={"share": "share of the kind's heads kept", "sparsity": "sparsity (exact)"})
+    fig.update_traces(selector=dict(name="none"), line_dash="dash")
+    fig.update_yaxes(range=[-0.05, 1.05], tickformat=".0%")
+    fig.update_xaxes(tickformat=".0%")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
+    return fig
+
+
 def frontier(points: pd.DataFrame) -> pd.DataFrame:
     """The rows of `points` no other row beats on both speedup_b32 and accuracy, by rising speedup."""
     ordered = points.sort_values(["speedup_b32", "accuracy"], ascending=[False, False])
@@ -197,17 +211,28 @@ def frontier(points: pd.DataFrame) -> pd.DataFrame:
     return points.loc[keep].sort_values("speedup_b32")
 
 
-def pareto_chart(runs: pd.DataFrame) -> go.Figure:
+DRIFT_COLOURS = {"drift_token_spearman": "token relevance Spearman", "drift_head_spearman": "head relevance Spearman",
+                 "drift_token_topk": "top-5 token overlap", "drift_flipped": "share of flipped explanations"}
+
+
+def pareto_chart(runs: pd.DataFrame, colour: str | None = None) -> go.Figure:
     """Accuracy vs measured batch-32 speedup of finished runs, with each teacher's dense point at 1x.
 
     `runs`: one row per run with columns label, method, model, teacher, accuracy, dense_accuracy,
     speedup_b32 (the run's model timed interleaved with its teacher, so the ratio is comparable
     across runs measured at different times). A dotted line joins each method's frontier (`frontier`).
+    `colour`: None colours by method; a column of `DRIFT_COLOURS` colours by that explanation-drift
+    figure (faithfulness to the dense model's reasons), the method then given by the marker symbol.
     """
-    fig = px.scatter(runs, x="speedup_b32", y="accuracy", color="method", symbol="model", text="label",
+    by = dict(color="method", symbol="model") if colour is None else dict(color=colour, symbol="method")
+    fig = px.scatter(runs, x="speedup_b32", y="accuracy", **by, text="label",
                      hover_data=["teacher", "sparsity"], labels={"speedup_b32": "batch-32 speedup over the teacher "
-                                                                "(measured)", "accuracy": "full-dev accuracy"},
-                     title="Finished runs: accuracy vs measured speedup")
+                                                                "(measured)", "accuracy": "full-dev accuracy",
+                                                                **DRIFT_COLOURS},
+                     title="Finished runs: accuracy vs measured speedup",
+                     color_continuous_scale="RdYlGn_r" if colour == "drift_flipped" else "RdYlGn")
+    if colour is not None:
+        fig.update_layout(coloraxis_colorbar=dict(title=DRIFT_COLOURS.get(colour, colour), orientation="h", y=-0.25))
     fig.update_traces(textposition="top center", marker_size=11)
     for method, points in runs.groupby("method"):
         front = frontier(points)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from analysis.drift import Drift, Explanations, drift, explain
 from analysis.heads import HeadsReport
 from core.adapter import GateShape
 from core.cpu_queue import paused_for_timing
@@ -35,6 +36,9 @@ DECODER_SUBSET = 32  # a decoder's prompts cost ~0.15 s each on 2 cores (SmolLM2
 
 def subset_size(loaded: LoadedModel) -> int:
     return DECODER_SUBSET if loaded.is_decoder else SUBSET
+
+
+DRIFT_EXAMPLES = 16  # the subset's first texts explained after every change (an encoder's: ~0.3 s on the default)
 _MODEL = {LoadedModel: lambda m: m.fingerprint}
 _DATA = {TextDataset: lambda d: d.fingerprint()}
 
@@ -124,6 +128,20 @@ def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Com
     with paused_for_timing():
         cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense, warm_b32=False)
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
+
+
+@st.cache_data(max_entries=4, show_spinner="Explaining the dense model...", hash_funcs={**_MODEL, **_DATA})
+def dense_explanations(loaded: LoadedModel, subset: TextDataset) -> Explanations:
+    """LRP explanations of the dense model on the first `DRIFT_EXAMPLES` texts of `subset` (they do not change)."""
+    return explain(loaded, subset.texts[:DRIFT_EXAMPLES])
+
+
+@st.cache_data(max_entries=64, show_spinner="Comparing explanations...", hash_funcs={**_MODEL, **_DATA})
+def explanation_drift(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Drift:
+    """The pruned copy's explanation drift from the dense model (`analysis.drift`) on the texts of
+    `dense_explanations`, cached per gate choice."""
+    return drift(loaded, pruned_model(loaded, gates), subset.texts[:DRIFT_EXAMPLES],
+                 reference=dense_explanations(loaded, subset))
 
 
 def gates_file(loaded: LoadedModel, gates: ManualGates) -> tuple[str, Path]:

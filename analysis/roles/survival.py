@@ -96,3 +96,13 @@ def least_relevant_role_free(table: pd.DataFrame, k: int, column: str = "relevan
     `column`, then (only if k exceeds them) role heads by rising `column` (the Gates page's preset)."""
     ordered = table.assign(_role=table["roles"].fillna("") != "").sort_values(["_role", column], kind="stable")
     return frozenset((int(r.layer), int(r.head)) for r in ordered.head(k).itertuples())
+
+
+def role_vs_free(state: GateState, table: pd.DataFrame) -> tuple[float, float]:
+    """(share of the heads with any role that `state` keeps, share of the role-free heads it keeps); NaN
+    for an empty group. Voita's finding, in these terms: the first stays above the second as heads go."""
+    kept = kept_heads(state)
+    with_role = {(int(r.layer), int(r.head)) for r in table.assign(roles=table["roles"].fillna("")).itertuples()
+                 if r.roles}
+    free = {(int(r.layer), int(r.head)) for r in table.itertuples()} - with_role
+    return tuple(len(group & kept) / len(group) if group else float("nan") for group in (with_role, free))
