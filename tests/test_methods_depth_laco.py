@@ -313,9 +313,9 @@ def hand_similarity(reference, candidate, examples, n: int) -> float:
     return sum(cosines) / len(cosines)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "gemma3"])
 def test_the_similarity_check_accepts_above_t_and_rejects_at_or_below(arch, encoder4, decoders):
-    loaded = encoder4 if arch == "bert" else decoders["llama"]
+    loaded = encoder4 if arch == "bert" else decoders[arch]
     examples = encoder_examples(loaded) if arch == "bert" else lm_examples(loaded)
     layers = len(loaded.adapter.layers)
     start = layers - 1 - 2  # H = last, C = 2: layer H - C merged with the one above it

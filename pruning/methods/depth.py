@@ -8,7 +8,9 @@
             `protect_first` and last `protect_last` blocks are never removed
 
 The lowest-scoring blocks go: `blocks` of them, or (blocks = 0) the count whose removal gives the exact
-sparsity closest to `target_sparsity`. Encoders and decoders alike.
+sparsity closest to `target_sparsity`. Encoders and decoders alike; a removed decoder block is the
+identity, a removed post-LayerNorm encoder block still applies its two LayerNorms (what mha = ffn = 0
+means there; the ppl criterion measures exactly that model).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ CALIBRATION_BATCH = 4
 class DepthOptions:
     depth_criterion: str = option("bi", "block score: bi (ShortGPT's Block Influence), ppl (the task loss without "
                                   "the block: perplexity for text, class CE for labelled data), taylor "
-                                  "(Taylor+: |sum W dL/dW| over the block's weights)", choices=CRITERIA)
+                                  "(Taylor+: |sum W dL/dW| over the block's weight matrices and norm scales; "
+                                  "biases left out, as in the authors' code)", choices=CRITERIA)
     target_sparsity: float = option(0.25, "fraction of the layers' weights to remove, as whole blocks (the count "
                                     "whose exact sparsity is closest); unused when blocks > 0",
                                     low=0.0, high=1.0, open_low=True, open_high=True)

@@ -21,7 +21,9 @@ CALIBRATION_BATCH = 4
 
 @dataclass
 class LacoOptions:
-    merge_layers: int = option(7, "C: layers merged at once (the lowest and the C - 1 above it; notebook: 7)", low=2)
+    merge_layers: int = option(7, "C: layers merged at once (the lowest and the C - 1 above it; notebook: 7); "
+                               "attention and FFN weights and biases are merged, norms stay the lowest layer's",
+                               low=2)
     merge_interval: int = option(1, "I: layers to step down after an accepted merge (notebook: 1)", low=1)
     lowest_layer: int = option(0, "L: the loop stops below this layer (notebook: 0)", low=0)
     highest_layer: int = option(-1, "H: the loop starts merging at layer H - C, so layer H itself is never merged "
