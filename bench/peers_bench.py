@@ -1,0 +1,133 @@
+"""HeadLab side by side with the peers a user would pick instead, measured in one run on this machine.
+
+- Torch-Pruning and TextPruner against HeadLab's one-shot baselines on the default encoder
+  (`bench.peers.encoder`): dev accuracy before and after the same fine-tune, encoder parameters, latency
+  at batch 1 and 32 interleaved in this process, seconds to prune; TextPruner's vocabulary pruning.
+- LXT's AttnLRP and CP-LRP against HeadLab's on SmolLM2 (`bench.peers.lxt_child`, one process per method).
+- Captum's LayerGradientXActivation against HeadLab's head relevance on the default encoder.
+
+Prints each part's details, then one table (HeadLab's figure, the peer's, HeadLab / peer; higher accuracy
+and Spearman are better, lower seconds and errors are better) with the machine, threads and load. A peer
+that cannot install or run here gets a row saying why; the rest goes on.
+
+Run (from the repo root): make peers && .venv-peers/bin/python -m bench.peers_bench
+     [--targets 0.5,0.75] [--finetune-rows 2048] [--lxt-sentences 8] [--captum-sentences 500] [--parts ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import time
+
+import torch
+
+from bench.peers import encoder
+from bench.peers.relevance import captum_rows, lxt_rows
+from bench.peers.table import Row, machine, markdown
+from core.data import load_default_task
+from core.models import load_model
+
+PEERS = ("torch-pruning", "textpruner", "lxt", "captum")
+PARTS = ("pruning", "lxt", "captum")
+
+
+def installed() -> str:
+    """Each peer's installed version, or 'not installed'."""
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed (make peers)"
+    return ", ".join(f"{name} {version(name)}" for name in PEERS)
+
+
+def _ms(result: encoder.Result, batch: int) -> float | None:
+    return result.latency[batch].median_s * 1e3 if batch in result.latency else None
+
+
+def pruning_rows(results: list[encoder.Result], targets: tuple[float, ...]) -> list[Row]:
+    """Per target: HeadLab's best one-shot baseline against each peer's best result (by tuned accuracy)."""
+    rows = []
+    for target in targets:
+        ours = [r for r in results if r.tool == "HeadLab" and r.target == target and r.model is not None]
+        best = max(ours, key=lambda r: r.acc_tuned, default=None)
+        for tool in ("Torch-Pruning", "TextPruner"):
+            peers = [r for r in results if r.tool == tool and r.target == target]
+            ok = [r for r in peers if r.model is not None]
+            if not ok or best is None:
+                why = "; ".join(sorted({r.error for r in peers})) or "not run"
+                rows.append(Row(f"{tool} at {target:.0%}", None, None, note=f"could not run: {why}"))
+                continue
+            peer = max(ok, key=lambda r: r.acc_tuned)
+            pair = f"HeadLab {best.method} vs {tool} {peer.method}"
+            rows += [
+                Row(f"{tool} at {target:.0%}: dev accuracy after the fine-tune", best.acc_tuned, peer.acc_tuned,
+                    note=f"{pair} (best of each by this figure); right after pruning {best.acc_pruned:.4f} vs "
+                         f"{peer.acc_pruned:.4f}"),
+                Row(f"{tool} at {target:.0%}: encoder parameters (M)", best.encoder_params / 1e6,
+                    peer.encoder_params / 1e6, digits=3),
+                Row(f"{tool} at {target:.0%}: batch-1 latency", _ms(best, 1), _ms(peer, 1), " ms", digits=3),
+                Row(f"{tool} at {target:.0%}: batch-32 latency", _ms(best, 32), _ms(peer, 32), " ms", digits=3),
+                Row(f"{tool} at {target:.0%}: seconds to prune", best.prune_s, peer.prune_s, " s",
+                    "scores on the calibration rows + selection + slicing", 3),
+            ]
+    return rows
+
+
+def print_results(results: list[encoder.Result]) -> None:
+    print(f"{'result':<34} {'enc. params':>11} {'dev pruned':>10} {'dev tuned':>9} {'b1 ms':>7} {'b32 ms':>7} "
+          f"{'prune s':>8}")
+    for r in results:
+        if r.model is None:
+            print(f"{r.name:<34} could not run: {r.error}")
+            continue
+        print(f"{r.name:<34} {r.encoder_params / 1e6:>10.2f}M {r.acc_pruned:>10.4f} {r.acc_tuned:>9.4f} "
+              f"{_ms(r, 1):>7.2f} {_ms(r, 32):>7.1f} {r.prune_s:>8.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="0.5,0.75", help="encoder sparsities (fractions of its weights)")
+    parser.add_argument("--calibration", type=int, default=256, help="training rows every score averages over")
+    parser.add_argument("--finetune-rows", type=int, default=2048, help="training rows of the one-epoch fine-tune")
+    parser.add_argument("--lxt-sentences", type=int, default=8)
+    parser.add_argument("--captum-sentences", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3, help="timed Captum / HeadLab relevance runs")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    args = parser.parse_args()
+    targets = tuple(float(t) for t in args.targets.split(","))
+    parts = set(args.parts.split(","))
+    start = time.perf_counter()
+    header = machine()
+    print(header)
+    print(f"peers: {installed()}")
+    rows: list[Row] = []
+    loaded = load_model("default")
+    splits = load_default_task()
+    if "pruning" in parts:
+        budget = encoder.Budget(calibration=args.calibration, finetune_rows=args.finetune_rows)
+        print(f"\nstructured pruning of the default encoder (heads + FFN units), fine-tune: core.finetune.finetune, "
+              f"{budget.finetune_rows} training rows x {budget.epochs} epoch, batch 32, lr 5e-5; scores on "
+              f"{budget.calibration} training rows; dev n={len(splits.dev)}")
+        results = encoder.run(loaded, splits, targets, budget)
+        print_results(results)
+        rows += pruning_rows(results, targets)
+        vocab, seconds = encoder.vocabulary_pruning(loaded, splits)
+        print(f"TextPruner VocabularyPruner on the task's texts: {vocab} {seconds}")
+        rows.append(Row("TextPruner vocabulary pruning", None, None,
+                        note=f"HeadLab has no vocabulary pruning; TextPruner: {vocab} {seconds}"))
+        rows.append(Row("Torch-Pruning on SmolLM2 (LLM recipe)", None, None,
+                        note="not run in this bench yet (its examples/LLMs/prune_llm.py recipe is not wired here)"))
+    if "lxt" in parts:
+        for method in ("attnlrp", "conservative"):
+            rows += lxt_rows(method, args.lxt_sentences)
+    if "captum" in parts:
+        rows += captum_rows(loaded, splits.dev.subset(args.captum_sentences, seed=0), args.repeats)
+    print(f"\n{header}\nfinished after {(time.perf_counter() - start) / 60:.1f} min; {machine().split('; ')[-1]}\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
