@@ -58,13 +58,18 @@ def hessian(gram: torch.Tensor) -> torch.Tensor:
     return 2.0 * gram.double()
 
 
-def dampened_inverse(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """(H + damp·mean(diag H)·I)⁻¹ (in, in) float64, dead inputs (diag 0) given a unit diagonal first."""
+def dampened(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """H + damp·mean(diag H)·I (in, in) float64, dead inputs (diag 0) given a unit diagonal first."""
     h = h.double().clone()
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0
     diag += damp * diag.mean()
-    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return h
+
+
+def dampened_inverse(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """The inverse of `dampened(h, damp)`."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(dampened(h, damp)))
 
 
 def saliencies(w: torch.Tensor, hinv: torch.Tensor, size: int,
@@ -123,3 +128,22 @@ def reconstruction_error(weight: torch.Tensor, changed: torch.Tensor, gram: torc
     """||W Xᵀ − W' Xᵀ||² summed over the tokens, from the Gram matrix XᵀX: tr(ΔW XᵀX ΔWᵀ)."""
     delta = (weight.double() - changed.double())
     return float(((delta @ gram.double()) * delta).sum())
+
+
+def refit(weight: torch.Tensor, h: torch.Tensor, removed: list[int], size: int, damp: float = DAMP) -> torch.Tensor:
+    """The weight (out, in) float64 an OBS path reaches after removing the structures `removed`, in closed
+    form: the minimiser of tr(ΔW H ΔWᵀ) with those columns zero is W'_R = W H_{:,R} (H_{R,R})⁻¹ over the
+    remaining columns R (H dampened as in `obs_path`). Every OBS step is this exact constrained
+    minimiser, so the sequence ends here whatever the order; it lets a caller keep only the order and
+    the errors of a path and rebuild the weight of the one count it picks."""
+    w = weight.detach().double()
+    h = dampened(h, damp)
+    gone = torch.zeros(w.shape[1], dtype=torch.bool)
+    for m in removed:
+        gone[m * size:(m + 1) * size] = True
+    kept = (~gone).nonzero().squeeze(1)
+    out = torch.zeros_like(w)
+    if kept.numel():
+        # W'_R (H_RR) = W H_{:,R}; H_RR is symmetric positive definite
+        out[:, kept] = torch.linalg.solve(h[kept][:, kept], (w @ h[:, kept]).T).T
+    return out

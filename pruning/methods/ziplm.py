@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,7 @@ from pruning.examples import Examples
 from pruning.gate_state import GateState
 from pruning.latency_table import LatencyTable, Structure
 from pruning.methods.base import OneShotResult, Progress, PruningMethod, register
-from pruning.obs import ObsPath, hessian, obs_path
+from pruning.obs import ObsPath, hessian, obs_path, refit
 from pruning.options import option
 
 CALIBRATION_BATCH = 8  # examples per calibration forward pass
@@ -63,12 +64,14 @@ class ZipLMOptions:
 
 @dataclass
 class LayerSolutions:
-    """Every layer's OBS paths: `attention[l]` over its heads (weights at every count), `ffn[l]` over its
-    FFN units (weights at the counts that leave one of `widths`)."""
+    """Every layer's OBS paths (order and error at every count; weights are rebuilt for the chosen count
+    by `pruning.obs.refit`): `attention[l]` over its heads, `ffn[l]` over its FFN units; `calibration`
+    the batches whose inputs gave the Hessians."""
 
     attention: list[ObsPath]
     ffn: list[ObsPath]
     widths: list[int]
+    calibration: list
 
     def attention_errors(self) -> np.ndarray:
         """(L, H + 1): error of layer l keeping h heads."""
@@ -86,25 +89,33 @@ def layer_groups(shape: GateShape, budget: int = GRAM_BUDGET) -> list[range]:
     return [range(i, min(i + step, shape.layers)) for i in range(0, shape.layers, step)]
 
 
+def layer_hessians(loaded: LoadedModel, examples: Examples, calibration: list) -> Iterator[tuple[int, dict]]:
+    """(layer, {"attention": (output projection, H), "ffn": (FFN output projection, H)}) for every layer,
+    H = 2 XᵀX of the projection's inputs over the `calibration` batches; one calibration pass per group of
+    layers whose Grams fit `GRAM_BUDGET`."""
+    a = loaded.adapter
+    for group in layer_groups(GateShape.of(loaded)):
+        linears = {name: module for layer in group for name, module in
+                   ((f"{layer}.attention", a.attention_output(layer)), (f"{layer}.ffn", a.ffn_out(layer)))}
+        stats = linear_inputs(loaded, examples, calibration, linears, gram=True)
+        for layer in group:
+            yield layer, {kind: (linears[f"{layer}.{kind}"], hessian(stats[f"{layer}.{kind}"].gram))
+                          for kind in ("attention", "ffn")}
+
+
 def solve_layers(loaded: LoadedModel, examples: Examples, n: int, seed: int, widths: list[int],
                  progress: Progress | None = None) -> LayerSolutions:
     """OBS paths of every layer of `loaded` (unpruned) from `n` calibration examples."""
-    a, shape = loaded.adapter, GateShape.of(loaded)
+    shape = GateShape.of(loaded)
     calibration = batches(examples, n, CALIBRATION_BATCH, seed)
-    attention: list[ObsPath] = []
-    ffn: list[ObsPath] = []
-    for group in layer_groups(shape):
-        linears = {name: module for layer in group for name, module in
-                   ((f"{layer}.o", a.attention_output(layer)), (f"{layer}.ffn", a.ffn_out(layer)))}
-        stats = linear_inputs(loaded, examples, calibration, linears, gram=True)
-        for layer in group:
-            if progress:
-                progress(layer, shape.layers, f"OBS: layer {layer + 1} of {shape.layers}")
-            attention.append(obs_path(linears[f"{layer}.o"].weight, hessian(stats[f"{layer}.o"].gram),
-                                      shape.head_dim, keep_weights=range(shape.heads + 1)))
-            ffn.append(obs_path(linears[f"{layer}.ffn"].weight, hessian(stats[f"{layer}.ffn"].gram), 1,
-                                keep_weights={shape.intermediate - w for w in widths}))
-    return LayerSolutions(attention, ffn, widths)
+    paths: dict[str, list[ObsPath]] = {"attention": [], "ffn": []}
+    for layer, parts in layer_hessians(loaded, examples, calibration):
+        if progress:
+            progress(layer, shape.layers, f"OBS: layer {layer + 1} of {shape.layers}")
+        for kind, size in (("attention", shape.head_dim), ("ffn", 1)):
+            module, h = parts[kind]
+            paths[kind].append(obs_path(module.weight, h, size))
+    return LayerSolutions(paths["attention"], paths["ffn"], widths, calibration)
 
 
 def search(table: LatencyTable, attention_errors: np.ndarray, ffn_errors: np.ndarray, target_s: float,
@@ -153,23 +164,26 @@ def search(table: LatencyTable, attention_errors: np.ndarray, ffn_errors: np.nda
     return Structure(tuple(levels[0::2]), tuple(table.widths[j] for j in levels[1::2]))
 
 
-def apply_solution(loaded: LoadedModel, solutions: LayerSolutions, structure: Structure) -> OneShotResult:
-    """A copy of `loaded` with the OBS-updated output projections of `structure`'s levels, and the state
-    closing the heads and units their paths removed (what `pruning.surgery.prune` then slices)."""
+def apply_solution(loaded: LoadedModel, examples: Examples, solutions: LayerSolutions,
+                   structure: Structure) -> OneShotResult:
+    """A copy of `loaded` whose output projections carry the OBS weights of `structure`'s levels (rebuilt
+    from the calibration inputs: `pruning.obs.refit`), and the state closing the heads and units their
+    paths removed (what `pruning.surgery.prune` then slices)."""
     shape = GateShape.of(loaded)
     model = copy.deepcopy(loaded.model)
     adapter = Adapter(model)
-    head = torch.ones(shape.layers, shape.heads)
-    intermediate = torch.ones(shape.layers, shape.intermediate)
+    gates = {"attention": torch.ones(shape.layers, shape.heads), "ffn": torch.ones(shape.layers, shape.intermediate)}
+    kept = {"attention": structure.heads, "ffn": structure.units}
+    targets = {"attention": adapter.attention_output, "ffn": adapter.ffn_out}
     with torch.no_grad():
-        for layer, (heads, width) in enumerate(zip(structure.heads, structure.units)):
-            sublayers = ((solutions.attention[layer], heads, adapter.attention_output(layer), head),
-                         (solutions.ffn[layer], width, adapter.ffn_out(layer), intermediate))
-            for path, kept, module, gates in sublayers:
-                removed = path.count - kept
-                module.weight.copy_(path.weights[removed].to(module.weight.dtype))
-                gates[layer, path.removed(removed)] = 0.0
-    state = GateState.dense(shape).replace(head=head, intermediate=intermediate)
+        for layer, parts in layer_hessians(loaded, examples, solutions.calibration):
+            for kind, (module, h) in parts.items():
+                path = getattr(solutions, kind)[layer]
+                removed = path.removed(path.count - kept[kind][layer])
+                target = targets[kind](layer).weight
+                target.copy_(refit(module.weight, h, removed, path.size).to(target.dtype))
+                gates[kind][layer, removed] = 0.0
+    state = GateState.dense(shape).replace(head=gates["attention"], intermediate=gates["ffn"])
     digest = hashlib.sha1(f"{loaded.fingerprint}:ziplm:{state.to_json()}".encode()).hexdigest()[:12]
     source = dataclasses.replace(loaded, model=model, adapter=adapter, fingerprint=digest,
                                  notes=[*loaded.notes, "ZipLM: OBS-updated output projections."])
@@ -204,7 +218,7 @@ def plan(loaded: LoadedModel, examples: Examples, target_speedup: float, *, cali
     solutions = solve_layers(loaded, examples, calibration_examples, seed, table.widths, progress)
     target_s = table.dense / target_speedup
     structure = search(table, solutions.attention_errors(), solutions.ffn_errors(), target_s)
-    return ZipLMPlan(apply_solution(loaded, solutions, structure), structure, table, target_s)
+    return ZipLMPlan(apply_solution(loaded, examples, solutions, structure), structure, table, target_s)
 
 
 @register
