@@ -72,7 +72,10 @@ def context(loaded, examples) -> MethodContext:
                          progress=lambda *a: None, examples=examples)
 
 
-def calibration(examples, n: int = 10):
+CALIBRATION = 4  # examples the tests score on (one batch; the default 10 triples the cost)
+
+
+def calibration(examples, n: int = CALIBRATION):
     return batches(examples, n, CALIBRATION_BATCH, 0)  # what the methods draw with seed 0
 
 
@@ -167,12 +170,13 @@ def hand_taylor(loaded, examples) -> list[float]:
 # ----------------------------------------------------------------------------- depth
 
 def depth_state(loaded, examples, **options) -> GateState:
-    return Depth(DepthOptions(**options), context(loaded, examples)).prune()
+    return Depth(DepthOptions(calibration_examples=CALIBRATION, **options), context(loaded, examples)).prune()
 
 
 @pytest.mark.parametrize("criterion", ["bi", "ppl", "taylor"])
 def test_depth_removes_the_lowest_scoring_blocks_of_an_encoder(criterion, encoder4):
     examples = encoder_examples(encoder4)
+    assert (calibration(examples)[0][0]["attention_mask"] == 0).any()  # padding in the batch: left out
     scores = {"bi": hand_bi, "ppl": hand_ppl, "taylor": hand_taylor}[criterion](encoder4, examples)
     options = dict(depth_criterion=criterion, protect_first=1, protect_last=0)  # Taylor+ keeps block 0 only
     allowed = range(1, 4) if criterion == "taylor" else None
