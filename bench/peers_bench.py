@@ -11,7 +11,8 @@ and Spearman are better, lower seconds and errors are better) with the machine, 
 that cannot install or run here gets a row saying why; the rest goes on.
 
 Run (from the repo root): make peers && .venv-peers/bin/python -m bench.peers_bench
-     [--targets 0.5,0.75] [--finetune-rows 2048] [--lxt-sentences 8] [--captum-sentences 500] [--parts ...]
+     [--targets 0.5,0.75] [--finetune-rows 2048] [--dev-rows N] [--lxt-sentences 8] [--captum-sentences 500]
+     [--parts pruning,lxt,captum]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from bench.peers import encoder
 from bench.peers.relevance import captum_rows, lxt_rows
 from bench.peers.table import Row, machine, markdown
-from core.data import load_default_task
+from core.data import TaskSplits, load_default_task
 from core.models import load_model
 
 PEERS = ("torch-pruning", "textpruner", "lxt", "captum")
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--targets", default="0.5,0.75", help="encoder sparsities (fractions of its weights)")
     parser.add_argument("--calibration", type=int, default=256, help="training rows every score averages over")
     parser.add_argument("--finetune-rows", type=int, default=2048, help="training rows of the one-epoch fine-tune")
+    parser.add_argument("--dev-rows", type=int, default=0, help="dev rows the accuracies are measured on (0: all)")
     parser.add_argument("--lxt-sentences", type=int, default=8)
     parser.add_argument("--captum-sentences", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="timed Captum / HeadLab relevance runs")
@@ -105,6 +107,8 @@ def main() -> None:
     rows: list[Row] = []
     loaded = load_model("default")
     splits = load_default_task()
+    if args.dev_rows:
+        splits = TaskSplits(splits.train, splits.dev.subset(args.dev_rows, seed=0), splits.test)
     if "pruning" in parts:
         budget = encoder.Budget(calibration=args.calibration, finetune_rows=args.finetune_rows)
         print(f"\nstructured pruning of the default encoder (heads + FFN units), fine-tune: core.finetune.finetune, "
