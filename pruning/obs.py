@@ -76,6 +76,9 @@ def saliencies(w: torch.Tensor, hinv: torch.Tensor, size: int,
                alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ρ of every structure listed in `alive` (K,) and the matching ((H⁻¹)_{M,M})⁻¹ blocks (K, size, size):
     w (out, in), hinv (in, in)."""
+    if size == 1:  # single columns: the blocks are the diagonal (no batched inverse)
+        inverse = 1.0 / torch.diagonal(hinv)[alive]
+        return (w[:, alive] ** 2).sum(0) * inverse, inverse.view(-1, 1, 1)
     count = hinv.shape[0] // size
     blocks = hinv.view(count, size, count, size)[alive, :, alive, :]  # (K, size, size): (H⁻¹)_{M,M}
     inverse = torch.linalg.inv(blocks)

@@ -51,7 +51,8 @@ BUCKETS = 4000  # the latency budget's resolution in the dynamic programme
 @dataclass
 class ZipLMOptions:
     target_speedup: float = option(2.0, "predicted speed-up over the dense model, from this machine's latency table "
-                                        "(1 keeps the dense model)", low=1.0)
+                                        "(sublayer entries averaged over the layers; 1 keeps the dense model)",
+                                   low=1.0)
     calibration_examples: int = option(128, "training examples whose layer inputs give the OBS Hessians 2XᵀX "
                                             "(dampened by 1% of their mean diagonal)", low=0, open_low=True)
     ffn_grid: int = option(latency_table.FFN_GRID, "FFN widths to choose from: d_ff * k / ffn_grid, k = 0 .. ffn_grid "
@@ -225,8 +226,9 @@ def plan(loaded: LoadedModel, examples: Examples, target_speedup: float, *, cali
 class ZipLM(PruningMethod):
     name = "ziplm"
     order = 12
-    summary = ("ZipLM (Kurtic et al. 2023), one-shot: structured OBS on heads and FFN units with weight updates, "
-               "levels searched to a speed-up on this machine's latency table; the fine-tune distils")
+    summary = ("ZipLM (Kurtic et al. 2023), one-shot only: structured OBS (Hessians from the dense model) on heads "
+               "and FFN units with weight updates, per-layer levels searched to a predicted speed-up on this "
+               "machine's latency table; the fine-tune distils")
     Options = ZipLMOptions
     distills_always = True
 
