@@ -41,7 +41,6 @@ def subset_size(loaded: LoadedModel) -> int:
 DRIFT_EXAMPLES = 8  # the subset's first texts explained after every change: ~0.2 s of one core on the default model
 
 
-DRIFT_EXAMPLES = 16  # the subset's first texts explained after every change (an encoder's: ~0.3 s on the default)
 _MODEL = {LoadedModel: lambda m: m.fingerprint}
 _DATA = {TextDataset: lambda d: d.fingerprint()}
 
