@@ -2,15 +2,28 @@
 
 import streamlit as st
 
+from ui import presenter, report, share
 from ui.jobs import cpu_queue_panel
 from ui.network import warn_if_exposed
 
 st.set_page_config(page_title="HeadLab", layout="wide")
 warn_if_exposed()  # above every page
+share.restore()  # a shared link's view, once per session
 cpu_queue_panel()  # in the sidebar of every page
-st.navigation([
+tour = st.Page("pages/tour.py", title="Guided tour", url_path="tour")
+pages = [
     st.Page("pages/model.py", title="Model", default=True),
     st.Page("pages/heads.py", title="Heads"),
     st.Page("pages/gates.py", title="Gates"),
     st.Page("pages/prune.py", title="Prune"),
-]).run()
+]
+first_visit = not st.session_state.get("tour_seen")
+page = st.navigation([tour, *pages] if first_visit else [*pages, tour])  # the tour leads until it is seen
+if page.url_path != "tour":
+    st.sidebar.page_link(tour, label="New here? Take the guided tour" if first_visit else "Back to the guided tour",
+                         icon=":material/school:")
+presenter.toggle()
+report.begin()
+url = share.sync()
+report.download_button(f"HeadLab: {page.title}", url, f"headlab-{page.url_path or 'model'}.html")
+page.run()

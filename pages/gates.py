@@ -18,6 +18,10 @@ from ui.charts import gate_grid, history_chart
 from ui.export import export_folder, save_panel
 from ui.jobs import ensure_job, wait_for
 from ui.loaders import session_model_and_dev
+from ui.notes import note
+from ui.presenter import chart
+from ui.report import keep_table
+from ui.share import remember_run_base
 
 COLOURS = {"relevance": "LRP relevance", "importance": "Michel importance", "confidence": "confidence",
            "roles": "role"}
@@ -77,6 +81,9 @@ if gates != ManualGates() and (not loaded.is_decoder or st.button(
                f"{why.token_topk:.0%}, "
                f"head relevance Spearman over the {why.heads_compared} kept heads {why.head_spearman:.2f}, "
                f"explanations flipped {why.flipped:.0%} (the dense model itself: 1.00, 100%, 1.00, 0%).")
+note("live_figures")
+keep_table("Live figures: dense vs pruned", pd.DataFrame([dense.__dict__, pruned.__dict__], index=["dense", "pruned"])
+           .reset_index(names="model"))
 
 if os.getloadavg()[0] > (os.cpu_count() or 1):
     st.warning(f"The machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): latencies are "
@@ -111,9 +118,9 @@ with left:
                              "--out", str(folder), "--job", job])
             wait_for(job, "Heads analysis", lambda: (folder / "heads.csv").exists())
     grid_key = f"gate_grid_{st.session_state.get('gate_grid_n', 0)}"
-    event = st.plotly_chart(gate_grid((layers, heads), values, set(gates.closed_heads),
-                                      "Heads: click to close / open", roles=roles), key=grid_key, on_select="rerun",
-                            selection_mode="points")
+    event = chart(gate_grid((layers, heads), values, set(gates.closed_heads), "Heads: click to close / open",
+                            roles=roles), grid_key, on_select="rerun", selection_mode="points")
+    note("gate_grid")
     points = event.selection.points if event and event.selection else []
     if points:
         layer, head = points[0]["customdata"]
@@ -163,6 +170,7 @@ with right:
         if st.button(f"Load gates from run {run_id}" + (f" at step {step}" if step is not None else ""),
                      width="stretch"):
             g.apply(ManualGates.from_state(g.run_gates(run_id, step)), f"run {run_id} step {step or 'latest'}")
+            remember_run_base(g.current(), run_id, step if step is not None else g.run_steps(run_id)[-1])
             st.rerun()
     else:
         st.caption("Gates of training runs (the Prune backend) can be loaded here once a run has some.")
@@ -191,7 +199,9 @@ elif gates != ManualGates():  # nothing pruned: the dense model's full-dev figur
     wait_for(job, "Full dev set", path.exists)
 
 if len(history) > 1:
-    st.plotly_chart(history_chart(pd.DataFrame(history).drop(columns="gates")), key="history")
+    chart(history_chart(pd.DataFrame(history).drop(columns="gates")), "history")
+    note("history")
+    keep_table("This session's changes", pd.DataFrame(history).drop(columns="gates"))
 
 # ----------------------------------------------------------------------------- export
 st.header("Export")

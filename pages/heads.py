@@ -19,6 +19,9 @@ from ui.charts import (
 from ui.heads import cached_report, explain, sentence_attention
 from ui.jobs import ensure_job, wait_for
 from ui.loaders import session_model_and_dev
+from ui.notes import note
+from ui.presenter import chart
+from ui.report import keep_table
 
 METRICS = {
     "relevance": "LRP relevance (mean share of |relevance|, per example summing to 1)",
@@ -59,11 +62,14 @@ report = cached_report(str(folder))
 table = report.table
 
 metric = st.selectbox("Heatmap", [m for m in METRICS if m in table], format_func=METRICS.get, key="heads_metric")
-st.plotly_chart(head_heatmap(table, metric, METRICS[metric]), key="heatmap")
+chart(head_heatmap(table, metric, METRICS[metric]), "heatmap")
+note("head_heatmap")
+keep_table("Per-head table", table)
 roles_col, scatter_col = st.columns(2)
-clicked = [roles_col.plotly_chart(role_map(table), key="role_map", on_select="rerun", selection_mode="points"),
-           scatter_col.plotly_chart(relevance_vs_importance(table), key="scatter", on_select="rerun",
-                                    selection_mode="points")]
+clicked = [chart(role_map(table), "role_map", roles_col, on_select="rerun", selection_mode="points"),
+           chart(relevance_vs_importance(table), "scatter", scatter_col, on_select="rerun", selection_mode="points")]
+note("role_map", roles_col)
+note("relevance_vs_importance", scatter_col)
 for event in clicked:
     points = event.selection.points if event and event.selection else []
     if points:
@@ -93,13 +99,15 @@ sentences = typical["text"].tolist() if len(typical) else data.texts[:5]
 sentence = st.selectbox("Sentence to view", sentences, key="head_sentence")
 tokens, attention = sentence_attention(loaded, sentence)
 lines_tab, grid_tab = st.tabs(["Lines", "Matrix"])
-lines_tab.plotly_chart(attention_lines(tokens, attention[layer, head], f"L{layer}H{head} attention"), key="lines")
-grid_tab.plotly_chart(attention_heatmap(tokens, attention[layer, head], f"L{layer}H{head} attention"), key="matrix")
+chart(attention_lines(tokens, attention[layer, head], f"L{layer}H{head} attention"), "lines", lines_tab)
+chart(attention_heatmap(tokens, attention[layer, head], f"L{layer}H{head} attention"), "matrix", grid_tab)
+note("attention")
 cols = st.columns(2)
 cols[0].markdown(f"**{label}**")
 cols[0].dataframe(typical[["text", "score", "n"]] if len(typical) else typical, hide_index=True)
 if info["words"]:
-    cols[1].plotly_chart(top_words_bar(info["words"]), key="top_words")
+    chart(top_words_bar(info["words"]), "top_words", cols[1])
+    note("top_words", cols[1])
 
 st.header("Why this prediction")
 text = st.text_input("Sentence", value=data.texts[0], key="why_text")
@@ -111,6 +119,8 @@ if text.strip():
     if loaded.is_decoder:  # the whole prompt was explained; show the sentence's pieces
         tokens, relevance = [t for t, inside in zip(tokens, why.in_text) if inside], relevance[why.in_text]
     st.html(highlighted_tokens(tokens, relevance, spaced=not loaded.is_decoder))
+    note("why")
+    keep_table("Why this prediction: relevance per token", pd.DataFrame({"token": tokens, "relevance": relevance}))
     if loaded.is_decoder:
         st.caption(f"The prompt's template and special tokens hold {why.relevance[~why.in_text].sum():+.2f} of the "
                    f"logit's relevance (not shown); the sentence's pieces {why.relevance[why.in_text].sum():+.2f}.")

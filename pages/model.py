@@ -15,15 +15,10 @@ from ui.decoder import generation, language_modelling, zero_shot
 from ui.finetune import offer_finetune
 from ui.jobs import ensure_job, wait_for
 from ui.loaders import get_data, get_model
-from ui.model_view import show_architecture, timing_notes
+from ui.model_view import MODEL_CHOICES, show_architecture, timing_notes
+from ui.notes import note as chart_note  # "note" names the loop below
 from ui.prepare import prepare_in_background
-
-MODEL_CHOICES = {
-    "Embedded default: MiniLM-L6 fine-tuned on Rotten Tomatoes": "default",
-    "MiniLM-L3 (small dense baseline)": "minilm-l3",
-    "SmolLM2-135M-Instruct (decoder: perplexity, zero-shot by prompting, generation)": "smollm2",
-    "Local Hugging Face folder": None,
-}
+from ui.report import keep_table
 
 st.title("Model")
 choice = st.radio("Model", list(MODEL_CHOICES), key="model_choice")
@@ -45,6 +40,7 @@ st.session_state["model_spec"] = spec
 for note in loaded.notes:
     st.warning(note)
 show_architecture(loaded)
+chart_note("architecture")
 
 if loaded.is_decoder:
     language_modelling(spec, loaded)
@@ -89,5 +85,9 @@ st.caption(
     f"({fig['flops_attention_share']:.0%} attention, {1 - fig['flops_attention_share']:.0%} FFN)."
 )
 timing_notes(fig["load_average"], out, job, key="remeasure")
+chart_note("evaluation")
+keep_table("Dev evaluation", pd.DataFrame([fig]))
 st.subheader("Sample predictions")
 st.dataframe(pd.DataFrame(record["predictions"]), hide_index=True, width="stretch")
+chart_note("predictions")
+keep_table("Sample predictions", pd.DataFrame(record["predictions"]))

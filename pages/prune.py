@@ -19,7 +19,11 @@ from pruning.runs import RunStore
 from ui.charts import DRIFT_COLOURS, gate_grid, pareto_chart, role_survival_chart
 from ui.export import export_folder, export_panel
 from ui.loaders import get_data, session_data_spec
+from ui.notes import note
+from ui.presenter import advanced, chart
+from ui.report import keep_table
 from ui.settings import settings_inputs
+from ui.share import remember_run_base
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 COMMON = ("steps", "finetune_steps", "alpha_ce", "distill", "threads", "device",  # run settings on the form
@@ -123,11 +127,13 @@ def live(run_id: int) -> None:
             fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
             if title == "accuracy":
                 fig.update_yaxes(range=[0, 1], tickformat=".0%")
-            cols[i % 2].plotly_chart(fig, key=f"curve-{title}")
+            chart(fig, f"curve-{title}", cols[i % 2])
+    keep_table(f"Run {run_id}: eval steps", rows)
     last = records[-1]
     st.caption(f"Last eval (step {last.step}): {last.note} Accuracy {last.accuracy:.1%} (dense "
                f"{last.dense_accuracy:.1%}), batch 32 {last.speedup_b32:.2f}× faster, sparsity {last.sparsity:.1%}. "
                f"Measured on {last.device} with {last.threads} thread(s) per process, {last.processes} process(es).")
+    note("run_curves")
 
 
 def run_name(run) -> str:
@@ -154,7 +160,7 @@ if c3.button("Delete", disabled=run.active, width="stretch"):
     st.session_state.pop("prune_run", None)
     st.rerun()
 live(run_id)
-with st.expander("Command line"):
+with advanced("Command line", "command_line"):
     st.caption("What the page ran (resume uses the same), and the same configuration as a fresh run, e.g. on a "
                "cluster node (replace `--standalone` by torchrun's `--nnodes` / `--rdzv-endpoint` options):")
     st.code(shlex.join(launch_command(run_id, processes=run.processes)), language="bash")
@@ -167,12 +173,14 @@ if steps:
     st.subheader("Head gates over the steps")
     step = st.select_slider("Step", steps, value=steps[-1], key=f"gate_step_{run_id}")
     state = store.gates(run_id, step)
-    st.plotly_chart(gate_grid(tuple(state.head.shape), state.head.numpy(), set(state.closed_heads()),
-                              f"Run {run_id}, step {step}: head gate values (✕ closed)"), key="run_gates")
+    chart(gate_grid(tuple(state.head.shape), state.head.numpy(), set(state.closed_heads()),
+                    f"Run {run_id}, step {step}: head gate values (✕ closed)"), "run_gates")
+    note("run_gates")
     if st.button(f"Open step {step} in Gates", help="The Gates page then works on this run's model and data"):
         config = TrainConfig.from_dict(run.config)
         st.session_state.update(model_spec=config.model, data_spec=config.data_spec,
                                 gates_from_run=ManualGates.from_state(state), gates_what=f"run {run_id} step {step}")
+        remember_run_base(st.session_state["gates_from_run"], run_id, step)
         st.switch_page("pages/gates.py")
     if st.toggle("Role survival: heads kept per role vs sparsity", key=f"role_survival_{run_id}",
                  help="Which Voita / Olsson roles the run keeps at each step, from the Heads analysis of the dense "
@@ -224,7 +232,9 @@ if finished:
                           format_func=lambda k: "method" if k is None else f"faithfulness: {DRIFT_COLOURS[k]}",
                           help="The third axis: how far each run's explanations drifted from the dense model's "
                                "(recorded at its final eval on its first drift_examples dev texts)")
-    st.plotly_chart(pareto_chart(pareto, colour), key="pareto")
+    chart(pareto_chart(pareto, colour), "pareto")
+    note("pareto")
+    keep_table("Pareto: finished runs", pareto)
     st.caption("Each run's speedup is timed interleaved with its teacher in the run's own process, so runs "
                "measured at different times compare; the dense teacher sits at 1×. Baselines and dense "
                "(small-dense) runs appear next to the learned methods.")

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core.data import DEFAULT, LM, WIKI, DataError, DataSpec
 from ui.loaders import get_labels, save_upload
+from ui.presenter import advanced
 
 DATA_SOURCES = {"Default task: Rotten Tomatoes (dev split)": DEFAULT}
 TEXT_SOURCES = {"Lee news articles (dev split)": LM, "Wikipedia articles (dev split, out of domain)": WIKI}
@@ -34,7 +35,7 @@ def data_choice(model_labels: list[str] | None) -> DataSpec | None:
     text_col = label_col = None
     whole = False
     if path != DEFAULT:
-        with st.expander("Columns (auto-detected when empty)"):
+        with advanced("Columns (auto-detected when empty)", "data_columns"):
             text_col = st.text_input("Text column", key="text_column").strip() or None
             label_col = st.text_input("Label column", key="label_column").strip() or None
         whole = st.checkbox("Evaluate the whole file", key="whole_file",

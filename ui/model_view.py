@@ -11,6 +11,13 @@ import streamlit as st
 from core.jobs import cancel_job
 from core.loaded import LoadedModel
 
+MODEL_CHOICES = {  # the Model page's choices: shown label -> built-in spec (None: a local folder or .gguf file)
+    "Embedded default: MiniLM-L6 fine-tuned on Rotten Tomatoes": "default",
+    "MiniLM-L3 (small dense baseline)": "minilm-l3",
+    "SmolLM2-135M-Instruct (decoder: perplexity, zero-shot by prompting, generation)": "smollm2",
+    "Local Hugging Face folder": None,
+}
+
 
 def show_architecture(loaded: LoadedModel) -> None:
     """One row of metrics: type, layers, heads (a decoder's query and KV heads), hidden, FFN, parameters."""
