@@ -164,7 +164,10 @@ def _bias_share(module: nn.Module, grad: torch.Tensor | None, mask: torch.Tensor
         return torch.zeros(mask.shape[0], dtype=torch.float64)
     if grad.dim() == 3:
         grad = torch.einsum("btd,bt->bd", grad, mask)  # summed over real tokens
-    return grad.double() @ module.bias.detach().double()
+    bias = module.bias.detach()
+    if hasattr(module, "kv_index"):  # a sliced K/V projection whose output is expanded per query head
+        bias = bias.unflatten(-1, (-1, module.head_dim)).index_select(-2, module.kv_index).flatten(-2)
+    return grad.double() @ bias.double()
 
 
 @contextlib.contextmanager
