@@ -39,6 +39,7 @@ POLL_S = 0.5  # seconds between a waiting process's looks at the queue
 SCHEMA = """CREATE TABLE IF NOT EXISTS turns (
     name TEXT NOT NULL, pid INTEGER PRIMARY KEY, priority INTEGER NOT NULL, enqueued REAL NOT NULL,
     state TEXT NOT NULL, heartbeat REAL NOT NULL, paused_by INTEGER)"""
+PAUSES = "CREATE TABLE IF NOT EXISTS pauses (pid INTEGER NOT NULL, start REAL NOT NULL, end REAL)"  # wall seconds
 
 
 @dataclass
@@ -62,6 +63,7 @@ def _connect(db: Path | None = None) -> sqlite3.Connection:
     con = sqlite3.connect(db or headlab_home() / "cpu.sqlite", timeout=10, isolation_level="IMMEDIATE")
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(SCHEMA)
+    con.execute(PAUSES)
     return con
 
 
@@ -73,11 +75,22 @@ def _reconcile(con: sqlite3.Connection) -> None:
     """Forget rows of dead processes; resume processes whose pauser is gone."""
     for turn in _turns(con):
         if not pid_alive(turn.pid):
-            con.execute("DELETE FROM turns WHERE pid=?", (turn.pid,))
+            _forget(con, turn.pid)
         elif turn.state == "paused" and not pid_alive(turn.paused_by):
-            continue_work(turn.pid)
-            con.execute("UPDATE turns SET state='running', paused_by=NULL, heartbeat=? WHERE pid=?",
-                        (time.time(), turn.pid))
+            _resume(con, turn.pid)
+
+
+def _forget(con: sqlite3.Connection, pid: int) -> None:
+    con.execute("DELETE FROM turns WHERE pid=?", (pid,))
+    con.execute("DELETE FROM pauses WHERE pid=?", (pid,))
+
+
+def _resume(con: sqlite3.Connection, pid: int) -> None:
+    """Let paused `pid` go on; its pause ends now."""
+    now = time.time()
+    con.execute("UPDATE pauses SET end=? WHERE pid=? AND end IS NULL", (now, pid))
+    con.execute("UPDATE turns SET state='running', paused_by=NULL, heartbeat=? WHERE pid=?", (now, pid))
+    continue_work(pid)
 
 
 def reconcile(db: Path | None = None) -> list[Turn]:
@@ -102,12 +115,12 @@ def accounts_for(pid: int, db: Path | None = None) -> bool:
 def _pause(con: sqlite3.Connection, turn: Turn, by: int) -> None:
     if stop_work(turn.pid):
         con.execute("UPDATE turns SET state='paused', paused_by=? WHERE pid=?", (by, turn.pid))
+        con.execute("INSERT INTO pauses VALUES (?, ?, NULL)", (turn.pid, time.time()))
 
 
 def _resume_paused_by(con: sqlite3.Connection, by: int) -> None:
     for (pid,) in con.execute("SELECT pid FROM turns WHERE state='paused' AND paused_by=?", (by,)).fetchall():
-        continue_work(pid)
-        con.execute("UPDATE turns SET state='running', paused_by=NULL, heartbeat=? WHERE pid=?", (time.time(), pid))
+        _resume(con, pid)
 
 
 def _try_take(con: sqlite3.Connection, me: int) -> str | None:
@@ -157,7 +170,7 @@ def cpu_turn(name: str, priority: int = BACKGROUND, *, progress: Callable[[int, 
     finally:
         with _connect(db) as con:
             _resume_paused_by(con, me)
-            con.execute("DELETE FROM turns WHERE pid=?", (me,))
+            _forget(con, me)
 
 
 @contextlib.contextmanager
@@ -183,6 +196,35 @@ _pauses = 0
 def _count_pause(signum, frame) -> None:
     global _pauses
     _pauses += 1
+
+
+def paused_seconds(pid: int | None = None, db: Path | None = None) -> float:
+    """Wall seconds process `pid` (default: this one) has spent paused by the queue while it held its
+    current turn (a pause still going on counts up to now)."""
+    with _connect(db) as con:
+        row = con.execute("SELECT SUM(COALESCE(end, ?) - start) FROM pauses WHERE pid=?",
+                          (time.time(), pid or os.getpid())).fetchone()
+    return float(row[0] or 0.0)
+
+
+class ActiveClock:
+    """Wall time without this process's pauses: `now()` is time.time() minus `paused_seconds()`, the
+    queue read again only after a SIGCONT (`pauses_seen` changed; needs `watch_pauses`), so a block timed
+    with it (e.g. a training run's clock) never counts the time the process was frozen."""
+
+    def __init__(self, db: Path | None = None):
+        self.db, self._seen, self._paused = db, pauses_seen(), 0.0
+
+    def now(self) -> float:
+        if pauses_seen() != self._seen:
+            self._seen, self._paused = pauses_seen(), paused_seconds(db=self.db)
+        return time.time() - self._paused
+
+    @property
+    def paused(self) -> float:
+        """Seconds paused so far (as of the last SIGCONT)."""
+        self.now()
+        return self._paused
 
 
 def pauses_seen() -> int:

@@ -16,7 +16,7 @@ from pruning.launch import launch, launch_command
 from pruning.live import ManualGates
 from pruning.methods import methods
 from pruning.runs import RunStore
-from ui.charts import DRIFT_COLOURS, gate_grid, pareto_chart, role_survival_chart
+from ui.charts import DRIFT_COLOURS, gate_grid, mark_pauses, pareto_chart, role_survival_chart
 from ui.export import export_folder, export_panel
 from ui.loaders import get_data, session_data_spec
 from ui.notes import note
@@ -127,6 +127,7 @@ def live(run_id: int) -> None:
             fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
             if title == "accuracy":
                 fig.update_yaxes(range=[0, 1], tickformat=".0%")
+            mark_pauses(fig, rows)
             chart(fig, f"curve-{title}", cols[i % 2])
     keep_table(f"Run {run_id}: eval steps", rows)
     last = records[-1]

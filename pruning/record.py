@@ -13,7 +13,6 @@ term since the last eval, units alive per layer, where the figures came from, an
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
@@ -90,6 +89,7 @@ class StepRecord:
     drift_flipped: float | None = None
     drift_examples: int | None = None
     drift_seconds: float | None = None  # what the drift figures cost at this eval (included in eval_seconds)
+    paused_s: float = 0.0  # seconds this process was frozen by the CPU queue so far (not in `clock`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,7 +165,7 @@ def _snapshot(session, state: GateState):
 def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord:
     """The record of `session`'s current step (rank 0); also adapts the session's eval cadence so that
     evaluations take at most `eval_budget` of the wall time."""
-    start = time.perf_counter()
+    start = session.active.now()
     c = session.c
     state = session.current_state()
     data = session.dev if final else session.dev_subset
@@ -180,7 +180,7 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
     steps = len(session.losses.get("loss", []))  # a term can start mid-interval (the end of a plain fine-tune)
     losses = {k: float(np.sum(v)) / steps for k, v in session.losses.items() if v and k != "loss"}
     shape = session.shape
-    seconds = time.perf_counter() - start
+    seconds = session.active.now() - start  # a pause of the run (the queue froze it) is not eval time
     session.clock["eval_s"] += seconds
     # eval_s <= budget * (gap * step_s + eval_s)  <=>  gap >= eval_s (1 - budget) / (budget * step_s)
     step_s = session.clock["train_s"] / max(1, session.step)
@@ -203,5 +203,5 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
         note=cmp.note, device=str(session.device), threads=torch.get_num_threads(), processes=session.dist.world,
         replica_checksums=replicas, clock=dict(session.clock), eval_seconds=seconds, eval_gap=session.gap,
         eval_fraction=session.clock["eval_s"] / max(1e-9, sum(session.clock.values())),
-        perplexity=ppl, dense_perplexity=dense_ppl, **drift,
+        perplexity=ppl, dense_perplexity=dense_ppl, **drift, paused_s=session.active.paused,
     )

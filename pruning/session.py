@@ -22,7 +22,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 from core.adapter import Adapter, GateShape
 from core.batching import Encoded, encode, sorted_batches
+from core.cpu_queue import ActiveClock
 from core.data import TextDataset, load_splits, load_text
 from core.loaded import LoadedModel
 from core.models import load_model
@@ -129,6 +129,7 @@ class TrainSession:
         self.optimizer: torch.optim.Optimizer | None = None
         self.losses: dict[str, list[float]] = {}
         self.clock = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "setup_s": 0.0}
+        self.active = ActiveClock()  # wall time without the CPU queue's pauses of this process
         self.gap, self.next_eval, self.evals = config.eval_every, 0, 0
 
     def memory_budget(self) -> memory.MemoryEstimate:
@@ -404,9 +405,9 @@ class TrainSession:
 
     @contextlib.contextmanager
     def timed(self, key: str) -> Iterator[None]:
-        """Adds the wall time of the block to `clock[key]` (seconds)."""
-        start = time.perf_counter()
+        """Adds the wall time of the block to `clock[key]` (seconds), pauses by the CPU queue left out."""
+        start = self.active.now()
         try:
             yield
         finally:
-            self.clock[key] += time.perf_counter() - start
+            self.clock[key] += self.active.now() - start

@@ -467,3 +467,15 @@ def test_a_run_on_documents_records_perplexity(decoders, tiny_decoders, document
     assert first["perplexity"] == pytest.approx(first["dense_perplexity"], rel=1e-4)  # step 0: the dense model
     assert final["final"] and final["examples"] == 3 and final["perplexity"] < final["dense_perplexity"]
     assert 0 < final["accuracy"] <= 1 and final["speedup_b1"] > 0
+
+
+def test_the_train_command_runs_on_documents(tiny_decoders, documents, tmp_path, monkeypatch):
+    """`pruning train --task lm` on a text file: the data check reads documents, not labelled rows."""
+    from pruning.__main__ import main
+
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    assert main(["train", "--model", str(tiny_decoders["llama"]), "--data", str(documents), "--task", "lm",
+                 "--method", "random", "--target-sparsity", "0.3", "--finetune-steps", "2", "--max-length", "32",
+                 "--batch-size", "4", "--eval-examples", "2"]) == 0
+    run = RunStore().list()[0]
+    assert run.status == "done" and run.final.perplexity is not None

@@ -186,6 +186,19 @@ def history_chart(history: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def mark_pauses(fig: go.Figure, rows: pd.DataFrame) -> None:
+    """A dotted line at each eval step of a run (`rows`: its records, columns step and paused_s: seconds
+    frozen so far by the CPU queue) reached after a pause, labelled with the pause's seconds; the run's
+    clock and timings leave pauses out, the curve shows where they were."""
+    if "paused_s" not in rows:
+        return
+    grown = rows["paused_s"].fillna(0).diff().fillna(rows["paused_s"].fillna(0))
+    for step, seconds in zip(rows["step"], grown):
+        if seconds >= 0.5:
+            fig.add_vline(x=step, line_dash="dot", line_color="grey", annotation_text=f"paused {seconds:.0f} s",
+                          annotation_font_size=10)
+
+
 def role_survival_chart(survival: pd.DataFrame, title: str) -> go.Figure:
     """Share of each role kind's heads kept vs sparsity (`analysis.roles.survival.survival_frame` rows with a
     `sparsity` column; kinds no head carries are left out), role-free heads ("none") dashed grey."""

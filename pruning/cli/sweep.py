@@ -12,8 +12,7 @@ import sys
 from dataclasses import fields
 
 from core.cli import load_or_prepare
-from core.data import load_splits
-from pruning.cli.train import add_train_options, given_config, run_and_report
+from pruning.cli.train import add_train_options, check_data, given_config, run_and_report
 from pruning.config import TrainConfig
 from pruning.launch import launch
 from pruning.methods import get
@@ -55,7 +54,7 @@ def sweep_configs(given: dict, targets: list[float]) -> list[TrainConfig]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     configs = sweep_configs(given_config(args), parse_targets(args.targets))
     loaded = load_or_prepare(configs[0].model)  # bad models and data fail before a run is recorded
-    load_splits(configs[0].data_spec, loaded.label_names)
+    check_data(configs[0].data_spec, loaded.label_names)
     store = RunStore()
     ids = [store.create(config.to_dict()) for config in configs]
     option = target_option(configs[0].method)

@@ -21,7 +21,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from core.cli import load_or_prepare, run_with_bar
-from core.data import load_splits
+from core.data import DataSpec, load_splits, load_text
 from core.folders import check_target
 from pruning import distributed
 from pruning.config import TrainConfig
@@ -58,7 +58,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per training setting (default None = the config's or the method's default)."""
     for name, (f, text) in _train_fields().items():
         default = f.default if f.default is not MISSING else None
-        kwargs: dict = {"help": f"{text} (default: {default})", "default": None}
+        kwargs: dict = {"help": f"{text} (default: {default})".replace("%", "%%"), "default": None}  # argparse
         if name == "method":
             kwargs["choices"] = list(methods())
         elif "choices" in f.metadata:
@@ -93,6 +93,15 @@ def summary(run: Run) -> str:
     return (f"run {run.id} done: accuracy {f.accuracy:.4f} (dense {f.dense_accuracy:.4f}) on {f.examples} "
             f"dev examples, sparsity {f.sparsity:.3f}, batch-32 speedup {f.speedup_b32:.2f}x, "
             f"batch-1 {f.speedup_b1:.2f}x; saved {f.export}")
+
+
+def check_data(spec: DataSpec, label_names: list[str]) -> None:
+    """Read the run's data once so that bad data fails before a run is recorded: documents for a
+    language-modelling task, labelled rows (in the model's `label_names`) otherwise."""
+    if spec.is_text:
+        load_text(spec, "train")
+    else:
+        load_splits(spec, label_names)
 
 
 def run_and_report(store: RunStore, run_id: int, job: str | None, *, parallel: bool, as_json: bool, teacher=None,
@@ -138,7 +147,7 @@ def _train_main(args: argparse.Namespace, dist) -> int:
         check_target(args.run_dir, written_by=RUN_WRITER)  # fail before loading models
     loaded = load_or_prepare(config.model)
     teacher = loaded if config.teacher_spec == config.model else load_or_prepare(config.teacher_spec)
-    load_splits(config.data_spec, teacher.label_names)  # bad data fails here, before a run is recorded
+    check_data(config.data_spec, teacher.label_names)
     run_id = store.create(config.to_dict(), args.run_dir)
     print(f"run {run_id} in {store.get(run_id).run_dir}", file=sys.stderr)
     return run_and_report(store, run_id, args.job, parallel=args.parallel, as_json=args.json, teacher=teacher,

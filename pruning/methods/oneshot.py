@@ -40,11 +40,20 @@ class OneShot(PruningMethod):
     criterion: str
     Options = OneShotOptions
 
+    @classmethod
+    def check_config(cls, options, config) -> None:
+        if config.data_spec.is_text and (cls.criterion != "random" or options.protect_roles):
+            raise ValueError(f"{cls.name} scores heads on labelled examples; on language-modelling text use random "
+                             "or a method that calibrates on text (wanda-sp, flap, llm-pruner, minitron, depth).")
+
     def prune(self) -> GateState:
         c = self.context
         c.progress(0, 1, f"scoring heads ({self.criterion})")
-        rows = c.train.subset(self.options.score_examples, seed=c.seed)
-        return baseline_state(self.criterion, c.base, rows.texts, rows.labels, self.options.target_sparsity,
+        texts, labels = [], []
+        if self.criterion != "random":  # a random draw reads no example (and works on plain text)
+            rows = c.train.subset(self.options.score_examples, seed=c.seed)
+            texts, labels = rows.texts, rows.labels
+        return baseline_state(self.criterion, c.base, texts, labels, self.options.target_sparsity,
                               seed=c.seed, progress=c.progress, protected=self.protected_heads())
 
     def protected_heads(self):
