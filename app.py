@@ -8,7 +8,7 @@ from ui.network import warn_if_exposed
 
 st.set_page_config(page_title="HeadLab", layout="wide")
 warn_if_exposed()  # above every page
-share.restore()  # a shared link's view, once per session
+linked = share.restore()  # a shared link's view, once per session: the url_path of its page
 cpu_queue_panel()  # in the sidebar of every page
 tour = st.Page("pages/tour.py", title="Guided tour", url_path="tour")
 pages = [
@@ -19,11 +19,13 @@ pages = [
 ]
 first_visit = not st.session_state.get("tour_seen")
 page = st.navigation([tour, *pages] if first_visit else [*pages, tour])  # the tour leads until it is seen
+if linked and linked != page.url_path:
+    st.switch_page(next((p for p in [tour, *pages] if p.url_path == linked), pages[0]))
 if page.url_path != "tour":
     st.sidebar.page_link(tour, label="New here? Take the guided tour" if first_visit else "Back to the guided tour",
                          icon=":material/school:")
 presenter.toggle()
 report.begin()
-url = share.sync()
+url = share.sync(page.url_path)
 report.download_button(f"HeadLab: {page.title}", url, f"headlab-{page.url_path or 'model'}.html")
 page.run()

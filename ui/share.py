@@ -1,8 +1,10 @@
-"""Shareable views: the URL carries the model, the data, the page (its path) and what is selected (a head,
+"""Shareable views: the URL carries the model, the data, the page and what is selected (a head,
 a sentence, a gate state, a run and step, a tour step), so a link opens exactly that view.
 
 `restore` reads the link's query parameters into the session once (the first run of a session); `sync`
-writes the session's view back into the URL on every run and shows the link in the sidebar. A gate state
+writes the session's view back into the URL on every run and shows the link in the sidebar. A link names
+its page in a `page` parameter of the app's root URL (`/?page=gates&...`), not as a path: a page's own path
+(`/gates`) opened first on a freshly started server runs that page's script without app.py. A gate state
 travels as its switches (`encode_gates`): closed heads as one hex bit mask per layer, sublayers switched off,
 keep fractions and criterion, and, for gates loaded from a training run, the run and step they started from.
 """
@@ -84,10 +86,11 @@ def decode_gates(params: dict[str, str], run_gates=None) -> ManualGates | None:
                    criterion=params.get("criterion", ManualGates.criterion))
 
 
-def view_params() -> dict[str, str]:
-    """The session's view as query parameters (only what is set and not the default)."""
+def view_params(page: str = "") -> dict[str, str]:
+    """The session's view on page `page` (its url_path, "" for the default page) as query parameters (only
+    what is set and not the default)."""
     state = st.session_state
-    out = {"model": state.get("model_spec", "default")}
+    out = {"page": page, "model": state.get("model_spec", "default")}
     data = state.get("data_spec")
     if data is not None and data != DataSpec():
         out["data"] = data.to_json()
@@ -107,7 +110,7 @@ def view_params() -> dict[str, str]:
             out["step"] = str(step)
     if state.get("tour_step"):
         out["tour"] = str(state["tour_step"])
-    return {k: v for k, v in out.items() if not (k == "model" and v == "default")}
+    return {k: v for k, v in out.items() if v and not (k == "model" and v == "default")}
 
 
 def _restore_model(spec: str) -> None:
@@ -129,15 +132,15 @@ def _restore_data(spec: DataSpec) -> None:
                                 label_column=spec.label_column or "", whole_file=spec.whole_file)
 
 
-def restore() -> None:
-    """Once per session: put the link's view (st.query_params) into the session state; a bad value is
-    reported and skipped."""
+def restore() -> str:
+    """Once per session: put the link's view (st.query_params) into the session state (a bad value is
+    reported and skipped); returns the url_path of the link's page ("" for none: stay)."""
     if st.session_state.get("share_restored"):
-        return
+        return ""
     st.session_state["share_restored"] = True
     params = st.query_params.to_dict()
     if not params:
-        return
+        return ""
     from pruning.runs import RunStore
 
     store = RunStore()
@@ -165,20 +168,24 @@ def restore() -> None:
             st.session_state["tour_step"] = int(params["tour"])
     except (ValueError, KeyError, DataError) as exc:
         st.warning(f"Part of this link could not be read and was skipped: {exc}")
+    return params.get("page", "")
 
 
-def link(params: dict[str, str]) -> str:
-    """The page's URL (as the browser has it) with `params`."""
+def link(params: dict[str, str], page: str = "") -> str:
+    """The app's root URL (the browser's, without page `page`'s path) with `params`."""
     base = st.context.url or ""
+    if page and base.rstrip("/").endswith(f"/{page}"):
+        base = base.rstrip("/")[: -len(page)]
     return f"{base}?{urlencode(params)}" if params else base
 
 
-def sync() -> str:
-    """Write the session's view into the URL and show its link (with a copy button) in the sidebar."""
-    params = view_params()
+def sync(page: str = "") -> str:
+    """Write the session's view on page `page` (its url_path) into the URL and show its link (with a copy
+    button) in the sidebar."""
+    params = view_params(page)
     if st.query_params.to_dict() != params:
         st.query_params.from_dict(params)
-    url = link(params)
+    url = link(params, page)
     with st.sidebar.popover("Link to this view", width="stretch"):
         st.caption("Copy this link (button at its right) to open exactly this view: model, data, page, head, "
                    "sentence, gate state, run and step.")
