@@ -14,13 +14,12 @@ from ui import report
 
 KEY = "presenter"
 FONT, TITLE, TEXT = 20, 26, 16  # px on a projector (plotly's defaults: 12, 17, 12)
-GROW = 1.35  # chart heights and cell markers
+GROW = 1.35  # chart heights (not the head grids' cell markers: the grid's width does not grow)
 ADVANCED = "hl-advanced"  # key prefix of the containers presenter mode hides
 CSS = f"""<style>
 html {{ font-size: 21px; }}
 [data-testid="stSidebar"] {{ font-size: 0.9rem; }}
 h1 {{ font-size: 2.6rem !important; }}
-[data-testid="stMetricValue"] {{ font-size: 2.4rem !important; }}
 [class*="st-key-{ADVANCED}"] {{ display: none !important; }}
 </style>"""
 
@@ -38,7 +37,7 @@ def toggle() -> None:
 
 
 def presented(fig: go.Figure) -> go.Figure:
-    """`fig` as shown: in presenter mode a copy with larger fonts, text, cell markers and height."""
+    """`fig` as shown: in presenter mode a copy with larger fonts, text and height."""
     if not is_on():
         return fig
     out = go.Figure(fig)  # a copy: figures may come from caches
@@ -49,8 +48,6 @@ def presented(fig: go.Figure) -> go.Figure:
     for trace in out.data:
         if "textfont" in trace:
             trace.textfont.size = TEXT
-        if isinstance(trace, go.Scatter) and trace.marker.symbol == "square" and trace.marker.size:
-            trace.marker.size = int(trace.marker.size * GROW)  # the head grids' cells
     return out
 
 
