@@ -24,6 +24,7 @@ from pruning.gate_state import GateState
 from pruning.live import Comparison, figures, measure_pruned
 from pruning.lm_measure import measure_text, text_figures, text_length
 from pruning.lora import merged_copy
+from pruning.sparse_size import sparse_size
 from pruning.surgery import prune
 
 LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
@@ -162,6 +163,15 @@ def _snapshot(session, state: GateState):
             hooks.attach()
 
 
+def _mask_note(session, snapshot) -> str:
+    """For a run with weight masks (Wanda): their zeros and size in sparse formats, which the structural
+    sparsity and the dense-kernel timings do not show."""
+    if not session.masks:
+        return ""
+    return (f" Weight masks: {sparse_size(snapshot.model, session.masks).describe()}; masked weights run no faster "
+            "on the CPU's dense kernels.")
+
+
 def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord:
     """The record of `session`'s current step (rank 0); also adapts the session's eval cadence so that
     evaluations take at most `eval_budget` of the wall time."""
@@ -200,7 +210,8 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
         loss=float(np.mean(session.losses["loss"])) if session.losses.get("loss") else None, losses=losses,
         method_figures=session.method.record(session.step) if session.phase == "gates" else {},
         **alive(state), heads_total=shape.heads, units_total=shape.intermediate, hidden_total=shape.hidden,
-        note=cmp.note, device=str(session.device), threads=torch.get_num_threads(), processes=session.dist.world,
+        note=cmp.note + _mask_note(session, snapshot), device=str(session.device), threads=torch.get_num_threads(),
+        processes=session.dist.world,
         replica_checksums=replicas, clock=dict(session.clock), eval_seconds=seconds, eval_gap=session.gap,
         eval_fraction=session.clock["eval_s"] / max(1e-9, sum(session.clock.values())),
         perplexity=ppl, dense_perplexity=dense_ppl, **drift, paused_s=session.active.paused,

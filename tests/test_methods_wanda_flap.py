@@ -152,6 +152,7 @@ def test_wanda_masks_stay_applied_through_a_fine_tune(tiny_dir, reviews, tmp_pat
     read_back = zero_masks(exported.model)
     assert read_back.keys() == masks.keys() and all(torch.equal(read_back[n], m) for n, m in masks.items())
     assert sparse_size(exported.model, read_back).sparsity == 0.5
+    assert f"Weight masks: {sparse_size(exported.model, read_back).describe()}" in run.final.note  # said in the record
     for extra in (["--lora"], ["--pattern", "2:4", "--target-sparsity", "0.6"]):
         assert main(["train", "--model", str(tiny_dir), "--data", str(reviews), "--method", "wanda", *extra]) == 2
 
