@@ -44,10 +44,12 @@ def target_names(adapter: Adapter) -> list[str]:
     """Full module names (from `adapter.model`) of the projections LoRA adapts, layer by layer: those that
     compute a plain `nn.Linear` forward. A sliced model's K/V of a GQA layer whose groups keep unequal
     numbers of query heads expand their output per query head (`core.structure`), which a low-rank delta
-    of the Linear's own width would not fit: they keep their weights in a LoRA fine-tune."""
+    of the Linear's own width would not fit: they keep their weights in a LoRA fine-tune. Projections
+    sliced to nothing (a removed block or sublayer) have nothing to adapt and get no adapter."""
     names = {id(module): name for name, module in adapter.model.named_modules()}
     parts = (adapter.part(layer, part) for layer in range(len(adapter.layers)) for part in PARTS)
-    return [names[id(m)] for m in parts if m is not None and type(m).forward is nn.Linear.forward]
+    return [names[id(m)] for m in parts
+            if m is not None and type(m).forward is nn.Linear.forward and m.weight.numel() > 0]
 
 
 def lora_parameters(adapter: Adapter, rank: int) -> int:

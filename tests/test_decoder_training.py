@@ -140,6 +140,19 @@ def test_lora_merge_keeps_the_logits_and_leaves_no_peft_module(decoders, arch):
     assert sum(p.numel() for p in student.model.parameters()) == sum(p.numel() for p in loaded.model.parameters())
 
 
+def test_lora_skips_projections_of_a_removed_block(decoders):
+    """A block removed whole (its attention and MLP sliced to nothing) gets no adapters; the other layers'
+    seven projections each do, and the parameter count agrees."""
+    loaded = decoders["llama"]
+    dense = GateState.dense(loaded)
+    state = dense.replace(mha=torch.tensor([0.0, 1.0, 1.0]), ffn=torch.tensor([0.0, 1.0, 1.0]))
+    pruned = prune(loaded, state)
+    trainable = add_lora(pruned, LoraSettings(rank=2))
+    adapted = {n.rpartition(".lora_A")[0] for n, _ in pruned.model.named_parameters() if ".lora_A." in n}
+    assert len(adapted) == 2 * 7 and not any(".layers.0." in n for n in adapted)
+    assert trainable == lora_parameters(Adapter(merge_lora(pruned.model)), 2)
+
+
 def test_lora_on_a_sliced_decoder_with_uneven_gqa_groups(decoders):
     """Qwen2 (6 query heads in 2 KV groups of 3) with one head of layer 0 closed keeps 2 + 3 heads there:
     its K/V expand their output per query head, get no adapter and keep their weights; every other
