@@ -37,7 +37,7 @@ def check_name(name: str) -> str:
 # ----------------------------------------------------------------------------- save
 
 
-def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool = False) -> Path:
+def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool = False, int8: bool = False) -> Path:
     """Write the pruned `loaded` (from `pruning.surgery.prune` or `load_pruned`) to the folder `out`.
 
     The folder is written whole under a temporary name and renamed into place
@@ -46,7 +46,8 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
     False, `core.folders.FolderError` if `out` is a file or a folder `save_pruned` did not write
     (replaced only with `overwrite`, never a user's folder), ValueError for a model that is not
     pruned. With `onnx`, also writes model.onnx and checks onnxruntime against torch (ValueError if
-    logits differ by more than 1e-4). Returns the folder.
+    logits differ by more than 1e-4). With `int8` (implies `onnx`), also model.int8.onnx, its dynamically
+    int8-quantised copy (`pruning.int8.quantize_onnx`). Returns the folder.
     """
     info = pruning_info(loaded.model)
     if info is None:
@@ -68,15 +69,24 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
             **({"prompt": loaded.prompt.to_dict()} if loaded.prompt is not None else {}),
         }
         (tmp / PRUNING_FILE).write_text(json.dumps(record))
-        if onnx:
+        if onnx or int8:
             export_onnx(loaded, tmp / ONNX_FILE)
             diff = onnx_max_diff(loaded, tmp / ONNX_FILE)
             if diff > 1e-4:
                 raise ValueError(f"The ONNX export differs from torch by {diff:.2e} (> 1e-4) in logits.")
+        write_int8(tmp, int8)
     return out
 
 
 # ----------------------------------------------------------------------------- ONNX
+
+
+def write_int8(folder: Path, int8: bool) -> None:
+    """With `int8`, write folder/model.int8.onnx from folder/model.onnx (`pruning.int8.quantize_onnx`)."""
+    if int8:
+        from pruning.int8 import INT8_ONNX_FILE, quantize_onnx
+
+        quantize_onnx(folder / ONNX_FILE, folder / INT8_ONNX_FILE)
 
 
 class _Logits(nn.Module):

@@ -34,7 +34,7 @@ from core.adapter import GateShape, as_adapter
 from core.folders import atomic_folder, read_marker
 from core.loaded import LoadedModel
 from core.structure import causal_lm, pruning_info
-from pruning.export import _SAMPLE, ONNX_FILE, WRITER, export_onnx, onnx_max_diff, save_pruned
+from pruning.export import _SAMPLE, ONNX_FILE, WRITER, export_onnx, onnx_max_diff, save_pruned, write_int8
 from pruning.gate_state import GateState, _scores
 
 STANDARD, HEADLAB = "standard", "headlab"  # the two kinds of export folder
@@ -209,10 +209,11 @@ def logits(model: nn.Module, loaded: LoadedModel, texts: list[str] | None = None
 
 
 def save_standard(loaded: LoadedModel, model: nn.Module, out: str | Path, reason: str, *, overwrite: bool = False,
-                  onnx: bool = False) -> Path:
+                  onnx: bool = False, int8: bool = False) -> Path:
     """Write the plain `model` (from `plain_model` / `drop_layers`) with `loaded`'s tokenizer to `out` (atomic,
     marked as HeadLab's export: `core.folders`). With `onnx`, model.onnx of the same model (checked against
-    torch). A decoder's prompt goes into the marker (HeadLab reads the folder as a plain decoder)."""
+    torch); with `int8` also model.int8.onnx (`pruning.export.write_int8`). A decoder's prompt goes into the
+    marker (HeadLab reads the folder as a plain decoder)."""
     out = Path(out).expanduser()
     details = {"kind": STANDARD, "reason": reason}
     if loaded.prompt is not None:
@@ -220,27 +221,31 @@ def save_standard(loaded: LoadedModel, model: nn.Module, out: str | Path, reason
     with atomic_folder(out, written_by=WRITER, overwrite=overwrite, **details) as tmp:
         model.save_pretrained(tmp)
         loaded.text_tokenizer.save_pretrained(tmp)
-        if onnx:
+        if onnx or int8:
             export_onnx(loaded, tmp / ONNX_FILE)
             diff = onnx_max_diff(loaded, tmp / ONNX_FILE)
             if diff > TOLERANCE:
                 raise ValueError(f"The ONNX export differs from torch by {diff:.2e} (> {TOLERANCE}) in logits.")
+        write_int8(tmp, int8)
     return out
 
 
-def export(loaded: LoadedModel, out: str | Path, *, overwrite: bool = False, onnx: bool = False) -> Exported:
+def export(loaded: LoadedModel, out: str | Path, *, overwrite: bool = False, onnx: bool = False,
+           int8: bool = False) -> Exported:
     """Save a pruned `loaded` as a plain-transformers folder when its shape is standard, else in HeadLab's
-    layout (`save_pruned`); both with model.onnx when asked. Returns what was written and why."""
+    layout (`save_pruned`); both with model.onnx when asked (and model.int8.onnx with `int8`). Returns what
+    was written and why."""
     verdict = standard_shape(loaded)
     if not verdict.standard:
-        path = save_pruned(loaded, out, overwrite=overwrite, onnx=onnx)
+        path = save_pruned(loaded, out, overwrite=overwrite, onnx=onnx, int8=int8)
         return Exported(path, HEADLAB, f"HeadLab's layout (loads with HeadLab or as ONNX): {verdict.reason}")
     model = plain_model(loaded, verdict)
     diff = float((logits(model, loaded) - logits(causal_lm(loaded.model), loaded)).abs().max())
     if diff > TOLERANCE:
         raise ValueError(f"The plain model differs from the pruned one by {diff:.2e} in logits (> {TOLERANCE}).")
     reason = f"a plain transformers folder (from_pretrained loads it): {verdict.reason}"
-    return Exported(save_standard(loaded, model, out, reason, overwrite=overwrite, onnx=onnx), STANDARD, reason)
+    return Exported(save_standard(loaded, model, out, reason, overwrite=overwrite, onnx=onnx, int8=int8), STANDARD,
+                    reason)
 
 
 def export_kind(folder: str | Path) -> tuple[str, str] | None:

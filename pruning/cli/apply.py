@@ -142,8 +142,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.prune_layers and not loaded.is_decoder:
         if heads or args.ffn_keep is not None or args.hidden_keep is not None or args.gates or args.make_standard:
             raise ValueError("An encoder's --prune-layers deletes whole layers; it takes no other pruning option.")
-        cmp, exported = run_with_bar(args.job, lambda bar: _drop_encoder_layers(args, loaded, data, timed, bar))
-        return _report(args, cmp, exported, data, timed, None)
+        cmp, exported, quantised = run_with_bar(args.job, lambda bar: _drop_encoder_layers(args, loaded, data, timed,
+                                                                                          bar))
+        return _report(args, cmp, exported, data, timed, None, quantised)
     state = _state(args, loaded, heads)
     rounding = None
     if args.make_standard:
@@ -159,11 +160,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
             bar(0, 1, "measuring the structure before rounding")
             before = measure_pruned(loaded, prune(loaded, rounding[0]), data, rounds=timed, progress=bar)
             cost = _rounding_cost(before, cmp, timed)
-        bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
-        return cmp, export(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx), cost
+        bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx or args.int8 else ""))
+        exported = export(pruned, args.out, overwrite=args.overwrite, onnx=args.onnx, int8=args.int8)
+        return cmp, exported, cost, _int8_report(args, pruned, data, exported, bar)
 
-    cmp, exported, cost = run_with_bar(args.job, measure_and_save)
-    return _report(args, cmp, exported, data, timed, cost)
+    cmp, exported, cost, quantised = run_with_bar(args.job, measure_and_save)
+    return _report(args, cmp, exported, data, timed, cost, quantised)
+
+
+def _int8_report(args, pruned, data, exported: Exported, bar):
+    """With --int8: fp32 vs int8 of the exported model (torch and ONNX Runtime), else None."""
+    if not args.int8:
+        return None
+    from pruning.int8 import compare
+
+    bar(0, 1, "measuring int8 against fp32")
+    return compare(pruned, data, exported.path)
 
 
 def _drop_encoder_layers(args, loaded, data, timed, bar):
@@ -176,10 +188,11 @@ def _drop_encoder_layers(args, loaded, data, timed, bar):
                                 fingerprint=f"{loaded.fingerprint}-drop-{'-'.join(map(str, layers))}")
     cmp = measure_pruned(loaded, small, data, rounds=timed, progress=bar)
     cmp = dataclasses.replace(cmp, sparsity=len(layers) / (kept + len(layers)))  # equal layers: their share
-    bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
+    bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx or args.int8 else ""))
     reason = f"a plain transformers folder (from_pretrained loads it): {note}"
-    out = save_standard(small, plain, args.out, reason, overwrite=args.overwrite, onnx=args.onnx)
-    return cmp, Exported(out, STANDARD, reason)
+    out = save_standard(small, plain, args.out, reason, overwrite=args.overwrite, onnx=args.onnx, int8=args.int8)
+    exported = Exported(out, STANDARD, reason)
+    return cmp, exported, _int8_report(args, small, data, exported, bar)
 
 
 def _rounding_cost(before, after, timed) -> dict:
@@ -193,8 +206,9 @@ def _rounding_cost(before, after, timed) -> dict:
     return cost
 
 
-def _report(args, cmp, exported: Exported, data, timed, cost: dict | None) -> int:
-    """Print the dense / pruned table (or JSON), the export's kind and why, and the cost of rounding."""
+def _report(args, cmp, exported: Exported, data, timed, cost: dict | None, quantised=None) -> int:
+    """Print the dense / pruned table (or JSON), the export's kind and why, the cost of rounding and, with
+    --int8, the pruned model's fp32 vs int8 figures (`pruning.int8.Int8Report`)."""
     sides = {"dense": cmp.dense, "pruned": cmp.pruned}
     figures = {
         "parameters": {k: f.parameters for k, f in sides.items()},
@@ -210,7 +224,8 @@ def _report(args, cmp, exported: Exported, data, timed, cost: dict | None) -> in
         print(json.dumps({"out": str(out), "pruned": cmp.note, "median_tokens": cmp.seq_len,
                           "sparsity": cmp.sparsity, "threads": threads, "figures": figures,
                           "export": {"kind": exported.kind, "reason": exported.reason},
-                          **({"standard_rounding": cost} if cost else {})}, indent=2))
+                          **({"standard_rounding": cost} if cost else {}),
+                          **({"int8": quantised.as_dict()} if quantised else {})}, indent=2))
         return 0
     rows = []
     for name, values in figures.items():
@@ -233,7 +248,10 @@ def _report(args, cmp, exported: Exported, data, timed, cost: dict | None) -> in
         (acc0, acc1), (ms0, ms1) = cost["accuracy"], cost["latency_b1_ms"]
         print(f"made standard: accuracy {acc0:.4f} -> {acc1:.4f} ({acc1 - acc0:+.4f}), batch-1 latency "
               f"{ms0:.2f} -> {ms1:.2f} ms, sparsity {cost['sparsity'][0]:.3f} -> {cost['sparsity'][1]:.3f}")
-    print(f"saved {out}{' (with model.onnx)' if args.onnx else ''}: {exported.kind} export, {exported.reason}")
+    files = " (with model.onnx and model.int8.onnx)" if args.int8 else " (with model.onnx)" if args.onnx else ""
+    print(f"saved {out}{files}: {exported.kind} export, {exported.reason}")
+    if quantised:
+        print(f"\nthe pruned model in fp32 and int8:\n{quantised.table()}")
     return 0
 
 
@@ -260,6 +278,8 @@ def add_commands(sub) -> None:
     ap.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of this many examples")
     ap.add_argument("--out", type=Path, required=True, help="new folder for the pruned model")
     ap.add_argument("--onnx", action="store_true", help="also export model.onnx (checked against torch)")
+    ap.add_argument("--int8", action="store_true", help="also export model.int8.onnx (dynamic int8 quantisation, "
+                    "with model.onnx) and measure accuracy, speed and size of int8 next to fp32 (torch and ONNX)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it is an export HeadLab wrote")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: torch's default)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")

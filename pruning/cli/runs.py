@@ -94,13 +94,29 @@ def _export_run(store: RunStore, args: argparse.Namespace) -> int:
     def work(bar):
         bar(0, 1, "loading the run's model")
         loaded = load_pruned(source)
-        bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx else ""))
-        return export(loaded, args.out, overwrite=args.overwrite, onnx=args.onnx)
+        bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx or args.int8 else ""))
+        done = export(loaded, args.out, overwrite=args.overwrite, onnx=args.onnx, int8=args.int8)
+        return done, _int8_report(run, loaded, done.path, bar) if args.int8 else None
 
-    done = run_with_bar(args.job, work)
-    print(f"saved {done.path}" + (" (with model.onnx, checked against torch)" if args.onnx else "")
-          + f": {done.kind} export, {done.reason}")
+    done, quantised = run_with_bar(args.job, work)
+    print(f"saved {done.path}" + (" (with model.onnx, checked against torch)" if args.onnx or args.int8 else "")
+          + (" and model.int8.onnx" if args.int8 else "") + f": {done.kind} export, {done.reason}")
+    if quantised:
+        print(f"\nthe run's model in fp32 and int8:\n{quantised.table()}")
     return 0
+
+
+INT8_ROWS = 500  # runs export --int8 measures on a seeded subset of this many dev rows of the run's data
+
+
+def _int8_report(run, loaded, folder: Path, bar):
+    """fp32 vs int8 of the exported run model (`pruning.int8.compare`) on a seeded subset of the run's dev split."""
+    from core.data import load_data
+    from pruning.int8 import compare
+
+    bar(0, 1, "measuring int8 against fp32")
+    data = load_data(TrainConfig.from_dict(run.config).data_spec, "dev", loaded.label_names)
+    return compare(loaded, data.subset(INT8_ROWS, seed=0), folder)
 
 
 def add_commands(sub) -> None:
@@ -110,6 +126,8 @@ def add_commands(sub) -> None:
     ru.add_argument("id", type=int, nargs="?", default=None, help="run ID (stop, resume, delete, export)")
     ru.add_argument("--out", type=Path, default=None, metavar="DIR", help="export: new folder for the final model")
     ru.add_argument("--onnx", action="store_true", help="export: also write model.onnx (checked against torch)")
+    ru.add_argument("--int8", action="store_true", help="export: also write model.int8.onnx (dynamic int8, with "
+                    f"model.onnx) and measure int8 next to fp32 on up to {INT8_ROWS} dev rows of the run's data")
     ru.add_argument("--overwrite", action="store_true", help="export: replace --out if it is an export HeadLab wrote")
     ru.add_argument("--background", action="store_true", help="resume: run in a detached process")
     ru.add_argument("--parallel", action="store_true", help="resume: do not wait for other running jobs")
