@@ -23,6 +23,8 @@ def step_drift(session, snapshot) -> dict[str, float | int]:
     n = min(session.c.drift_examples, len(session.dev_subset))
     if n == 0 or session.examples.language_modelling or session.device.type != "cpu":
         return {}
+    if len(snapshot.text_tokenizer) != len(session.base.text_tokenizer):  # renumbered vocabulary (cluster): the
+        return {}  # texts' tokens differ, so per-token relevance has nothing to pair with
     start = time.perf_counter()
     texts = session.dev_subset.texts[:n]
     cache = session.__dict__.setdefault("_drift_reference", {})

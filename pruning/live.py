@@ -158,10 +158,12 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
 def time_models(models: dict[str, tuple[LoadedModel, Figures]], texts: list[str],
                 rounds: dict[int, tuple[int, int]], *, warm_large: bool = True) -> None:
     """Time the models of `models` = {name: (model, its figures)} interleaved (`core.latency.compare`) on a
-    batch of typical `texts` (`core.latency.make_batch`, the first model's tokenizer) at each batch size
-    of `rounds` = {batch size: (rounds, repeats per round)}; writes the medians (ms) into each model's
-    figures as latency_b<batch size>_ms. `warm_large`: warm up before the larger batches too."""
-    first = next(iter(models.values()))[0]
+    batch of typical `texts` (`core.latency.make_batch`, the first model's tokenizer; the smallest vocabulary's
+    when a model's was pruned (`cluster`): its ids are valid in every model, and timing does not depend on
+    which tokens they are) at each batch size of `rounds` = {batch size: (rounds, repeats per round)}; writes
+    the medians (ms) into each model's figures as latency_b<batch size>_ms. `warm_large`: warm up before the
+    larger batches too."""
+    first = min((loaded for loaded, _ in models.values()), key=lambda loaded: len(loaded.text_tokenizer))
     for batch_size, (n_rounds, repeats) in rounds.items():
         batch = make_batch(first.tokenizer, texts, batch_size, first.max_length)
         timed = compare({name: loaded.model for name, (loaded, _) in models.items()}, batch, rounds=n_rounds,

@@ -211,6 +211,8 @@ class TrainSession:
         if self.hooks is not None:
             self.hooks.remove()
         source = source or (self.student if self.student is not None else self.base)
+        if len(source.text_tokenizer) != len(self.base.text_tokenizer):  # a method renumbered the vocabulary (cluster)
+            self.examples = classification_examples(source, self.train_data, self.c.max_length)
         merge_lora(source.model)
         sliced = prune(source, state.detach())
         self.masks = {name: mask.to(self.device) for name, mask in (masks or {}).items()}

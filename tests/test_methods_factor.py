@@ -8,15 +8,28 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from core.data.dataset import TextDataset
 from core.models import load_model
+from core.pruned import load_pruned
 from pruning.__main__ import main
 from pruning.export import ONNX_FILE, save_pruned
 from pruning.gate_state import GateState
 from pruning.int8 import INT8_ONNX_FILE, compare, onnx_logits, predict, quantize_torch, torch_logits
+from pruning.kmeans_share import (
+    CLUSTERED_FILE,
+    folder_bytes,
+    kmeans_1d,
+    load_clustered,
+    save_clustered,
+    share_weights,
+    shareable_names,
+)
+from pruning.runs import RunStore
 from pruning.surgery import prune
+from pruning.vocab import corpus_vocabulary, prune_vocabulary
 
 TEXTS = ["a great film, warm and funny", "an awful, boring movie", "meh", "not bad at all, really",
          "the plot drags on and on", "one of the best this year", "i want those two hours back", "fine"]
@@ -85,3 +98,102 @@ def test_apply_int8_cli(tiny_dir, reviews_csv, tmp_path, capsys):
     names = [v["name"] for v in record["int8"]["variants"]]
     assert names == ["torch fp32", "torch int8", "onnx fp32", "onnx int8"]
     assert record["int8"]["examples"] == 4  # the dev split: 10% of the CSV's 40 rows
+
+
+# ----------------------------------------------------------------------------- cluster: vocabulary pruning
+
+CORPUS = ["a great film, warm and funny", "an awful, boring movie", "the film is warm and the plot is funny"]
+IN_VOCAB = ["a warm film", "the plot is a great movie, and funny", "boring"]  # only the corpus's words
+
+
+def _logits(loaded, texts):
+    batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return loaded.model(**batch).logits
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tiny_dir):
+    loaded = load_model(str(tiny_dir))
+    vocabulary = corpus_vocabulary(loaded.tokenizer, CORPUS, min_count=1)
+    return loaded, vocabulary, prune_vocabulary(loaded, vocabulary)
+
+
+def test_vocabulary_pruning_keeps_in_vocabulary_logits_and_maps_the_rest_to_unk(small_vocab):
+    loaded, vocabulary, small = small_vocab
+    counted = {i for ids in loaded.tokenizer(CORPUS)["input_ids"] for i in ids}
+    assert set(vocabulary.kept) == counted | set(loaded.tokenizer.all_special_ids)
+    assert small.model.get_input_embeddings().weight.shape == (len(vocabulary.kept), 32) and len(small.tokenizer) == \
+        len(vocabulary.kept)
+    assert torch.equal(_logits(small, IN_VOCAB), _logits(loaded, IN_VOCAB))
+    old, new = loaded.tokenizer(IN_VOCAB)["input_ids"], small.tokenizer(IN_VOCAB)["input_ids"]
+    assert new == [[vocabulary.kept.index(i) for i in ids] for ids in old]  # same pieces, renumbered
+    ids = small.tokenizer(["a zebra film"])["input_ids"][0]
+    assert small.tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "a", "[UNK]", "film", "[SEP]"]
+    counts = corpus_vocabulary(loaded.tokenizer, CORPUS, min_count=2)  # tokens seen twice or more, plus specials
+    assert set(counts.kept) - set(loaded.tokenizer.all_special_ids) == {
+        loaded.tokenizer.convert_tokens_to_ids(t) for t in ("film", "warm", "and", "funny", "the", "is", ",")}
+    assert 0 < counts.unknown_share < 1
+
+
+def test_a_vocabulary_pruned_export_works_standalone(small_vocab, tmp_path):
+    _, vocabulary, small = small_vocab
+    folder = save_pruned(prune(small, GateState.dense(small)), tmp_path / "v")
+    back = load_pruned(folder)
+    assert len(back.tokenizer) == len(vocabulary.kept) and back.model.config.vocab_size == len(vocabulary.kept)
+    assert torch.equal(_logits(back, IN_VOCAB), _logits(small, IN_VOCAB))
+
+
+# ----------------------------------------------------------------------------- cluster: k-means sharing
+
+def test_kmeans_codebook_is_a_lloyd_fixed_point_with_nearest_assignment():
+    torch.manual_seed(0)
+    values = torch.randn(40, 30)
+    shared = kmeans_1d(values, bits=3, iterations=100)
+    assert shared.codebook.shape == (8,) and shared.indices.dtype == torch.uint8
+    distances = (values.reshape(-1, 1) - shared.codebook.reshape(1, -1)).abs()
+    assert torch.equal(shared.indices.reshape(-1).long(), distances.argmin(1))  # every value to its nearest centroid
+    for k in range(8):  # every centroid the mean of its values
+        members = values.reshape(-1)[shared.indices.reshape(-1) == k]
+        assert torch.allclose(shared.codebook[k], members.mean(), atol=1e-5)
+    again = kmeans_1d(shared.decode(), bits=3)
+    assert torch.equal(again.decode(), shared.decode())  # sharing a shared tensor loses nothing
+
+
+def test_clustered_export_round_trips_to_the_clustered_model(small_vocab, tmp_path):
+    _, _, small = small_vocab
+    clustered = prune(small, GateState.dense(small))
+    names = shareable_names(clustered, ffn=True)
+    assert len(names) == 1 + 2 * 2  # the embedding table, FFN in and out of both layers
+    share_weights(clustered.model, names, bits=4)
+    for name in names:
+        assert clustered.model.get_parameter(name).unique().numel() <= 16
+    dense = save_pruned(clustered, tmp_path / "dense")
+    folder = save_clustered(clustered, tmp_path / "clustered", 4, names)
+    packed = load_file(str(folder / CLUSTERED_FILE))
+    assert {k for k in packed} == {f"{n}.{part}" for n in names for part in ("codebook", "indices")}
+    assert not set(names) & set(load_file(str(folder / "model.safetensors")))
+    back = load_clustered(folder)
+    assert torch.equal(_logits(back, IN_VOCAB), _logits(clustered, IN_VOCAB))
+    assert folder_bytes(folder) < folder_bytes(dense)
+
+
+def test_cluster_runs_through_the_cli(tiny_dir, reviews, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    small = ["--batch-size", "8", "--eval-every", "10", "--eval-budget", "1", "--eval-examples", "8"]
+    common = ["train", "--model", str(tiny_dir), "--data", str(reviews), "--method", "cluster", *small]
+    assert main([*common, "--bits", "4", "--finetune-steps", "2"]) == 2  # centroids are not fine-tuned: refused
+    assert main([*common, "--bits", "0", "--finetune-steps", "2"]) == 2  # the teacher reads the old ids: refused
+    assert main([*common, "--bits", "0", "--finetune-steps", "2", "--no-distill"]) == 0  # then fine-tune
+    assert main([*common, "--bits", "4", "--finetune-steps", "0"]) == 0
+    runs = sorted(RunStore().list(), key=lambda r: r.id)
+    assert [r.status for r in runs] == ["done", "done"], [r.error for r in runs]
+    for run in runs:
+        trained = load_pruned(run.run_dir / "model")
+        assert len(trained.tokenizer) < 100  # the CSV's few words and the specials
+    out = tmp_path / "exported"
+    assert main(["runs", "export", str(runs[1].id), "--out", str(out)]) == 0
+    assert (out / CLUSTERED_FILE).is_file()
+    back, trained = load_clustered(out), load_pruned(runs[1].run_dir / "model")
+    assert torch.equal(_logits(back, ["a great film", "an awful film"]), _logits(trained, ["a great film",
+                                                                                            "an awful film"]))

@@ -21,7 +21,7 @@ from pruning.export import WRITER
 from pruning.launch import LOG, launch
 from pruning.loop import MODEL_FILE
 from pruning.runs import RunStore
-from pruning.standard_export import export
+from pruning.standard_export import HEADLAB, Exported, export
 
 
 def _target_text(config: dict) -> str:
@@ -95,7 +95,8 @@ def _export_run(store: RunStore, args: argparse.Namespace) -> int:
         bar(0, 1, "loading the run's model")
         loaded = load_pruned(source)
         bar(0, 1, "saving" + (" and exporting to ONNX" if args.onnx or args.int8 else ""))
-        done = export(loaded, args.out, overwrite=args.overwrite, onnx=args.onnx, int8=args.int8)
+        done = _clustered(run, loaded, args) or export(loaded, args.out, overwrite=args.overwrite, onnx=args.onnx,
+                                                        int8=args.int8)
         return done, _int8_report(run, loaded, done.path, bar) if args.int8 else None
 
     done, quantised = run_with_bar(args.job, work)
@@ -104,6 +105,22 @@ def _export_run(store: RunStore, args: argparse.Namespace) -> int:
     if quantised:
         print(f"\nthe run's model in fp32 and int8:\n{quantised.table()}")
     return 0
+
+
+def _clustered(run, loaded, args) -> Exported | None:
+    """A `cluster` run with weight sharing: HeadLab's layout with the shared tensors as codebook + indices
+    (`pruning.kmeans_share.save_clustered`; loads with `load_clustered`), else None."""
+    options = run.config.get("options", {})
+    if run.config.get("method") != "cluster" or not options.get("bits"):
+        return None
+    from pruning.kmeans_share import folder_bytes, save_clustered, shareable_names
+
+    names = shareable_names(loaded, options.get("share_ffn", False))
+    out = save_clustered(loaded, args.out, options["bits"], names, overwrite=args.overwrite, onnx=args.onnx,
+                         int8=args.int8)
+    return Exported(out, HEADLAB, f"HeadLab's layout with {len(names)} tensor(s) as a {2 ** options['bits']}-value "
+                                  f"codebook + indices (pruning.kmeans_share.load_clustered), "
+                                  f"{folder_bytes(out) / 1e6:.2f} MB on disk")
 
 
 INT8_ROWS = 500  # runs export --int8 measures on a seeded subset of this many dev rows of the run's data
