@@ -14,6 +14,7 @@ from torch import nn
 from core.data.dataset import TextDataset
 from core.models import load_model
 from core.pruned import load_pruned
+from pruning import calibration
 from pruning.__main__ import main
 from pruning.export import ONNX_FILE, save_pruned
 from pruning.gate_state import GateState
@@ -27,7 +28,10 @@ from pruning.kmeans_share import (
     share_weights,
     shareable_names,
 )
+from pruning.methods.peer import distil_into_peers, distil_layers, head_slices, reconstruction_error, similar_peers
 from pruning.runs import RunStore
+from pruning.sequential import editable_copy
+from pruning.session import classification_examples
 from pruning.surgery import prune
 from pruning.vocab import corpus_vocabulary, prune_vocabulary
 
@@ -197,3 +201,64 @@ def test_cluster_runs_through_the_cli(tiny_dir, reviews, tmp_path, monkeypatch):
     back, trained = load_clustered(out), load_pruned(runs[1].run_dir / "model")
     assert torch.equal(_logits(back, ["a great film", "an awful film"]), _logits(trained, ["a great film",
                                                                                             "an awful film"]))
+
+
+# ----------------------------------------------------------------------------- peer
+
+def test_peer_distillation_is_the_least_squares_refit_and_beats_plain_removal():
+    torch.manual_seed(0)
+    heads, head_dim, d, n = 4, 3, 5, 200
+    mix = torch.randn(heads * head_dim, heads * head_dim)
+    z = (torch.randn(n, heads * head_dim) @ mix).double()  # correlated heads: a peer can stand in
+    weight, gram = torch.randn(d, heads * head_dim).double(), z.T @ z
+    removed, kept = [1], [0, 2, 3]
+    peers = similar_peers(weight, gram, head_dim, removed, kept, peers=2)
+    assert len(peers) == 2 and set(peers) <= set(kept)
+    new = distil_into_peers(weight, gram, head_dim, removed, peers, ridge=0.0)
+    p, r = head_slices(heads, head_dim, peers), head_slices(heads, head_dim, removed)
+    fixed = head_slices(heads, head_dim, [h for h in kept if h not in peers])
+    target = z @ weight.T - z[:, fixed] @ weight[:, fixed].T  # what the peers' columns must produce
+    assert torch.allclose(new[:, p].T, torch.linalg.lstsq(z[:, p], target).solution, atol=1e-8)
+    assert torch.equal(new[:, fixed], weight[:, fixed]) and torch.equal(new[:, r], weight[:, r])
+    k = head_slices(heads, head_dim, kept)
+
+    def direct(w):  # the attention output without the removed head, against the dense one
+        return float(((z[:, k] @ w[:, k].T - z @ weight.T) ** 2).sum())
+
+    assert reconstruction_error(new, weight, gram, head_dim, removed) == pytest.approx(direct(new))
+    assert reconstruction_error(weight, weight, gram, head_dim, removed) == pytest.approx(direct(weight))
+    assert direct(new) < 0.9 * direct(weight)
+    ridged = distil_into_peers(weight, gram, head_dim, removed, peers, ridge=0.1)
+    assert direct(new) <= direct(ridged) < direct(weight)
+
+
+def test_peer_lowers_each_layers_error_on_the_tiny_model_against_plain_removal(tiny_dir):
+    loaded = load_model(str(tiny_dir))
+    rows = [f"a {w} film number {i}" for i in range(12) for w in ("great", "awful", "dull and long")]
+    examples = classification_examples(loaded, TextDataset(rows, [0] * len(rows), ["neg", "pos"], "toy"), 32)
+    kept = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    batches = calibration.batches(examples, len(rows), 8, seed=0)
+    copy = editable_copy(loaded, "test")
+    errors = distil_layers(copy, kept, batches, examples, peers=2, ridge=0.0)
+    outputs = {str(i): loaded.adapter.attention_output(i) for i in range(2)}
+    ref = calibration.linear_inputs(loaded, examples, batches, outputs, gram=True)
+    for layer, (plain, peer) in enumerate(errors):
+        w, w_new = outputs[str(layer)].weight.detach(), copy.adapter.attention_output(layer).weight.detach()
+        removed = [h for h in range(4) if not kept[layer, h]]
+        assert peer < plain and plain == pytest.approx(reconstruction_error(w, w, ref[str(layer)].gram, 8, removed))
+        assert peer == pytest.approx(reconstruction_error(w_new, w, ref[str(layer)].gram, 8, removed))
+        kept_columns = head_slices(4, 8, [h for h in range(4) if kept[layer, h]])
+        assert not torch.equal(w_new[:, kept_columns], w[:, kept_columns])  # the peers changed
+
+
+def test_peer_keeps_the_heads_plain_removal_keeps_through_the_cli(tiny_dir, reviews, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    small = ["--batch-size", "8", "--eval-every", "10", "--eval-budget", "1", "--eval-examples", "8"]
+    common = ["train", "--model", str(tiny_dir), "--data", str(reviews), "--target-sparsity", "0.4",
+              "--finetune-steps", "2", *small]
+    assert main([*common, "--method", "peer", "--score", "importance", "--calibration-examples", "16"]) == 0
+    assert main([*common, "--method", "importance", "--score-examples", "256"]) == 0
+    peer, plain = sorted(RunStore().list(), key=lambda r: r.id)
+    assert peer.status == plain.status == "done", (peer.error, plain.error)
+    assert torch.equal(RunStore().gates(peer.id, 0).head, RunStore().gates(plain.id, 0).head)
+    assert 0 < int((RunStore().gates(peer.id, 0).head > 0).sum()) < 8
