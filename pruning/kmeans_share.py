@@ -120,9 +120,15 @@ def load_clustered(folder: str | Path) -> LoadedModel:
     for key in [k for k in packed if k.endswith(".codebook")]:
         name = key[: -len(".codebook")]
         weights[name] = Shared(packed[key], packed[f"{name}.indices"]).decode()
-    with tempfile.TemporaryDirectory() as tmp:  # load_pruned reads one folder: the others linked, weights decoded
+    return load_with_weights(folder, weights, skip=(CLUSTERED_FILE,))
+
+
+def load_with_weights(folder: Path, weights: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> LoadedModel:
+    """`core.pruned.load_pruned` of `folder` with `weights` as its model.safetensors (the folder's other files
+    but `skip` linked into a temporary folder); the LoadedModel names `folder` as its path and source."""
+    with tempfile.TemporaryDirectory() as tmp:
         for item in folder.iterdir():
-            if item.name not in (WEIGHTS_FILE, CLUSTERED_FILE):
+            if item.name not in (WEIGHTS_FILE, *skip):
                 os.symlink(item.resolve(), Path(tmp) / item.name)
         save_file(weights, str(Path(tmp) / WEIGHTS_FILE), metadata={"format": "pt"})
         loaded = load_pruned(tmp, source=str(folder))

@@ -17,8 +17,9 @@ from core.pruned import load_pruned
 from pruning import calibration
 from pruning.__main__ import main
 from pruning.export import ONNX_FILE, save_pruned
+from pruning.factorised import FactorisedLinear, compact, load_factorised, save_factorised, train_flop
 from pruning.gate_state import GateState
-from pruning.int8 import INT8_ONNX_FILE, compare, onnx_logits, predict, quantize_torch, torch_logits
+from pruning.int8 import INT8_ONNX_FILE, compare, interleaved_ms, onnx_logits, predict, quantize_torch, torch_logits
 from pruning.kmeans_share import (
     CLUSTERED_FILE,
     folder_bytes,
@@ -262,3 +263,76 @@ def test_peer_keeps_the_heads_plain_removal_keeps_through_the_cli(tiny_dir, revi
     assert peer.status == plain.status == "done", (peer.error, plain.error)
     assert torch.equal(RunStore().gates(peer.id, 0).head, RunStore().gates(plain.id, 0).head)
     assert 0 < int((RunStore().gates(peer.id, 0).head > 0).sum()) < 8
+
+
+# ----------------------------------------------------------------------------- flop
+
+def torch_linear(module):
+    def run(batch):
+        with torch.inference_mode():
+            return module(batch["x"])
+    return run
+
+
+def test_factorised_layer_equals_the_dense_one_at_full_rank():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 7)
+    layer = FactorisedLinear.from_linear(linear)
+    assert layer.rank == 7 and layer.p.shape == (7, 7) and layer.q.shape == (7, 12)
+    x = torch.randn(3, 5, 12)
+    layer.gates = None  # z = 1: P Q = W exactly (up to float rounding)
+    assert torch.allclose(layer(x), linear(x), atol=1e-5)
+    gated = FactorisedLinear.from_linear(linear).eval()  # gates start open: their eval value is sigma(12) ~ 1
+    assert torch.allclose(gated(x), linear(x), atol=1e-4) and gated.kept_rank() == 7
+
+
+def test_the_kept_rank_follows_the_gates():
+    torch.manual_seed(0)
+    linear = nn.Linear(80, 60)
+    layer = FactorisedLinear.from_linear(linear).eval()
+    with torch.no_grad():
+        layer.gates.log_alpha.copy_(torch.linspace(-4.6, 1.0, 60)[torch.randperm(60)])
+    expected = float(layer.expected_open().detach())
+    z = layer.gates.deterministic()
+    assert layer.kept_rank() == int((z > 0).sum()) == 60 - int(60 - expected + 0.5)
+    assert torch.equal(z > 0, layer.gates.log_alpha >= layer.gates.log_alpha.sort().values[60 - layer.kept_rank()])
+    small = layer.compact()
+    x = torch.randn(4, 80)
+    assert isinstance(small, FactorisedLinear) and small.rank == layer.kept_rank() < 60 * 80 / 140  # thin pays off
+    assert torch.allclose(small(x), layer(x), atol=1e-5)  # the folded gates compute what the gated layer did
+    with torch.no_grad():
+        layer.gates.log_alpha.fill_(4.6)
+    assert isinstance(layer.compact(), nn.Linear)  # k (in + out) >= in * out: the dense product is cheaper
+
+
+def test_flop_trains_to_the_target_and_its_thin_export_round_trips(tiny_dir, tmp_path):
+    loaded = load_model(str(tiny_dir))
+    pruned = prune(loaded, GateState.dense(loaded))
+    rows = [f"a {w} film number {i}" for i in range(16) for w in ("great", "awful")]
+    examples = classification_examples(pruned, TextDataset(rows, [1, 0] * 16, ["neg", "pos"], "toy"), 32)
+    batches = calibration.batches(examples, len(rows), 8, seed=0)
+    layers, result = train_flop(pruned, batches, 0.5, steps=150, warmup=50, gate_lr=0.2, lambda_lr=0.5)
+    assert len(layers) == 2 * 6  # Q, K, V, O, FFN in, FFN out of both layers
+    assert result.expected_sparsity == pytest.approx(0.5, abs=0.1)
+    assert result.ranks == {n: m.kept_rank() for n, m in layers.items()} and min(result.ranks.values()) < 32
+    texts = ["a great film", "an awful film that goes on"]
+    before = _logits(pruned, texts)
+    ranks = compact(pruned.model, layers)
+    assert torch.allclose(_logits(pruned, texts), before, atol=1e-5)
+    assert any(r > 0 for r in ranks.values())  # some matrices became two thin ones
+    folder = save_factorised(pruned, tmp_path / "flop")
+    back = load_factorised(folder)
+    thin = {n: m for n, m in back.model.named_modules() if isinstance(m, FactorisedLinear)}
+    assert {n: m.rank for n, m in thin.items()} == {n: r for n, r in ranks.items() if r > 0}
+    assert torch.equal(_logits(back, texts), _logits(pruned, texts))
+    assert not any(f"{n}.weight" in load_file(str(folder / "model.safetensors")) for n in thin)
+
+
+def test_thin_matrices_are_faster_where_k_in_plus_out_is_small():
+    torch.manual_seed(0)
+    linear = nn.Linear(768, 768)
+    layer = FactorisedLinear.from_linear(linear, rank=48)
+    layer.gates = None
+    x = torch.randn(32, 64, 768)
+    ms = interleaved_ms({"dense": torch_linear(linear), "thin": torch_linear(layer)}, {"x": x}, rounds=3, repeats=3)
+    assert ms["thin"] < ms["dense"] / 1.5  # 48 * 1536 = 1/8 of the multiply-adds
