@@ -27,6 +27,7 @@ from core.paths import headlab_home
 from core.structure import PruningPlan
 from core.summary import median_tokens
 from pruning.gate_state import GateState
+from pruning.int8 import Int8Report, compare
 from pruning.live import Comparison, Figures, ManualGates, figures, measure_pruned, quick_rounds, time_models
 from pruning.surgery import prune
 
@@ -144,6 +145,16 @@ def explanation_drift(loaded: LoadedModel, gates: ManualGates, subset: TextDatas
     `dense_explanations`, cached per gate choice."""
     return drift(loaded, pruned_model(loaded, gates), subset.texts[:DRIFT_EXAMPLES],
                  reference=dense_explanations(loaded, subset))
+
+
+@st.cache_data(max_entries=16, show_spinner="Quantising the pruned copy to int8 and measuring it...",
+               hash_funcs={**_MODEL, **_DATA})
+def int8_figures(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Int8Report:
+    """The pruned copy in fp32 and dynamically int8-quantised (torch: every Linear; `pruning.int8.compare`):
+    accuracy, agreement with fp32, latency at batch 1 and the larger batch, size; cached per gate choice (the
+    Gates page's int8 toggle). Pruning and quantisation compose: both figures are the pruned model's."""
+    with paused_for_timing():
+        return compare(pruned_model(loaded, gates), subset)
 
 
 def gates_file(loaded: LoadedModel, gates: ManualGates) -> tuple[str, Path]:
