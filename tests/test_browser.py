@@ -191,7 +191,7 @@ def test_smollm2_goes_through_all_four_pages_in_a_real_browser(app_url, page):
     page.set_viewport_size({"width": 1400, "height": 1800})
     page.goto(app_url)
     page.get_by_text("SmolLM2-135M-Instruct (decoder").click(timeout=120_000)
-    page.get_by_text("KV heads").wait_for(timeout=120_000)
+    page.get_by_text("KV heads", exact=True).wait_for(timeout=120_000)
     page.get_by_text("Zero-shot classification").wait_for(timeout=120_000)
     assert not page.locator('[data-testid="stException"]').count()
     page.screenshot(path=str(ARTIFACTS / "model_page_smollm2.png"), full_page=True)

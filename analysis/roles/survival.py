@@ -17,13 +17,17 @@ role-free heads first and role heads only once no role-free head is left.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import pandas as pd
 import torch
 
-if TYPE_CHECKING:  # a gate state is only read (its head and mha tensors): analysis does not depend on pruning
-    from pruning.gate_state import GateState
+
+class GateState(Protocol):
+    """What is read of a gate state (`pruning.gate_state.GateState`; analysis does not import pruning)."""
+
+    head: torch.Tensor  # (L, H)
+    mha: torch.Tensor  # (L,)
 
 KINDS = ("positional", "syntactic", "rare-word", "previous-token", "duplicate-token", "induction")
 NONE = "none"  # the row of role-free heads in `survival`

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.data import hf
+from core.data import hf, hf_files
 from core.data.dataset import DataError, TaskSplits, TextDataset
 from core.data.labels import check_label_map, format_label_map, map_labels
 from core.data.tables import read_table
@@ -195,7 +195,7 @@ def load_splits(spec: DataSpec | str, label_names: list[str] | None = None) -> T
     if spec.is_default:
         splits = load_default_task()
         return TaskSplits(*(_relabel(s, label_names, spec.label_map) for s in (splits.train, splits.dev, splits.test)))
-    if hf.is_hf_source(spec.path):  # a DatasetDict folder keeps its own train / validation / test splits
+    if hf_files.is_hf_source(spec.path):  # a DatasetDict folder keeps its own train / validation / test splits
         own = hf.task_splits(spec.path, text_column=spec.text_column, label_column=spec.label_column,
                              label_names=label_names, label_map=spec.label_map)
         if own is not None:
@@ -221,7 +221,7 @@ def load_text(spec: DataSpec | str, split: str = "dev") -> LMText:
                         "news), 'wiki' (Wikipedia) or a .txt / .jsonl file read as task 'lm'.")
     if spec.path in TEXT_TASKS:
         return TEXT_TASKS[spec.path]().split(split)
-    if not spec.whole_file and hf.is_hf_source(spec.path):
+    if not spec.whole_file and hf_files.is_hf_source(spec.path):
         own = hf.text_splits(spec.path, spec.text_column)
         if own is not None:
             return own.split(split)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from core.data import hf_files  # Parquet / Arrow files and `save_to_disk` folders, read by `datasets`
+from core.data.cells import cell
 from core.data.dataset import DataError, TextDataset
 from core.data.labels import map_labels
 from core.messages import one_line, quote
@@ -46,10 +47,9 @@ def read_table(
     id2label order) they are then mapped to the model's ids, by name or by integer id; without, sorted
     unique labels become ids 0..k-1. Raises DataError on any bad input.
     """
-    from core.data import hf  # Parquet / Arrow files and `save_to_disk` folders, read by `datasets`
 
-    if hf.is_hf_source(source):
-        display, cells = hf.read_columns(source)
+    if hf_files.is_hf_source(source):
+        display, cells = hf_files.read_columns(source)
     else:
         display, text = read_source(source)
         if not text.strip():
@@ -155,21 +155,6 @@ def _detect_format(display: str, text: str) -> str:
         return "tsv" if "\t" in first_line else "csv"
     raise DataError(f"{display}: unsupported file type '{ext}' (use .csv, .tsv, .txt with tabs, .jsonl, .parquet, "
                     ".arrow or a datasets save_to_disk folder).")
-
-
-def cell(value: Any) -> str | None:
-    """A cell as stripped text, or None when missing or blank. Integral floats (JSON 1.0) read as "1"."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if value.is_integer():
-            return str(int(value))
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
-    text = str(value).strip()
-    return text or None
 
 
 def _parse_delimited(text: str, fmt: str, display: str) -> dict[str, list[str | None]]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from core.data import hf_files  # Parquet / Arrow files and `save_to_disk` folders, read by `datasets`
 from core.data.dataset import DataError
 from core.data.tables import TEXT_NAMES, named_column, parse_json, read_source, resolve_column
 from core.data.tasks import SPLIT_SEED, split_indices
@@ -94,11 +95,10 @@ def read_documents(source: Any, text_column: str | None = None) -> LMText:
     `.getvalue()`/`.read()`); see the module docstring for the formats (a `.parquet` / `.arrow` file or a
     save_to_disk folder: its text column, `core.data.hf`). Empty documents are skipped.
     `text_column` names a JSONL field (a `.txt` file has none). DataError for anything else."""
-    from core.data import hf  # Parquet / Arrow files and `save_to_disk` folders, read by `datasets`
 
-    if hf.is_hf_source(source):
-        display, columns = hf.read_columns(source)
-        column = hf.text_field(display, columns, text_column)
+    if hf_files.is_hf_source(source):
+        display, columns = hf_files.read_columns(source)
+        column = text_field(display, columns, text_column)
         return _documents(display, columns[column])
     display, content = read_source(source)
     suffix = Path(display).suffix.lower()
@@ -136,3 +136,13 @@ def _json_documents(content: str, display: str, text_column: str | None) -> list
         raise DataError(f"{display} has no 'text' field (fields: {quote(', '.join(columns)) or 'none'}); "
                         "name the field that holds the documents.")
     return [cell or "" for cell in cells[column]]
+
+
+def text_field(display: str, columns: hf_files.Columns, text_column: str | None) -> str:
+    """The column holding documents: `text_column`, else the first of the usual text names."""
+    column = (resolve_column(list(columns), text_column, "text", display) if text_column
+              else named_column(list(columns), TEXT_NAMES, exclude=None))
+    if column is None:
+        raise DataError(f"{display} has no 'text' column (columns: {quote(', '.join(columns)) or 'none'}); "
+                        "name the column that holds the documents.")
+    return column
