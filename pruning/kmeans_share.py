@@ -6,8 +6,9 @@ min and max, then Lloyd iterations (assignment by the midpoints between sorted c
 the decoded tensor is a dense float tensor and runs as fast as before.
 
 `save_clustered` writes a pruned folder (`pruning.export.save_pruned`) whose shared tensors live in
-`clustered.safetensors` (`<name>.codebook` float32 (2^bits,), `<name>.indices` uint8/int16 of the weight's shape)
-instead of model.safetensors; `load_clustered` decodes them and loads the model back (`core.pruned.load_pruned`).
+`clustered.safetensors` (`<name>.codebook` float32 (2^bits,), `<name>.shape`, `<name>.indices`: two 4-bit indices
+per byte for bits <= 4, else one uint8 / int16 each) instead of model.safetensors; `load_clustered` decodes them
+and loads the model back (`core.pruned.load_pruned`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,19 @@ def shareable_names(loaded: LoadedModel, ffn: bool) -> list[str]:
     return names
 
 
+def pack(indices: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit indices per byte: (ceil(N / 2),) uint8, the even positions in the low nibble."""
+    flat = indices.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] | (flat[1::2] << 4)).contiguous()
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` 4-bit indices of `pack`'s bytes, (n,) uint8."""
+    return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:n]
+
+
 def save_clustered(loaded: LoadedModel, out: str | Path, bits: int, names: list[str], **kwargs) -> Path:
     """Save the pruned `loaded` (`save_pruned`, keyword arguments passed on) with the parameters `names` stored as
     codebook + indices in clustered.safetensors. The weights file is rewritten after the folder is in place
@@ -104,7 +118,9 @@ def save_clustered(loaded: LoadedModel, out: str | Path, bits: int, names: list[
     tensors = {}
     for name, item in shared.items():
         weights.pop(name)
-        tensors[f"{name}.codebook"], tensors[f"{name}.indices"] = item.codebook.contiguous(), item.indices.contiguous()
+        tensors[f"{name}.codebook"], tensors[f"{name}.shape"] = item.codebook.contiguous(), torch.tensor(
+            item.indices.shape)
+        tensors[f"{name}.indices"] = pack(item.indices) if bits <= 4 else item.indices.reshape(-1).contiguous()
     for file, content in ((CLUSTERED_FILE, tensors), (WEIGHTS_FILE, weights)):
         partial = out / f".{file}.partial"
         save_file(content, str(partial), metadata={"format": "pt", "bits": str(bits)})
@@ -119,7 +135,11 @@ def load_clustered(folder: str | Path) -> LoadedModel:
     packed = load_file(str(folder / CLUSTERED_FILE))
     for key in [k for k in packed if k.endswith(".codebook")]:
         name = key[: -len(".codebook")]
-        weights[name] = Shared(packed[key], packed[f"{name}.indices"]).decode()
+        shape = torch.Size(packed[f"{name}.shape"].tolist())
+        indices = packed[f"{name}.indices"]
+        flat = unpack(indices, shape.numel()) if indices.dtype == torch.uint8 and indices.numel() < shape.numel() \
+            else indices
+        weights[name] = Shared(packed[key], flat.reshape(shape)).decode()
     return load_with_weights(folder, weights, skip=(CLUSTERED_FILE,))
 
 

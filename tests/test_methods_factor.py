@@ -25,9 +25,11 @@ from pruning.kmeans_share import (
     folder_bytes,
     kmeans_1d,
     load_clustered,
+    pack,
     save_clustered,
     share_weights,
     shareable_names,
+    unpack,
 )
 from pruning.methods.peer import distil_into_peers, distil_layers, head_slices, reconstruction_error, similar_peers
 from pruning.runs import RunStore
@@ -161,6 +163,9 @@ def test_kmeans_codebook_is_a_lloyd_fixed_point_with_nearest_assignment():
     for k in range(8):  # every centroid the mean of its values
         members = values.reshape(-1)[shared.indices.reshape(-1) == k]
         assert torch.allclose(shared.codebook[k], members.mean(), atol=1e-5)
+    assert torch.equal(unpack(pack(shared.indices), 1200), shared.indices.reshape(-1))
+    odd = torch.tensor([3, 15, 0, 7, 9], dtype=torch.uint8)
+    assert torch.equal(unpack(pack(odd), 5), odd) and pack(odd).numel() == 3
     again = kmeans_1d(shared.decode(), bits=3)
     assert torch.equal(again.decode(), shared.decode())  # sharing a shared tensor loses nothing
 
@@ -176,7 +181,9 @@ def test_clustered_export_round_trips_to_the_clustered_model(small_vocab, tmp_pa
     dense = save_pruned(clustered, tmp_path / "dense")
     folder = save_clustered(clustered, tmp_path / "clustered", 4, names)
     packed = load_file(str(folder / CLUSTERED_FILE))
-    assert {k for k in packed} == {f"{n}.{part}" for n in names for part in ("codebook", "indices")}
+    assert {k for k in packed} == {f"{n}.{part}" for n in names for part in ("codebook", "indices", "shape")}
+    for name in names:  # 4 bits: two indices a byte
+        assert packed[f"{name}.indices"].numel() == (clustered.model.get_parameter(name).numel() + 1) // 2
     assert not set(names) & set(load_file(str(folder / "model.safetensors")))
     back = load_clustered(folder)
     assert torch.equal(_logits(back, IN_VOCAB), _logits(clustered, IN_VOCAB))
