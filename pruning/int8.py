@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from torch import nn
 
 from core.batching import collate, encode, sorted_batches
 from core.data import TextDataset
+from core.latency import _timed as timed_call
 from core.latency import make_batch
 from core.loaded import LoadedModel
 
@@ -102,16 +102,15 @@ def predict(run: Logits, tokenizer, texts: list[str]) -> np.ndarray:
 
 def interleaved_ms(runs: dict[str, Logits], batch: dict[str, torch.Tensor], rounds: int, repeats: int) -> dict[str,
                                                                                                                float]:
-    """Median milliseconds of one call of each run on `batch`, timed A B A B ... after one untimed call each."""
+    """Median milliseconds of one call of each run on `batch`, timed A B A B ... after one untimed call each (a
+    call during which the CPU queue paused this process is timed again: `core.latency`'s rule)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run(batch)
     for _ in range(rounds):
         for name, run in runs.items():
             for _ in range(repeats):
-                start = time.perf_counter()
-                run(batch)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed_call(lambda run=run: run(batch), torch.device("cpu")))
     return {name: 1000 * float(np.median(t)) for name, t in times.items()}
 
 
