@@ -19,8 +19,9 @@ from core.folders import FolderExists, atomic_folder
 from core.messages import quote
 from core.pruned import FORMAT, PRUNING_FILE, tied_names
 from core.structure import causal_lm, pruning_info
+from pruning.int8 import INT8_ONNX_FILE, quantize_onnx
+from pruning.onnx_runtime import ONNX_FILE, onnx_session
 
-ONNX_FILE = "model.onnx"
 WRITER = "pruning.export.save_pruned"  # names the writer in an export's marker (core.folders)
 ExportExists = FolderExists  # what `save_pruned` raises for an existing folder without `overwrite`
 
@@ -84,8 +85,6 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
 def write_int8(folder: Path, int8: bool) -> None:
     """With `int8`, write folder/model.int8.onnx from folder/model.onnx (`pruning.int8.quantize_onnx`)."""
     if int8:
-        from pruning.int8 import INT8_ONNX_FILE, quantize_onnx
-
         quantize_onnx(folder / ONNX_FILE, folder / INT8_ONNX_FILE)
 
 
@@ -142,16 +141,6 @@ def _restore_inputs(path: Path, axes: dict[str, dict[int, str]], names: list[str
         dims = [axes[name][k] for k in sorted(axes[name])]
         model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, dims))
     onnx.save(model, str(path))
-
-
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session for `path` (`threads` intra-op threads; default torch's count)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnx_max_diff(loaded, path: str | Path, texts: list[str] | None = None) -> float:

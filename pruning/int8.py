@@ -34,6 +34,7 @@ from core.data import TextDataset
 from core.latency import _timed as timed_call
 from core.latency import make_batch
 from core.loaded import LoadedModel
+from pruning.onnx_runtime import ONNX_FILE, onnx_session
 
 INT8_ONNX_FILE = "model.int8.onnx"
 BATCH = 64  # evaluation batch size
@@ -78,8 +79,6 @@ def torch_logits(model: nn.Module) -> Logits:
 
 
 def onnx_logits(path: str | Path) -> Logits:
-    from pruning.export import onnx_session
-
     session = onnx_session(path)
 
     def run(batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -155,8 +154,6 @@ def compare(loaded: LoadedModel, data: TextDataset, folder: str | Path | None = 
             rounds: dict[int, tuple[int, int]] | None = None) -> Int8Report:
     """fp32 vs int8 of `loaded` on `data`: torch (int8 by `quantize_torch`) and, when `folder` holds model.onnx
     and model.int8.onnx, ONNX Runtime. `rounds`: {batch size: (rounds, repeats)} of the interleaved timing."""
-    from pruning.export import ONNX_FILE
-
     rounds = rounds or ({1: (3, 3), 8: (2, 1)} if loaded.is_decoder else {1: (3, 3), 32: (2, 1)})
     fp32 = loaded.model.cpu().eval()
     int8 = quantize_torch(fp32)
