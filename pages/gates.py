@@ -81,6 +81,18 @@ if gates != ManualGates() and (not loaded.is_decoder or st.button(
                f"{why.token_topk:.0%}, "
                f"head relevance Spearman over the {why.heads_compared} kept heads {why.head_spearman:.2f}, "
                f"explanations flipped {why.flipped:.0%} (the dense model itself: 1.00, 100%, 1.00, 0%).")
+if not loaded.is_decoder and st.toggle("int8: the pruned model dynamically quantised", key="gates_int8",
+                                      help="torch's dynamic int8 quantisation of every Linear of the pruned copy "
+                                      "(pruning.int8), timed against its fp32 self; pruning and quantisation compose"):
+    with st.spinner("Quantising and timing the pruned model..."):
+        int8 = g.int8_figures(loaded, gates, subset)
+    frame = pd.DataFrame([{"model": v.name, "accuracy": v.accuracy, "agrees with fp32": v.agreement,
+                           "max |dlogit|": v.max_logit_diff, **{f"ms batch {b}": ms for b, ms in v.latency_ms.items()},
+                           "size MB": v.size_bytes / 1e6} for v in int8.variants])
+    st.dataframe(frame, hide_index=True)
+    keep_table("int8 vs fp32 (the pruned model)", frame)
+    st.caption(f"On {int8.examples} rows of {int8.data}, {int8.threads} thread(s). The exports write the ONNX "
+               "Runtime int8 copy with `--int8` (`pruning apply`, `pruning runs export`).")
 note("live_figures")
 keep_table("Live figures: dense vs pruned", pd.DataFrame([dense.__dict__, pruned.__dict__], index=["dense", "pruned"])
            .reset_index(names="model"))

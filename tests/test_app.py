@@ -156,6 +156,12 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
     assert closed["Parameters"] != dense["Parameters"] and closed["Encoder GFLOPs / example"] < dense[
         "Encoder GFLOPs / example"]
     assert "kept 48/72 heads" in at.caption[0].value
+    at.toggle(key="gates_int8").set_value(True).run()  # the pruned copy quantised, next to its fp32 self
+    assert not at.exception, at.exception
+    int8 = next(d.value for d in at.dataframe if "agrees with fp32" in d.value.columns)
+    assert list(int8["model"]) == ["torch fp32", "torch int8"] and int8["agrees with fp32"].iloc[0] == 1
+    assert abs(int8["accuracy"].iloc[1] - int8["accuracy"].iloc[0]) < 0.05
+    at.toggle(key="gates_int8").set_value(False).run()
     at.radio(key="gates_colour").set_value("roles").run()
     assert not at.exception, at.exception
     at.slider[0].set_value(0.5).run()  # FFN units kept
