@@ -56,7 +56,7 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _scores(kind: str, adapter, criterion: str, seed: int, where: str) -> torch.Tensor:
+def unit_scores(kind: str, adapter, criterion: str, seed: int, where: str) -> torch.Tensor:
     """Importance of every unit of `kind` ("head" (L, H), "intermediate" (L, d_ff), "hidden" (d,))."""
     if criterion not in CRITERIA:
         raise ValueError(f"The 'criterion' parameter of {where} must be one of {', '.join(CRITERIA)}. "
@@ -167,7 +167,7 @@ class GateState:
         closed heads stay closed.
         """
         k = _keep_count(frac, self.head.shape[1], "frac", "with_head_keep()")
-        scores = _scores("head", adapter, criterion, seed, "with_head_keep()")
+        scores = unit_scores("head", adapter, criterion, seed, "with_head_keep()")
         mask = torch.stack([_top(row, k) for row in scores])
         return self.replace(head=self.head.detach() * mask)
 
@@ -179,7 +179,7 @@ class GateState:
         "random" by a seeded random draw.
         """
         k = _keep_count(frac, self.intermediate.shape[1], "frac", "with_ffn_keep()")
-        scores = _scores("intermediate", adapter, criterion, seed, "with_ffn_keep()")
+        scores = unit_scores("intermediate", adapter, criterion, seed, "with_ffn_keep()")
         mask = torch.stack([_top(row, k) for row in scores])
         return self.replace(intermediate=self.intermediate.detach() * mask)
 
@@ -192,7 +192,7 @@ class GateState:
         "random" by a seeded draw.
         """
         k = _keep_count(frac, self.hidden.shape[0], "frac", "with_hidden_keep()")
-        scores = _scores("hidden", adapter, criterion, seed, "with_hidden_keep()")
+        scores = unit_scores("hidden", adapter, criterion, seed, "with_hidden_keep()")
         return self.replace(hidden=self.hidden.detach() * _top(scores, k))
 
     def replace(self, **groups) -> GateState:

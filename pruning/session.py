@@ -64,6 +64,15 @@ def classification_examples(loaded: LoadedModel, data: TextDataset, max_length: 
     return Examples(enc=enc, labels=torch.tensor(data.labels), pad_id=loaded.tokenizer.pad_token_id)
 
 
+def freeze_backbone(model: torch.nn.Module) -> None:
+    """Only the classification head (the parameters outside the base model, and its pooler) trains."""
+    base = model.base_model
+    pooler = getattr(base, "pooler", None) or torch.nn.Module()
+    inside = {id(p) for p in base.parameters()} - {id(p) for p in pooler.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in inside)
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     """What every process of a run needs from the run store; rank 0 reads it and tells the others."""
@@ -110,7 +119,8 @@ class TrainSession:
                              "processes; it must be at least the number of processes.")
         self.dev_subset = self.dev.subset(config.eval_examples, seed=config.seed)
         context = MethodContext(base=self.base, teacher=self.teacher, train=self.train_data, device=self.device,
-                                seed=config.seed, progress=self.progress, examples=self.examples)
+                                seed=config.seed, progress=self.progress, examples=self.examples,
+                                gate_steps=config.gate_steps)
         config.method_class().check_model(config.method_options(), self.base)
         self.method: PruningMethod = config.method_class()(config.method_options(), context)
         if not same:
@@ -171,10 +181,12 @@ class TrainSession:
                                                    notes=list(self.base.notes)))
 
     def _trainable(self, student: LoadedModel) -> LoadedModel:
-        """`student` in train mode with every weight trainable, or (lora) with LoRA adapters added and
-        only those trainable."""
+        """`student` in train mode with every weight trainable, only its classification head (a method
+        with `frozen_backbone`), or (lora) with LoRA adapters added and only those trainable."""
         student.model.to(self.device).train()
         student.model.requires_grad_(True)
+        if self.method.frozen_backbone:
+            freeze_backbone(student.model)
         if self.c.lora:
             add_lora(student, self.c.lora_settings)
             student.model.to(self.device)
@@ -206,10 +218,13 @@ class TrainSession:
     def setup_finetune(self, state: GateState, source: LoadedModel | None = None,
                        masks: dict[str, torch.Tensor] | None = None) -> None:
         """The fixed-structure phase: slice (a copy of) `source`, else the student, its LoRA deltas merged
-        first, or the model if there is none; `masks` (parameter names of the sliced model) are applied and
-        stay applied (`apply_masks`); with lora the sliced model gets fresh adapters."""
+        first, or the model if there is none; `masks` (parameter names of the sliced model; at the end of a
+        gate phase the method's `weight_masks`) are applied and stay applied (`apply_masks`); with lora the
+        sliced model gets fresh adapters."""
         if self.hooks is not None:
             self.hooks.remove()
+        if masks is None and self.phase == "gates":  # the end of a learned method's gate phase
+            masks = self.method.weight_masks(self.step)
         source = source or (self.student if self.student is not None else self.base)
         if len(source.text_tokenizer) != len(self.base.text_tokenizer):  # a method renumbered the vocabulary (cluster)
             self.examples = classification_examples(source, self.train_data, self.c.max_length)
@@ -299,6 +314,7 @@ class TrainSession:
         if self.phase == "gates":
             state = self.method.train_state(self.step)
             self.hooks.update(state)
+            self.method.batch_inputs = batch
             hidden = self.method.needs_hidden_states()
             with self.autocast():
                 out = self.forward(self.ddp, self.student, batch, hidden)

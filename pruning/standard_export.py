@@ -35,7 +35,7 @@ from core.folders import atomic_folder, read_marker
 from core.loaded import LoadedModel
 from core.structure import causal_lm, pruning_info
 from pruning.export import _SAMPLE, ONNX_FILE, WRITER, export_onnx, onnx_max_diff, save_pruned, write_int8
-from pruning.gate_state import GateState, _scores
+from pruning.gate_state import GateState, unit_scores
 
 STANDARD, HEADLAB = "standard", "headlab"  # the two kinds of export folder
 TOLERANCE = 1e-4  # largest |logit| difference allowed between the plain folder and the pruned model
@@ -281,8 +281,8 @@ def round_to_standard(loaded: LoadedModel, state: GateState) -> GateState:
         alive = list(range(shape.layers))
     if not alive:
         raise ValueError("The gate state closes every layer; there is no standard model to round it to.")
-    head_scores = _rank(head, _scores("head", adapter, "magnitude", 0, "round_to_standard()"))
-    unit_scores = _rank(units, _scores("intermediate", adapter, "magnitude", 0, "round_to_standard()"))
+    head_scores = _rank(head, unit_scores("head", adapter, "magnitude", 0, "round_to_standard()"))
+    ffn_scores = _rank(units, unit_scores("intermediate", adapter, "magnitude", 0, "round_to_standard()"))
     width = max(1, round(float((units[alive] > 0).sum(dim=1).float().mean())))
     new_head, new_units = torch.zeros_like(s.head), torch.zeros_like(s.intermediate)
     if adapter.is_decoder:
@@ -300,7 +300,7 @@ def round_to_standard(loaded: LoadedModel, state: GateState) -> GateState:
     else:
         new_head = torch.where(head > 0, s.head, torch.ones_like(s.head))
     for layer in alive:
-        for unit in torch.argsort(-unit_scores[layer], stable=True)[:width].tolist():
+        for unit in torch.argsort(-ffn_scores[layer], stable=True)[:width].tolist():
             new_units[layer, unit] = units[layer, unit] if units[layer, unit] > 0 else 1.0
     gate = torch.zeros(shape.layers)
     gate[alive] = 1.0

@@ -11,7 +11,8 @@ each field with a default and a `help` text in its metadata) and one of two shap
   `train_state(step)` (the gate values the hooks apply), `loss(...)` (named loss terms), then after
   backward `shared_tensors()` (gradients averaged over ranks) and `step(step)` (its own optimizers);
   `gate_state(step)` is the deterministic structure at any time, `record(step)` its extra live
-  figures (target, multipliers), `state_dict`/`load_state_dict` what a checkpoint carries.
+  figures (target, multipliers), `state_dict`/`load_state_dict` what a checkpoint carries; a method
+  that masks weights returns them from `weight_masks(step)` at the end of the gate phase.
 
 The loop (`pruning.loop`) knows no method by name: it asks the method and the registry
 (`pruning.methods.registry`). Register a method by decorating its class with `@register`.
@@ -48,7 +49,8 @@ class MethodContext:
     """What a method may read: the model it prunes (`base`: unpruned, eval mode, on the CPU), the
     distillation teacher, the training split (`train`; `examples`: its token ids and targets, as the run
     trains on them, for calibration passes: `pruning.calibration`), the device the student trains on,
-    the run's seed and a progress callback (`done, total, message`)."""
+    the run's seed, a progress callback (`done, total, message`) and the gate phase's length in steps
+    (`gate_steps`: the run's `steps` for a learned method, 0 for a one-shot one)."""
 
     base: LoadedModel
     teacher: LoadedModel
@@ -57,6 +59,7 @@ class MethodContext:
     seed: int
     progress: Progress
     examples: Examples | None = None
+    gate_steps: int = 0
 
     @property
     def shape(self) -> GateShape:
@@ -95,6 +98,8 @@ class PruningMethod:
     learned: ClassVar[bool] = False
     order: ClassVar[int] = 100  # position in the method lists (CLI, Prune page, bench); ties by registration
     distills_always: ClassVar[bool] = False  # its final fine-tune distils whatever `distill` says (CoFi)
+    frozen_backbone: ClassVar[bool] = False  # only the classification head trains, in both phases (SMP)
+    batch_inputs: dict[str, torch.Tensor] | None = None  # the gate-phase batch `loss` is called on (set by the loop)
 
     def __init__(self, options, context: MethodContext):
         self.options = options
@@ -177,6 +182,14 @@ class PruningMethod:
     def gate_state(self, step: int) -> GateState:
         """The deterministic structure at `step` (dense before or without pruning)."""
         return GateState.dense(self.context.shape)
+
+    def weight_masks(self, step: int) -> dict[str, torch.Tensor]:
+        """A learned method that masks weights (gradual magnitude pruning, SMP): its 0/1 masks at the end of
+        the gate phase, parameter name of the student -> tensor of its shape (the structure is then dense,
+        so the names hold in the sliced model). The session applies them through the fine-tune and the
+        export as it does a `OneShotResult`'s (None of the method's own train-time changes may stay on
+        the student: it is sliced next)."""
+        return {}
 
     def expected_sparsity(self, step: int) -> float | None:
         """The gates' expected encoder sparsity (fraction), if the method has one."""

@@ -8,7 +8,8 @@ The target t is 0 for `prefinetune_steps` (a plain distillation fine-tune), then
 `target_sparsity` over `warmup_steps` and holds. L_layer matches each teacher layer to the closest
 surviving student layer through one learned d x d map (`pruning.distill.LayerMatcher`; a decoder's
 residual stream is compared per token after RMS normalisation). After the gate phase the
-deterministic structure is sliced and fine-tuned with distillation. The task's logits are a
+deterministic structure is sliced and fine-tuned with distillation. With `contrastive` CAP's terms
+(`pruning.contrastive`) join the gate phase's loss. The task's logits are a
 classifier's (B, C) or a causal LM's (B, T, V) (`pruning.losses`).
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from core.adapter import GateShape
 from core.loaded import LoadedModel
+from pruning.contrastive import ContrastiveOptions, ContrastiveTerms
 from pruning.distill import LayerMatcher
 from pruning.gates import CoFiGates
 from pruning.lagrangian import LagrangianController, TargetSchedule
@@ -30,7 +32,7 @@ from pruning.size import expected_sparsity
 
 
 @dataclass
-class CoFiOptions:
+class CoFiOptions(ContrastiveOptions):
     target_sparsity: float = option(0.6, "fraction of the layers' weights to remove", low=0.0, high=1.0,
                                     open_high=True)
     prefinetune_steps: int = option(20, "plain fine-tune steps before pruning starts (CoFi: 100)", low=0)
@@ -63,6 +65,9 @@ class CoFi(GatedMethod):
             raise ValueError(f"prefinetune_steps + warmup_steps ({options.prefinetune_steps} + "
                              f"{options.warmup_steps}) must not exceed steps ({config.steps}): the target must "
                              "reach its final value.")
+        if options.contrastive and config.data_spec.is_text:
+            raise ValueError("CAP's supervised terms need labelled examples; run cofi without --contrastive on "
+                             "language-modelling text.")
 
     def check_teacher(self, teacher: LoadedModel) -> None:
         """Layer matching needs a teacher with the model's layer count and hidden size."""
@@ -80,6 +85,7 @@ class CoFi(GatedMethod):
         self.controller = LagrangianController().to(device)
         self.matcher = LayerMatcher(self.context.shape.hidden, normalise=student.is_decoder).to(device)
         self._optimizers["lambdas"] = self.controller.optimizer(self.options.lambda_lr)
+        self.cap = ContrastiveTerms(self.options, student.is_decoder, device) if self.options.contrastive else None
         return list(self.matcher.parameters())
 
     def modules(self) -> list[torch.nn.Module]:
@@ -89,19 +95,21 @@ class CoFi(GatedMethod):
         return self.schedule.pruning(step)
 
     def needs_hidden_states(self) -> bool:
-        return self.options.alpha_layer > 0
+        return self.options.alpha_layer > 0 or self.options.contrastive
 
     def needs_teacher(self, distill: bool) -> bool:
         return True
 
     def loss(self, step, labels, outputs, teacher_outputs, state, attention_mask, task):
-        """T^2 KL to the teacher's logits, layer matching and (while pruning) the Lagrangian term."""
+        """T^2 KL to the teacher's logits, layer matching, CAP's terms and (while pruning) the Lagrangian."""
         terms = {"distill_ce": task.distill_ce(outputs.logits, teacher_outputs.logits, labels)}
-        if self.needs_hidden_states():
+        if self.options.alpha_layer > 0:
             layer, _ = self.matcher([h.float() for h in outputs.hidden_states[1:]],
                                     [h.float() for h in teacher_outputs.hidden_states[1:]],
                                     alive=state.mha.detach() > 0, mask=attention_mask)
             terms["distill_layer"] = self.options.alpha_layer * layer
+        if self.cap is not None:
+            terms.update(self.cap(outputs, teacher_outputs, labels, attention_mask, self.batch_inputs))
         if self.pruning(step):
             terms["lagrangian"] = self.controller(expected_sparsity(self.gates, model=self.context.sizes),
                                                   self.schedule.at(step))
