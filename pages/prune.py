@@ -16,7 +16,15 @@ from pruning.launch import launch, launch_command
 from pruning.live import ManualGates
 from pruning.methods import methods
 from pruning.runs import RunStore
-from ui.charts import DRIFT_COLOURS, gate_grid, mark_pauses, pareto_chart, role_survival_chart
+from ui.charts import (
+    DRIFT_COLOURS,
+    gate_grid,
+    mark_pauses,
+    pareto_chart,
+    role_survival_chart,
+    size_points,
+    sparse_vs_dense_chart,
+)
 from ui.export import export_folder, export_panel
 from ui.loaders import get_data, session_data_spec
 from ui.notes import note
@@ -239,3 +247,13 @@ if finished:
     st.caption("Each run's speedup is timed interleaved with its teacher in the run's own process, so runs "
                "measured at different times compare; the dense teacher sits at 1×. Baselines and dense "
                "(small-dense) runs appear next to the learned methods.")
+    sizes = size_points(finished, run_name)
+    st.subheader("Large-sparse vs small-dense (Zhu & Gupta 2017)")
+    if sizes is None:
+        st.info("Needs finished runs with the same teacher, e.g. `gradual` (weights) at a few targets and a `dense` "
+                "run of model `minilm-l3` with teacher `default`: the small-dense model of about the same size.")
+    else:
+        chart(sparse_vs_dense_chart(sizes), "sparse_vs_dense")
+        st.caption(f"Runs with teacher `{sizes['teacher'].iloc[0]}`. Zhu & Gupta found large-sparse models beat "
+                   "small-dense ones at equal non-zero parameters; on the CPU's dense kernels masked weights buy "
+                   "no speed, so at equal latency the comparison is with the structured and small-dense runs.")

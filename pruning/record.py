@@ -24,7 +24,7 @@ from pruning.gate_state import GateState
 from pruning.live import Comparison, figures, measure_pruned
 from pruning.lm_measure import measure_text, text_figures, text_length
 from pruning.lora import merged_copy
-from pruning.sparse_size import sparse_size
+from pruning.sparse_size import sparse_size, zero_masks
 from pruning.surgery import prune
 
 LIVE_ROUNDS = {1: (3, 2), 32: (2, 1)}  # core.latency.compare (rounds, repeats) per batch size at eval steps
@@ -91,6 +91,7 @@ class StepRecord:
     drift_examples: int | None = None
     drift_seconds: float | None = None  # what the drift figures cost at this eval (included in eval_seconds)
     paused_s: float = 0.0  # seconds this process was frozen by the CPU queue so far (not in `clock`)
+    nonzero_parameters: int | None = None  # `parameters` less the exact zeros of its Linear weights (masks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,4 +216,10 @@ def measure_step(session, final: bool, replicas: list[int] | None) -> StepRecord
         replica_checksums=replicas, clock=dict(session.clock), eval_seconds=seconds, eval_gap=session.gap,
         eval_fraction=session.clock["eval_s"] / max(1e-9, sum(session.clock.values())),
         perplexity=ppl, dense_perplexity=dense_ppl, **drift, paused_s=session.active.paused,
+        nonzero_parameters=cmp.pruned.parameters - zeros(snapshot.model),
     )
+
+
+def zeros(model: torch.nn.Module) -> int:
+    """Exact zeros in the Linear weights of `model` (a masked model's pruned weights)."""
+    return sum(int((mask == 0).sum()) for mask in zero_masks(model).values())

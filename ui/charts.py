@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 ROLE_COLOURS = {"positional": "#1f77b4", "syntactic": "#2ca02c", "rare-word": "#d62728", "induction": "#9467bd",
                 "previous-token": "#17becf", "duplicate-token": "#ff7f0e", "": "#c7c7c7"}
@@ -258,4 +259,55 @@ def pareto_chart(runs: pd.DataFrame, colour: str | None = None) -> go.Figure:
                              marker=dict(symbol="star", size=15, color="black"), name="dense teacher"))
     fig.update_xaxes(type="log")
     fig.update_layout(height=420, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+SIZE_KINDS = {"sparse": "large-sparse (weight masks)", "structured": "structured (smaller shape)",
+              "small-dense": "small-dense (another model)"}
+
+
+def size_points(finished, label) -> pd.DataFrame | None:
+    """`sparse_vs_dense_chart`'s rows for `finished` (run, final StepRecord) pairs of the most common teacher,
+    each with its kind: small-dense (a dense run of another model than its teacher), sparse (exact zeros in
+    its Linear weights) or structured; `label(run)` names a point. None with fewer than two such runs."""
+    rows = []
+    for r, final in finished:
+        teacher = r.config.get("teacher") or r.config.get("model")
+        nonzero = final.nonzero_parameters or final.parameters
+        kind = ("small-dense" if teacher != r.config.get("model") and final.sparsity == 0 else
+                "sparse" if nonzero < final.parameters else "structured")
+        rows.append({"label": label(r), "teacher": teacher, "kind": kind, "accuracy": final.accuracy,
+                     "nonzero_parameters": nonzero, "speedup_b1": final.speedup_b1,
+                     "dense_accuracy": final.dense_accuracy, "dense_parameters": final.dense_parameters})
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    frame = frame[frame["teacher"] == frame["teacher"].mode().iloc[0]]
+    return frame if len(frame) >= 2 else None
+
+
+def sparse_vs_dense_chart(runs: pd.DataFrame) -> go.Figure:
+    """Zhu & Gupta (2017)'s comparison: full-dev accuracy against non-zero parameters (equal size) and
+    against the measured batch-1 speedup over the teacher (equal latency), one point per finished run.
+
+    `runs`: columns label, kind (a `SIZE_KINDS` key), accuracy, nonzero_parameters, speedup_b1, and
+    dense_accuracy / dense_parameters of the teacher (drawn as a star at 1x)."""
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=("equal size: non-zero parameters (M)", "equal latency: batch-1 speedup "
+                                        "over the teacher (measured)"))
+    colours = dict(zip(SIZE_KINDS, px.colors.qualitative.Set1))
+    for kind, rows in runs.groupby("kind"):
+        for col, x in ((1, rows["nonzero_parameters"] / 1e6), (2, rows["speedup_b1"])):
+            fig.add_trace(go.Scatter(x=x, y=rows["accuracy"], mode="markers+text", text=rows["label"],
+                                     textposition="top center", name=SIZE_KINDS.get(kind, kind),
+                                     marker=dict(size=11, color=colours.get(kind)), legendgroup=kind,
+                                     showlegend=col == 1), row=1, col=col)
+    dense = runs.iloc[0]
+    for col, x in ((1, dense["dense_parameters"] / 1e6), (2, 1.0)):
+        fig.add_trace(go.Scatter(x=[x], y=[dense["dense_accuracy"]], mode="markers", name="dense teacher",
+                                 marker=dict(symbol="star", size=15, color="black"), showlegend=col == 1),
+                      row=1, col=col)
+    fig.update_yaxes(title_text="full-dev accuracy", tickformat=".0%", row=1, col=1)
+    fig.update_xaxes(type="log", row=1, col=2)
+    fig.update_layout(height=420, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.15))
     return fig
