@@ -6,8 +6,9 @@ its Pareto chart):
 - encoder (the built-in default on Rotten Tomatoes; targets: fractions of the encoder's weights, default
   0.5 and 0.75): full-dev accuracy and the dense one, batch-1 and batch-32 speedups measured interleaved with
   the dense model at the final evaluation, non-zero weights of the exported model's layers (masks count as
-  zeros, so unstructured sparsity shows here and not in the speedups), pruning time (the one-shot step, or
-  the gate phase) and recovery time (the fine-tune);
+  zeros, so unstructured sparsity shows here and not in the speedups), size on disk (the fp32 file, the torch
+  dynamic int8 copy, and with masks the CSR format), pruning time (the one-shot step, or the gate phase) and
+  recovery time (the fine-tune);
 - decoder (SmolLM2 on the `lm` text task; targets: fractions of its non-embedding weights, default 0.2 and
   0.35): dev perplexity and the dense one, next-token accuracy, zero-shot accuracy of the exported model on
   the Rotten Tomatoes dev prompts (`--zero-shot N` snippets), prefill speedups at batch 1 and 8 (the run's
@@ -20,7 +21,7 @@ refuses with its reason, printed in the table. Options of single methods: `--set
 every method that has the option, e.g. `--set calibration_examples=32`).
 
 Run: nice .venv/bin/python -m bench.methods_bench [--family encoder|decoder|both] [--methods a,b,...]
-     [--targets 0.5,0.75] [--finetune-steps N] [--steps N] [--zero-shot N] [--threads 2] [--parallel]
+     [--targets 0.5,0.75] [--finetune-steps N] [--steps N] [--zero-shot N] [--threads 2] [--parallel] [--out F]
 """
 
 from __future__ import annotations
@@ -30,20 +31,24 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from bench.train_bench import Printer, for_method
 from core.data import load_default_task
 from core.evaluate import evaluate
+from core.folders import write_text_atomically
 from core.latency import decode_speed
 from core.lm_text import lee_splits
 from core.models import load_model
 from pruning.cli.sweep import target_option
+from pruning.int8 import quantize_torch, torch_size_bytes
 from pruning.loop import run_job
 from pruning.methods import methods
 from pruning.record import StepRecord
 from pruning.runs import RunStore
+from pruning.sparse_size import sparse_size, zero_masks
 
 FAMILIES = {
     "encoder": {"model": "default", "data": "default", "targets": (0.5, 0.75), "speedups": (2.0, 4.0),
@@ -64,6 +69,7 @@ class Row:
     status: str
     final: StepRecord | None = None
     nonzero: float | None = None  # share of the layers' weights that are non-zero in the export
+    sizes: tuple[float, float, float | None] | None = None  # MB on disk: fp32, torch dynamic int8, CSR (masks)
     zero_shot: float | None = None
     decode_speedup: float | None = None
     prune_s: float = 0.0
@@ -80,6 +86,20 @@ def nonzero_share(folder: str) -> float:
             total += p.numel()
             nonzero += int(torch.count_nonzero(p))
     return nonzero / total
+
+
+def disk_sizes(folder: str) -> tuple[float, float, float | None]:
+    """MB of the exported model: its fp32 safetensors file, the torch dynamic int8 copy's serialised state
+    (`pruning.int8`), and (with exact zeros in its Linear weights) the sparse format's (CSR masked matrices +
+    the other parameters dense)."""
+    model = load_model(folder).model
+    fp32 = (Path(folder) / "model.safetensors").stat().st_size / 1e6
+    int8 = torch_size_bytes(quantize_torch(model)) / 1e6
+    masks = zero_masks(model)
+    if not masks:
+        return fp32, int8, None
+    size = sparse_size(model, masks)
+    return fp32, int8, (size.csr_bytes + size.other_bytes) / 1e6
 
 
 def decoder_extras(row: Row, dense, prompts: int) -> None:
@@ -119,6 +139,7 @@ def run_row(store: RunStore, family: str, method: str, target: float | None, set
         clock = row.final.clock
         row.prune_s, row.recover_s = clock.get("setup_s", 0.0), clock.get("train_s", 0.0)
         row.nonzero = nonzero_share(row.final.export)
+        row.sizes = disk_sizes(row.final.export)
     return row
 
 
@@ -134,7 +155,8 @@ def table(rows: list[Row]) -> str:
         quality = (("dev ppl (dense)", "next-token acc", "zero-shot acc") if decoder
                    else ("dev acc (dense)", "retention"))
         speed = ("prefill b1", "prefill b8", "decode") if decoder else ("b1 speedup", "b32 speedup")
-        header = ("method", "target", "sparsity", "non-zero", *quality, *speed, "prune s", "recover s", "note")
+        header = ("method", "target", "sparsity", "non-zero", *quality, *speed, "MB fp32 / int8 / sparse",
+                  "prune s", "recover s", "note")
         out += [f"\n{family}:\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in (r for r in rows if r.family == family):
             f = r.final
@@ -149,7 +171,8 @@ def table(rows: list[Row]) -> str:
                 else:
                     q = (f"{f.accuracy:.4f} ({f.dense_accuracy:.4f})", f"{f.accuracy / f.dense_accuracy:.1%}")
                     s = (fmt(f.speedup_b1, ".2f") + "x", fmt(f.speedup_b32, ".2f") + "x")
-                cells = [r.method, fmt(r.target, "g"), f"{f.sparsity:.3f}", fmt(r.nonzero, ".1%"), *q, *s,
+                mb = " / ".join(fmt(x, ".1f") for x in r.sizes) if r.sizes else "-"
+                cells = [r.method, fmt(r.target, "g"), f"{f.sparsity:.3f}", fmt(r.nonzero, ".1%"), *q, *s, mb,
                          f"{r.prune_s:.0f}", f"{r.recover_s:.0f}", r.note]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -181,6 +204,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a method option")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", action="store_true", help="do not wait for runs of other processes")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here after every row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [m for m in (args.methods.split(",") if args.methods else methods()) if m not in SKIP]
@@ -200,6 +224,8 @@ def main() -> None:
                     decoder_extras(row, dense, args.zero_shot)
                 rows.append(row)
                 print(f"{family} {method} {target}: {row.status} {row.note}", flush=True)
+                if args.out is not None:
+                    write_text_atomically(args.out, table(rows) + "\n")
     print(table(rows))
     load = os.getloadavg()
     speedups = ", ".join(f"{family} {spec['speedups']}" for family, spec in FAMILIES.items())

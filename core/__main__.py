@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="accuracy, latency and size of a model on a dataset; a decoder's "
                         "perplexity on text (--data lm | wiki)")
-    ev.add_argument("--model", default="default", help="default | minilm-l3 | smollm2 | a HF folder | a .gguf file")
+    ev.add_argument("--model", default="default",
+                    help="default | minilm-l3 | smollm2 | gemma3 | a HF folder | a .gguf file")
     add_data_options(ev)
     ev.add_argument("--task", choices=["classify", "lm"], default=None,
                     help="read a file as labeled rows (classify, the default) or as text for perplexity (lm: "

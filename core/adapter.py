@@ -209,11 +209,11 @@ class Adapter:
 
     def num_heads(self, layer: int) -> int:
         """Query heads of `layer` (read from Q's rows, so right for pruned layers too)."""
-        return self.query(layer).weight.shape[0] // self.head_dim(layer)
+        return self.query(layer).out_features // self.head_dim(layer)
 
     def num_kv_heads(self, layer: int) -> int:
         """Key/value heads of `layer` (= `num_heads` without GQA)."""
-        return self.key(layer).weight.shape[0] // self.head_dim(layer)
+        return self.key(layer).out_features // self.head_dim(layer)
 
     @property
     def embedding_tables(self) -> dict[str, torch.nn.Embedding]:
@@ -281,8 +281,8 @@ class GateShape:
         if getattr(adapter.model, "headlab_pruning", None) is not None:
             raise ValueError("This model is already physically pruned; gates apply to the original (unpruned) model.")
         heads = {adapter.num_heads(i) for i in range(layers)}
-        units = {adapter.ffn_in(i).weight.shape[0] for i in range(layers)}
-        hidden = adapter.attention_output(0).weight.shape[0]  # rows of W_O = hidden size d
+        units = {adapter.ffn_in(i).out_features for i in range(layers)}  # (a low-rank layer has them too)
+        hidden = adapter.attention_output(0).out_features  # rows of W_O = hidden size d
         if len(heads) != 1 or len(units) != 1:
             raise ValueError("Gates need layers of equal width (an unpruned model). "
                              f"Got heads per layer {sorted(heads)} and FFN widths {sorted(units)}.")

@@ -77,7 +77,7 @@ class LoadedModel:
             layers=len(layers),
             heads=max((self.adapter.num_heads(i) for i in layers), default=0),
             hidden=self.adapter.word_embeddings.weight.shape[1],
-            ffn=max((self.adapter.ffn_in(i).weight.shape[0] for i in layers), default=0),
+            ffn=max((self.adapter.ffn_in(i).out_features for i in layers), default=0),
             vocab=cfg.vocab_size,
             parameters=total,
             embedding_parameters=emb,

@@ -35,6 +35,8 @@ BUILTIN_MODELS = {
              "download and about an hour of fine-tuning per epoch on 2 cores)",
     "smollm2": "SmolLM2-135M-Instruct, a Llama-architecture decoder (30 layers x 9 query / 3 KV heads), converted "
                "once from its GGUF package to fp32 (no fine-tuning)",
+    "gemma3": "Gemma-3-270M (base), a Gemma 3 decoder (18 layers x 4 query / 1 KV head; optional: a 240 MB download "
+              "under the Gemma Terms of Use, converted once to fp32)",
 }
 DEFAULT_DECODER_LABELS = ["fresh", "rotten"]  # the default data's labels (Rotten Tomatoes), prompted as words
 PREPARED_BY_ALL = ("default", "minilm-l3")  # `prepare all` (run by make); the bigger MPNet only on request

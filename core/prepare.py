@@ -56,13 +56,17 @@ def base_encoder_dir(name: str) -> Path:
 def prepare(name: str, config: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
             force: bool = False) -> FinetuneResult | GGUFConversion:
     """Fine-tune built-in model `name` on the default task unless already done; return its record.
-    The decoder `smollm2` is converted from its GGUF package instead, and a `.gguf` file into its cache
-    folder (`config` does not apply to either)."""
+    The decoders `smollm2` and `gemma3` are converted from their GGUF packages instead, and a `.gguf` file
+    into its cache folder (`config` does not apply to any of them)."""
     if is_gguf_spec(name):
         return convert_cached(name, progress, force)
     out = builtin_dir(name)
     if name == "smollm2":
         return prepare_smollm2(out, progress, force)
+    if name == "gemma3":
+        from core.gemma3 import prepare_gemma3
+
+        return prepare_gemma3(out, progress, force)
     record = out / "headlab_finetune.json"
     if record.exists() and not force:
         return FinetuneResult(**json.loads(record.read_text()))

@@ -34,6 +34,7 @@ from core.adapter import DECODER_MODEL_TYPES, Adapter, GateShape
 from core.errors import ModelError
 from core.folder import folder_fingerprint, inspect_folder
 from core.loaded import LoadedModel
+from core.lowrank import rebuild_low_rank
 from core.prompting import PromptSpec, prompt_classifier
 from core.structure import PruningInfo, PruningPlan, apply_plan
 from core.weights import expected_shapes, meta_model
@@ -95,8 +96,13 @@ def load_pruned(path: str | Path, *, attn_implementation: str = "eager", source:
     def pruned() -> nn.Module:
         model = original()
         apply_plan(model, plan)
+        rebuild_low_rank(model, record.get("low_rank", {}))  # FLOP's thin layers (`core.lowrank`)
         return model
 
+    try:
+        meta_model(pruned)  # the low-rank record names Linear modules of this architecture
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path}/{PRUNING_FILE} does not fit {path}/config.json ({exc}).") from exc
     folder.check(pruned)  # names and shapes against the weights file, and the memory, before building
     model = pruned()
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.adapter import Adapter
+from core.lowrank import weight_count
 
 
 @dataclass
@@ -40,12 +41,12 @@ def encoder_flops(adapter: Adapter, seq_len: int) -> EncoderFlops:
     t = seq_len
     attention = ffn = 0
     for layer in range(len(adapter.layers)):
-        inner, hidden = adapter.query(layer).weight.shape  # (H*d_h, d)
-        kv = adapter.key(layer).weight.shape[0]  # (H_kv*d_h): = inner without GQA
-        attention += 2 * t * hidden * (inner + 2 * kv)  # Q, K, V
-        attention += 2 * 2 * t * t * inner  # scores QK^T and context AV, summed over query heads
-        attention += 2 * t * inner * adapter.attention_output(layer).weight.shape[0]  # W_O
+        q, k, v, o = (adapter.query(layer), adapter.key(layer), adapter.value(layer),
+                      adapter.attention_output(layer))
+        attention += 2 * t * (weight_count(q) + weight_count(k) + weight_count(v))  # Q, K, V
+        attention += 2 * 2 * t * t * q.out_features  # scores QK^T and context AV, summed over query heads
+        attention += 2 * t * weight_count(o)  # W_O
         for matrix in (adapter.ffn_gate(layer), adapter.ffn_in(layer), adapter.ffn_out(layer)):
             if matrix is not None:
-                ffn += 2 * t * matrix.weight.numel()  # (out, in)
+                ffn += 2 * t * weight_count(matrix)  # in * out, or k (in + out) for a low-rank layer
     return EncoderFlops(seq_len=t, attention=attention, ffn=ffn)

@@ -174,6 +174,23 @@ with right:
         st.rerun()
     if report is None:
         st.caption("The first three presets need the Heads analysis (button on the left).")
+    if not loaded.is_decoder:
+        speed_col, go_col = st.columns(2)
+        target = speed_col.number_input("Target speed-up", 1.1, 8.0, 1.5, 0.1, format="%.1f", key="preset_speedup",
+                                        help="ZipLM (Kurtic et al. 2023): a latency table measured on this machine "
+                                             "(cached), OBS saliencies on training texts, then the structure whose "
+                                             "predicted batch-32 speed-up meets the target")
+        if go_col.button(f"ZipLM structure for {target:.1f}×", width="stretch", key="preset_ziplm"):
+            st.session_state["ziplm_target"] = float(target)
+        wanted = st.session_state.get("ziplm_target")
+        if wanted is not None:
+            state = g.speedup_preset(spec, data_spec, loaded, data, wanted)
+            if state is not None:
+                st.session_state.pop("ziplm_target")
+                g.apply(ManualGates.from_state(state), f"ZipLM {wanted:.1f}×")
+                st.rerun()
+        st.caption("The ZipLM preset gates the structure only; a `ziplm` run on the Prune page also updates the "
+                   "remaining weights (OBS) and distils.")
     runs = g.runs_with_gates(spec)
     if runs:
         run_col, step_col = st.columns(2)

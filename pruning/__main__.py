@@ -27,7 +27,7 @@ import argparse
 import sys
 
 from core.cli import Parser, run_command, torch_threads
-from pruning.cli import apply, runs, sweep, train
+from pruning.cli import apply, runs, structure, sweep, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_commands(sub)  # train, methods
     runs.add_commands(sub)  # runs list | stop | resume | delete | export
     sweep.add_commands(sub)  # sweep
+    structure.add_commands(sub)  # structure (ZipLM's speed-up preset)
     args = parser.parse_args(argv)
     with torch_threads(getattr(args, "threads", 0)):
         return run_command(args)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.folders import FolderExists, atomic_folder
+from core.lowrank import low_rank_names
 from core.messages import quote
 from core.pruned import FORMAT, PRUNING_FILE, tied_names
 from core.structure import causal_lm, pruning_info
@@ -67,6 +68,7 @@ def save_pruned(loaded, out: str | Path, *, overwrite: bool = False, onnx: bool 
             "original": vars(info.original),
             "gate_state": info.gate_state,
             "source": loaded.source,
+            **({"low_rank": ranks} if (ranks := low_rank_names(model)) else {}),
             **({"prompt": loaded.prompt.to_dict()} if loaded.prompt is not None else {}),
         }
         (tmp / PRUNING_FILE).write_text(json.dumps(record))

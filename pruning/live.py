@@ -28,6 +28,7 @@ from core.data import TextDataset
 from core.evaluate import Progress, evaluate
 from core.latency import compare, make_batch
 from core.loaded import LoadedModel
+from core.lowrank import low_rank_sparsity
 from core.size import encoder_flops
 from core.structure import pruning_info
 from core.summary import median_tokens
@@ -136,7 +137,9 @@ def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, d
     if progress:
         progress(0, 1, f"timing batch {' and '.join(map(str, rounds))}")
     time_models({"dense": (dense, base), "pruned": (pruned, small)}, data.texts, rounds, warm_large=warm_b32)
-    return Comparison(dense=base, pruned=small, sparsity=exact_sparsity(state, model=SizeModel.of(pruned)),
+    low_rank = low_rank_sparsity(pruned.adapter)  # FLOP's thin matrices: the weights they hold
+    sparsity = exact_sparsity(state, model=SizeModel.of(pruned)) if low_rank is None else low_rank
+    return Comparison(dense=base, pruned=small, sparsity=sparsity,
                       seq_len=seq_len, seconds=time.perf_counter() - start,
                       note=pruned.notes[-1] if pruned.notes else "")
 

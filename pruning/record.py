@@ -158,7 +158,7 @@ def _snapshot(session, state: GateState):
         hooks.remove()
     try:
         student = merged_copy(session.student)
-        return prune(student, state) if session.phase == "gates" else student
+        return session.method.exported(prune(student, state)) if session.phase == "gates" else student
     finally:
         if hooks is not None:
             hooks.attach()

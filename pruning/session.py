@@ -33,6 +33,7 @@ from core.batching import Encoded, encode, sorted_batches
 from core.cpu_queue import ActiveClock
 from core.data import TextDataset, load_splits, load_text
 from core.loaded import LoadedModel
+from core.lowrank import low_rank_names, rebuild_low_rank
 from core.models import load_model
 from core.structure import pruning_info
 from pruning import memory
@@ -197,7 +198,8 @@ class TrainSession:
         return self.student.lm if self.examples.language_modelling else self.student.model
 
     def _optimizer(self, extra: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        params = [p for p in self.student.model.parameters() if p.requires_grad]
+        own = {id(p) for m in self.method.modules() for p in m.parameters()} if self.phase == "gates" else set()
+        params = [p for p in self.student.model.parameters() if p.requires_grad and id(p) not in own]
         return torch.optim.AdamW([*params, *extra], lr=self.c.lr, weight_decay=0.0)
 
     def autocast(self):
@@ -219,12 +221,12 @@ class TrainSession:
                        masks: dict[str, torch.Tensor] | None = None) -> None:
         """The fixed-structure phase: slice (a copy of) `source`, else the student, its LoRA deltas merged
         first, or the model if there is none; `masks` (parameter names of the sliced model; at the end of a
-        gate phase the method's `weight_masks`) are applied and stay applied (`apply_masks`); with lora the
+        gate phase the method's `finish_gates`) are applied and stay applied (`apply_masks`); with lora the
         sliced model gets fresh adapters."""
         if self.hooks is not None:
             self.hooks.remove()
         if masks is None and self.phase == "gates":  # the end of a learned method's gate phase
-            masks = self.method.weight_masks(self.step)
+            masks = self.method.finish_gates(self.step)
         source = source or (self.student if self.student is not None else self.base)
         if len(source.text_tokenizer) != len(self.base.text_tokenizer):  # a method renumbered the vocabulary (cluster)
             self.examples = classification_examples(source, self.train_data, self.c.max_length)
@@ -380,6 +382,7 @@ class TrainSession:
             "optimizer": self.optimizer.state_dict(),
             "fixed_state": self.fixed.to_dict() if self.fixed is not None else None,
             "masks": {name: mask.bool().cpu() for name, mask in self.masks.items()}, "rebuilt": self.rebuilt,
+            "low_rank": low_rank_names(self.student.model) if self.phase == "finetune" else {},
             "rng": rng_state(), "losses": self.losses, "clock": dict(self.clock),
             "cadence": {"gap": self.gap, "next_eval": self.next_eval, "evals": self.evals},
         }
@@ -401,6 +404,10 @@ class TrainSession:
             else:
                 masks = {name: mask.float() for name, mask in payload.get("masks", {}).items()}
                 self.setup_finetune(GateState.from_dict(payload["fixed_state"]), masks=masks)
+                if payload.get("low_rank"):  # FLOP's thin matrices replace Linear modules: rebuilt, then loaded
+                    rebuild_low_rank(self.student.model, payload["low_rank"])
+                    self.student.model.to(self.device)
+                    self.optimizer = self._optimizer([])
             self.student.model.load_state_dict(payload["model"], strict=True)
             self.optimizer.load_state_dict(payload["optimizer"])
             set_rng_state(payload["rng"])

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from core.adapter import GateShape, as_adapter
 from core.folders import atomic_folder, read_marker
 from core.loaded import LoadedModel
+from core.lowrank import low_rank_names
 from core.structure import causal_lm, pruning_info
 from pruning.export import _SAMPLE, ONNX_FILE, WRITER, export_onnx, onnx_max_diff, save_pruned, write_int8
 from pruning.gate_state import GateState, unit_scores
@@ -64,6 +65,9 @@ class Exported:
 def standard_shape(loaded: LoadedModel) -> Verdict:
     """The verdict on a pruned (`pruning.surgery.prune`, `core.pruned.load_pruned`) or unpruned `loaded`."""
     info = pruning_info(causal_lm(loaded.model))
+    thin = low_rank_names(loaded.model)
+    if thin:
+        return Verdict(False, f"{len(thin)} matrices are two thin ones (FLOP): no transformers class holds them")
     if info is None:
         shape = GateShape.of(loaded)
         return Verdict(True, "not pruned: the original shape", list(range(shape.layers)), {})

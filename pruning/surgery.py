@@ -117,8 +117,9 @@ def prune(loaded, state: GateState):
             module._output_capturing_hooks_installed = False
     model.eval()
     adapter = Adapter(model)
-    fold_gates(adapter, state)
-    apply_plan(adapter, plan)
+    if not state.is_dense():  # a dense state changes nothing (and a model of low-rank layers has no weights to fold)
+        fold_gates(adapter, state)
+        apply_plan(adapter, plan)
     # on the causal LM of a prompted decoder (its PromptClassifier reads it from there)
     causal_lm(model).headlab_pruning = PruningInfo(plan=plan, gate_state=state.to_dict(), original=shape)
     digest = hashlib.sha1(f"{loaded.fingerprint}:{state.to_json()}".encode()).hexdigest()[:12]

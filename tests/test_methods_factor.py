@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.data.dataset import TextDataset
+from core.lowrank import LowRankLinear
 from core.models import load_model
 from core.pruned import load_pruned
 from pruning import calibration
 from pruning.__main__ import main
 from pruning.export import ONNX_FILE, save_pruned
-from pruning.factorised import FactorisedLinear, compact, load_factorised, save_factorised, train_flop
+from pruning.factorised import FactorisedLinear
 from pruning.gate_state import GateState
 from pruning.int8 import INT8_ONNX_FILE, compare, interleaved_ms, onnx_logits, predict, quantize_torch, torch_logits
 from pruning.kmeans_share import (
@@ -305,34 +306,11 @@ def test_the_kept_rank_follows_the_gates():
     assert torch.equal(z > 0, layer.gates.log_alpha >= layer.gates.log_alpha.sort().values[60 - layer.kept_rank()])
     small = layer.compact()
     x = torch.randn(4, 80)
-    assert isinstance(small, FactorisedLinear) and small.rank == layer.kept_rank() < 60 * 80 / 140  # thin pays off
+    assert isinstance(small, LowRankLinear) and small.rank == layer.kept_rank() < 60 * 80 / 140  # thin pays off
     assert torch.allclose(small(x), layer(x), atol=1e-5)  # the folded gates compute what the gated layer did
     with torch.no_grad():
         layer.gates.log_alpha.fill_(4.6)
     assert isinstance(layer.compact(), nn.Linear)  # k (in + out) >= in * out: the dense product is cheaper
-
-
-def test_flop_trains_to_the_target_and_its_thin_export_round_trips(tiny_dir, tmp_path):
-    loaded = load_model(str(tiny_dir))
-    pruned = prune(loaded, GateState.dense(loaded))
-    rows = [f"a {w} film number {i}" for i in range(16) for w in ("great", "awful")]
-    examples = classification_examples(pruned, TextDataset(rows, [1, 0] * 16, ["neg", "pos"], "toy"), 32)
-    batches = calibration.batches(examples, len(rows), 8, seed=0)
-    layers, result = train_flop(pruned, batches, 0.5, steps=150, warmup=50, gate_lr=0.2, lambda_lr=0.5)
-    assert len(layers) == 2 * 6  # Q, K, V, O, FFN in, FFN out of both layers
-    assert result.expected_sparsity == pytest.approx(0.5, abs=0.1)
-    assert result.ranks == {n: m.kept_rank() for n, m in layers.items()} and min(result.ranks.values()) < 32
-    texts = ["a great film", "an awful film that goes on"]
-    before = _logits(pruned, texts)
-    ranks = compact(pruned.model, layers)
-    assert torch.allclose(_logits(pruned, texts), before, atol=1e-5)
-    assert any(r > 0 for r in ranks.values())  # some matrices became two thin ones
-    folder = save_factorised(pruned, tmp_path / "flop")
-    back = load_factorised(folder)
-    thin = {n: m for n, m in back.model.named_modules() if isinstance(m, FactorisedLinear)}
-    assert {n: m.rank for n, m in thin.items()} == {n: r for n, r in ranks.items() if r > 0}
-    assert torch.equal(_logits(back, texts), _logits(pruned, texts))
-    assert not any(f"{n}.weight" in load_file(str(folder / "model.safetensors")) for n in thin)
 
 
 def test_thin_matrices_are_faster_where_k_in_plus_out_is_small():

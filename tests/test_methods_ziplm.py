@@ -19,6 +19,7 @@ from pruning import latency_table
 from pruning.__main__ import main
 from pruning.config import TrainConfig
 from pruning.distributed import Dist
+from pruning.gate_state import GateState
 from pruning.latency_table import LatencyTable, Structure
 from pruning.methods.ziplm import BUCKETS, search, structure_for_speedup
 from pruning.obs import hessian, obs_path, reconstruction_error, refit
@@ -257,3 +258,20 @@ def test_structure_for_speedup_gives_the_gates_page_a_structure_within_the_targe
     with pytest.raises(ValueError, match="smaller target_speedup"):
         structure_for_speedup(tiny, table.dense / table.constant * 1.5, data, calibration_examples=16, batch_size=2,
                               seq_len=16, ffn_grid=4)
+
+
+def test_the_structure_command_writes_a_gates_file_pruning_apply_reads(tiny, tiny_dir, reviews, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setenv("HEADLAB_HOME", str(tmp_path))
+    table = cache_hand_table(tiny, latency_table.BATCH_SIZE, latency_table.SEQ_LEN, latency_table.FFN_GRID)
+    out = tmp_path / "ziplm.json"
+    assert main(["structure", "--model", str(tiny_dir), "--data", str(reviews), "--speedup", "1.5",
+                 "--calibration-examples", "16", "--out", str(out)]) == 0
+    state = GateState.from_json(out.read_text())
+    assert table.dense / table.predicted_latency(Structure.of(state)) >= 1.5 - 1e-9
+    assert "predicted" in capsys.readouterr().out
+    assert main(["apply", "--model", str(tiny_dir), "--data", str(reviews), "--gates", str(out),
+                 "--out", str(tmp_path / "pruned"), "--limit", "8"]) == 0
+    with pytest.raises(SystemExit) as bad:  # argparse: one line on stderr, exit status 2
+        main(["structure", "--model", str(tiny_dir), "--speedup", "0.9", "--out", str(out)])
+    assert bad.value.code == 2

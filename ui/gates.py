@@ -30,6 +30,7 @@ from pruning.gate_state import GateState
 from pruning.int8 import Int8Report, compare
 from pruning.live import Comparison, Figures, ManualGates, figures, measure_pruned, quick_rounds, time_models
 from pruning.surgery import prune
+from ui.jobs import ensure_job, wait_for
 
 SUBSET = 100  # dev sentences measured after every change (seeded); the full dev set follows in the background
 DECODER_SUBSET = 32  # a decoder's prompts cost ~0.15 s each on 2 cores (SmolLM2)
@@ -202,3 +203,22 @@ def run_gates(run_id: int, step: int | None):
     from pruning.runs import RunStore
 
     return RunStore().gates(run_id, step)
+
+
+def speedup_preset_path(loaded: LoadedModel, data: TextDataset, target: float) -> tuple[str, Path]:
+    """(job name, gates file) of ZipLM's structure for `target` speed-up on this model and data."""
+    key = f"{loaded.fingerprint}-{data.fingerprint()}-{target:.2f}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return f"ziplm-structure-{digest}", headlab_home() / "cache" / "gates" / f"ziplm-{digest}.json"
+
+
+def speedup_preset(spec: str, data_spec, loaded: LoadedModel, data: TextDataset, target: float) -> GateState | None:
+    """ZipLM's structure for `target` (`python -m pruning structure` in a background job, its latency table
+    cached per machine): the gate state once the job has written it, else None (the job's progress shows)."""
+    job, path = speedup_preset_path(loaded, data, target)
+    if path.exists():
+        return GateState.from_json(path.read_text())
+    ensure_job(job, ["pruning", "structure", "--model", spec, *data_spec.cli_args(), "--speedup", f"{target:.2f}",
+                     "--out", str(path), "--job", job])
+    wait_for(job, f"ZipLM structure for {target:.2f}×", path.exists)
+    return None

@@ -10,7 +10,8 @@ from core.jobs import JobState, job_state, start_job
 # What the app's job names (their prefix before the fingerprints) do, as the queue panel says it.
 JOB_KINDS = {"summary": "Model evaluation", "heads": "Heads analysis", "gates-eval": "Gates full-dev evaluation",
              "prepare": "preparing", "finetune": "fine-tuning", "export": "export",
-             "perplexity": "Language modelling (perplexity)", "zeroshot": "Zero-shot evaluation"}
+             "perplexity": "Language modelling (perplexity)", "zeroshot": "Zero-shot evaluation",
+             "ziplm-structure": "ZipLM speed-up preset"}
 
 
 def ensure_job(name: str, args: list[str]) -> JobState | None:

@@ -15,6 +15,7 @@ MODEL_CHOICES = {  # the Model page's choices: shown label -> built-in spec (Non
     "Embedded default: MiniLM-L6 fine-tuned on Rotten Tomatoes": "default",
     "MiniLM-L3 (small dense baseline)": "minilm-l3",
     "SmolLM2-135M-Instruct (decoder: perplexity, zero-shot by prompting, generation)": "smollm2",
+    "Gemma-3-270M (optional decoder: a 240 MB download, converted once)": "gemma3",
     "Local Hugging Face folder": None,
 }
 

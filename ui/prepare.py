@@ -20,8 +20,8 @@ def prepare_in_background(spec: str) -> None:
     if is_gguf_spec(spec):
         what, label = (f"{Path(spec).name} is converted once into a plain fp32 folder under HEADLAB_HOME (1-2 min "
                        "for a 100 MB file on 2 cores)", "Converting")
-    elif spec == "smollm2":
-        what, label = f"{BUILTIN_MODELS[spec]}; this takes 1-2 min", "Converting"
+    elif spec in ("smollm2", "gemma3"):
+        what, label = f"{BUILTIN_MODELS[spec]}; this takes 1-3 min", "Converting"
     else:
         what, label = f"{BUILTIN_MODELS[spec]} is fine-tuned once on this machine (a few minutes)", "Fine-tuning"
     st.info(f"{what}; it runs in the background.")

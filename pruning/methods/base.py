@@ -11,8 +11,10 @@ each field with a default and a `help` text in its metadata) and one of two shap
   `train_state(step)` (the gate values the hooks apply), `loss(...)` (named loss terms), then after
   backward `shared_tensors()` (gradients averaged over ranks) and `step(step)` (its own optimizers);
   `gate_state(step)` is the deterministic structure at any time, `record(step)` its extra live
-  figures (target, multipliers), `state_dict`/`load_state_dict` what a checkpoint carries; a method
-  that masks weights returns them from `weight_masks(step)` at the end of the gate phase.
+  figures (target, multipliers), `state_dict`/`load_state_dict` what a checkpoint carries;
+  `finish_gates(step)` ends the gate phase (weight masks, folded modules) and `exported(snapshot)` is
+  an eval snapshot as the method would export it. Parameters of the method's `modules()` that live
+  inside the student (FLOP's gates) are stepped by its own optimizers, never by the model's.
 
 The loop (`pruning.loop`) knows no method by name: it asks the method and the registry
 (`pruning.methods.registry`). Register a method by decorating its class with `@register`.
@@ -183,13 +185,18 @@ class PruningMethod:
         """The deterministic structure at `step` (dense before or without pruning)."""
         return GateState.dense(self.context.shape)
 
-    def weight_masks(self, step: int) -> dict[str, torch.Tensor]:
-        """A learned method that masks weights (gradual magnitude pruning, SMP): its 0/1 masks at the end of
-        the gate phase, parameter name of the student -> tensor of its shape (the structure is then dense,
-        so the names hold in the sliced model). The session applies them through the fine-tune and the
-        export as it does a `OneShotResult`'s (None of the method's own train-time changes may stay on
-        the student: it is sliced next)."""
+    def finish_gates(self, step: int) -> dict[str, torch.Tensor]:
+        """The end of the gate phase, before the student is sliced: undo or fold in what the method changed on
+        the student (SMP's parametrizations come off, FLOP's factorised layers become thin matrices) and return
+        weight masks, parameter name of the student -> 0/1 tensor of its shape (gradual magnitude pruning,
+        SMP; the structure is then dense, so the names hold in the sliced model), which the session applies
+        through the fine-tune and the export as it does a `OneShotResult`'s."""
         return {}
+
+    def exported(self, snapshot: LoadedModel) -> LoadedModel:
+        """A gate-phase eval snapshot (a sliced copy of the student, changed in place if need be) as the method
+        would export it now (FLOP compacts its factorised layers); the default is the snapshot itself."""
+        return snapshot
 
     def expected_sparsity(self, step: int) -> float | None:
         """The gates' expected encoder sparsity (fraction), if the method has one."""

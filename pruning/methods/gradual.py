@@ -161,7 +161,7 @@ class Gradual(PruningMethod):
     def gate_state(self, step: int) -> GateState:
         return self.state
 
-    def weight_masks(self, step: int) -> dict[str, torch.Tensor]:
+    def finish_gates(self, step: int) -> dict[str, torch.Tensor]:
         return {name: mask.detach().cpu() for name, mask in self.masks.items()}
 
     def needs_hidden_states(self) -> bool:

@@ -113,7 +113,7 @@ class SMP(PruningMethod):
             terms["l1"] = self.options.l1 * torch.stack([s.abs().mean() for s in self.scores.values()]).mean()
         return terms
 
-    def weight_masks(self, step: int) -> dict[str, torch.Tensor]:
+    def finish_gates(self, step: int) -> dict[str, torch.Tensor]:
         """The final masks; the parametrizations come off (the frozen weights return unmasked: the session
         applies the masks to the sliced model)."""
         self.sparsity = self.schedule.final
