@@ -11,10 +11,11 @@ GENSIM_WHEEL = $(wildcard $(HEADLAB_HOME)/packages/gensim-4.4.0-*.whl)
 
 .PHONY: setup prepare run test lint chromium clean gensim-wheel peers
 
-$(VENV)/.installed: requirements.txt requirements-nodeps.txt
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .  # the `headlab` command
 	@$(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed; HeadLab pins the CPU build' if torch.version.cuda else 0)"
 	touch $@
 
