@@ -30,7 +30,7 @@ from ui.loaders import get_data, session_data_spec
 from ui.notes import note
 from ui.presenter import advanced, chart
 from ui.report import keep_table
-from ui.settings import settings_inputs
+from ui.settings import own_fields_first, settings_inputs
 from ui.share import remember_run_base
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -55,7 +55,7 @@ with st.expander("New run", expanded=not store.list()):
     cls = known[method]
     with st.form("new_run"):
         st.caption(f"**{method}** options")
-        options = settings_inputs(fields(cls.Options), key=f"opt_{method}")
+        options = settings_inputs(own_fields_first(cls.Options), key=f"opt_{method}")
         st.caption("Run")
         common = settings_inputs([FIELDS[name] for name in COMMON if cls.learned or name != "steps"], key="run")
         c1, c2, c3 = st.columns(3)

@@ -280,3 +280,21 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     shown = next(m for m in at.metric if m.label == "Parameters")
     assert shown.value == f"{measured.parameters / 1e6:.2f} M"
     assert shown.delta.startswith(f"-{measured.dense_parameters - measured.parameters:,} ")
+
+
+def test_every_method_has_its_form_on_the_prune_page(fresh_home):
+    from pruning.methods import methods
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page("pages/prune.py").run()
+    for name in methods():
+        at.selectbox(key="prune_method").set_value(name).run()
+        assert not at.exception, (name, at.exception)
+    at.selectbox(key="prune_method").set_value("gradual").run()
+    labels = [w.label for w in (*at.selectbox, *at.slider, *at.number_input, *at.checkbox)]
+    assert {"Unit", "Score", "Interval", "Contrastive", "Cap temperature"} <= set(labels)
+    from pruning.methods.gradual import GradualOptions
+    from ui.settings import own_fields_first
+
+    names = [f.name for f in own_fields_first(GradualOptions)]
+    assert names[:3] == ["target_sparsity", "unit", "score"] and names[-1] == "cap_pretrained"  # CAP's last

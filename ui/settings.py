@@ -41,6 +41,14 @@ def setting_input(container, f: dataclasses.Field, key: str, value=None):
     return container.text_input(label(f.name), value=str(start), help=helptext, key=key)
 
 
+def own_fields_first(options: type) -> list[dataclasses.Field]:
+    """The fields of dataclass `options`, those it declares itself before those it inherits (e.g. a method's
+    own settings before the shared CAP settings)."""
+    own = set(vars(options).get("__annotations__", {}))
+    every = dataclasses.fields(options)
+    return [f for f in every if f.name in own] + [f for f in every if f.name not in own]
+
+
 def settings_inputs(fields: list[dataclasses.Field], key: str, per_row: int = 3) -> dict:
     """Widgets for `fields` in rows of `per_row` columns; name -> value set."""
     values = {}
