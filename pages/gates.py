@@ -13,6 +13,7 @@ from analysis.heads import report_dir
 from analysis.roles.survival import least_relevant_role_free
 from core.jobs import cancel_job, job_state
 from pruning.live import ManualGates, heads_without_role, least_relevant_heads
+from pruning.standard_export import round_to_standard
 from ui import gates as g
 from ui.charts import gate_grid, history_chart
 from ui.export import export_folder, save_panel
@@ -234,6 +235,22 @@ if len(history) > 1:
 
 # ----------------------------------------------------------------------------- export
 st.header("Export")
+before = st.session_state.pop("standard_from", None)
+if before is not None:  # the last rerun rounded the gates: what that cost, both measured on the same subset
+    st.info(f"Rounded to the nearest standard shape: accuracy {before[0]:.1%} -> {pruned.accuracy:.1%}, batch 1 "
+            f"{before[1]:.1f} -> {pruned.latency_b1_ms:.1f} ms, parameters {before[2] / 1e6:.2f} -> "
+            f"{pruned.parameters / 1e6:.2f} M (Undo goes back).")
+if st.button("Make it standard", disabled=gates == ManualGates(), key="make_standard",
+             help="Round the structure to the nearest one a plain transformers config can describe (every layer "
+                  "the same heads and FFN width; a decoder may drop whole layers), so the export loads with "
+                  "from_pretrained alone; the figures above then show what it costs"):
+    rounded = round_to_standard(loaded, gates.state(loaded))
+    if rounded == gates.state(loaded):
+        st.caption("The structure is standard already.")
+    else:
+        st.session_state["standard_from"] = (pruned.accuracy, pruned.latency_b1_ms, pruned.parameters)
+        g.apply(ManualGates.from_state(rounded), "make it standard")
+        st.rerun()
 out = export_folder(f"{spec if spec in ('default', 'minilm-l3') else 'model'}-{digest[:6]}", "export_name")
 if out is None:
     st.stop()

@@ -298,3 +298,20 @@ def test_every_method_has_its_form_on_the_prune_page(fresh_home):
 
     names = [f.name for f in own_fields_first(GradualOptions)]
     assert names[:3] == ["target_sparsity", "unit", "score"] and names[-1] == "cap_pretrained"  # CAP's last
+
+
+def test_make_it_standard_rounds_the_gates_and_says_what_it_cost(fresh_home):
+    from pruning.live import ManualGates
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["model_spec"] = "minilm-l3"
+    at.switch_page("pages/gates.py").run()
+    at.session_state["gates"] = ManualGates(closed_heads=frozenset({(0, 1), (2, 5)}), ffn_keep=0.5)
+    at.run()
+    assert "kept 34/36 heads" in at.caption[0].value
+    at.button(key="make_standard").click().run()
+    assert not at.exception, at.exception
+    assert "kept 36/36 heads, 2304/4608 FFN units" in at.caption[0].value  # an encoder reopens every head
+    assert any(i.value.startswith("Rounded to the nearest standard shape: accuracy") for i in at.info)
+    at.button(key="make_standard").click().run()
+    assert any(c.value == "The structure is standard already." for c in at.caption)
