@@ -47,7 +47,7 @@ from pruning.record import StepRecord, measure_step
 from pruning.runs import Heartbeat, RunStore
 from pruning.session import Job, TrainSession
 from pruning.signals import StopSignals
-from pruning.trackers import trackers_of
+from pruning.trackers import end_trackers, trackers_of
 
 MODEL_FILE = "model"  # the exported pruned model inside the run folder
 WAITING = "waiting"  # what rank 0 tells the other ranks while the run waits in the queue
@@ -165,9 +165,9 @@ def train(config: TrainConfig, store: RunStore | None, job: Job, progress: Progr
     threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
+    session = None
     try:
         with StopSignals() as signals, Heartbeat(store, job.run_id) if dist.main else contextlib.nullcontext():
-            session = None
             if dist.main:
                 session = TrainSession(config, job, store, progress, teacher, dist)
                 memory.check(session.memory_budget())
@@ -176,6 +176,7 @@ def train(config: TrainConfig, store: RunStore | None, job: Job, progress: Progr
             status = run(session, signals)
         if status == "stopped" and dist.main:
             store.finish(job.run_id, "stopped")
+            end_trackers(session, "KILLED")
         return status
     except KeyboardInterrupt:
         if dist.main:
@@ -184,6 +185,7 @@ def train(config: TrainConfig, store: RunStore | None, job: Job, progress: Progr
     except BaseException as exc:
         if dist.main:
             store.finish(job.run_id, "failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            end_trackers(session, "FAILED")
         raise
     finally:
         torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ TensorBoard writes one subfolder per run, `<DIR>/run-<id>-<method>`, so `tensorb
 runs side by side. MLflow logs to experiment "headlab" of the store `file:<DIR>`; the run is tagged with the
 HeadLab run id and run folder, so a resumed run continues its MLflow run (steps an earlier attempt logged
 after its checkpoint are logged again: the run store supersedes them, MLflow keeps both values); it ends
-FINISHED with the final record (a stopped or failed run's stays RUNNING until it is resumed and done).
+FINISHED with the final record, KILLED when stopped, FAILED when it fails (a resume sets it RUNNING again).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class TensorBoardTracker(_Tracker):
             self.writer.add_scalar(name, value, record.step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if self.writer is not None:
             self.guarded(self.writer.close)
 
@@ -142,10 +142,11 @@ class MLflowTracker(_Tracker):
         metrics = [Metric(k, v, now, record.step) for k, v in measurements(record).items()]
         self.client.log_batch(self.run, metrics=metrics)
 
-    def close(self) -> None:
-        """End the MLflow run as FINISHED (after the final record)."""
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run: FINISHED after the final record, KILLED when stopped, FAILED when it failed (a
+        resume sets it RUNNING again)."""
         if self.run is not None:
-            self.guarded(self.client.set_terminated, self.run, "FINISHED")
+            self.guarded(self.client.set_terminated, self.run, status)
 
 
 class Trackers:
@@ -164,6 +165,18 @@ class Trackers:
             tracker.log(record)
             if record.final:
                 tracker.close()
+
+    def end(self, status: str) -> None:
+        """A run that ends without its final record: "KILLED" (stopped) or "FAILED"."""
+        for tracker in self.items:
+            tracker.close(status)
+
+
+def end_trackers(session, status: str) -> None:
+    """End the trackers `session` opened (none: nothing to do), e.g. when it stops before its final record."""
+    trackers = session.__dict__.get("_trackers") if session is not None else None
+    if trackers is not None:
+        trackers.end(status)
 
 
 def trackers_of(session) -> Trackers:

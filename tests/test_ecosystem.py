@@ -177,6 +177,36 @@ def test_mlflow_run_holds_params_and_metrics_at_their_steps(tracked_run):
     assert run.data.metrics["sparsity"] == pytest.approx(records[-1].sparsity)
 
 
+def test_a_stopped_run_ends_killed_in_mlflow_and_finished_once_resumed(tmp_path, tiny_dir, reviews):
+    from mlflow.tracking import MlflowClient
+
+    from core.models import load_model
+    from pruning.config import TrainConfig
+    from pruning.loop import run_job
+    from pruning.runs import RunStore
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    config = TrainConfig.build(model=str(tiny_dir), data=str(reviews), method="random", finetune_steps=400,
+                               batch_size=8, eval_every=100, eval_budget=1.0, eval_examples=8,
+                               mlflow=str(tmp_path / "mlruns"))
+    run_id = store.create(config.to_dict())
+    asked = []
+
+    def stop_after_a_step(done, total, message):  # the loop reads the stop flag about once a second
+        if done >= 1 and not asked:
+            asked.append(store.request_stop(run_id))
+
+    teacher = load_model(str(tiny_dir))
+    assert run_job(store, run_id, stop_after_a_step, teacher=teacher) == "stopped"
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("headlab").experiment_id
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "KILLED"
+    assert run_job(store, run_id, teacher=teacher) == "done"
+    (again,) = client.search_runs([experiment])  # the resumed run continues the same MLflow run
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+
+
 def test_a_failing_tracker_warns_once_and_the_run_goes_on(tmp_path, capsys, reviews, tiny_dir):
     from pruning.config import TrainConfig
     from pruning.trackers import Trackers
