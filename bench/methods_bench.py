@@ -43,6 +43,7 @@ from core.latency import decode_speed
 from core.lm_text import lee_splits
 from core.models import load_model
 from pruning.cli.sweep import target_option
+from pruning.config import TrainConfig
 from pruning.int8 import quantize_torch, torch_size_bytes
 from pruning.loop import run_job
 from pruning.methods import methods
@@ -132,15 +133,33 @@ def run_row(store: RunStore, family: str, method: str, target: float | None, set
         return row
     run_id = store.create(config.to_dict())
     start = time.perf_counter()
-    row.status = run_job(store, run_id, Printer(f"{family} {method} {target}", start), exclusive=not parallel)
+    status = run_job(store, run_id, Printer(f"{family} {method} {target}", start), exclusive=not parallel)
     run = store.get(run_id)
-    row.final, row.note = run.final, (run.error or "")[:160]
-    if row.final is not None:
-        clock = row.final.clock
-        row.prune_s, row.recover_s = clock.get("setup_s", 0.0), clock.get("train_s", 0.0)
-        row.nonzero = nonzero_share(row.final.export)
-        row.sizes = disk_sizes(row.final.export)
+    if run.final is None or not run.final.export:
+        row.status, row.note = status, (run.error or "")[:160]
+        return row
+    return measured_row(family, run)
+
+
+def measured_row(family: str, run) -> Row:
+    """The row of a finished run of the store: its final record, the export's non-zero share and sizes."""
+    target = TrainConfig.target_of(run.config)
+    row = Row(family, run.config["method"], target, run.status, final=run.final, note=(run.error or "")[:160])
+    clock = run.final.clock
+    row.prune_s, row.recover_s = clock.get("setup_s", 0.0), clock.get("train_s", 0.0)
+    row.nonzero, row.sizes = nonzero_share(run.final.export), disk_sizes(run.final.export)
     return row
+
+
+def rows_from_store(store: RunStore) -> list[Row]:
+    """Every finished run of the store as a row (decoder rows without the zero-shot and decode columns, which
+    are measured after the run), oldest first: the table again without training anything."""
+    rows = []
+    for run in sorted(store.list(), key=lambda r: r.id):
+        if run.status == "done" and run.final is not None and run.final.export:
+            family = "decoder" if run.final.perplexity is not None else "encoder"
+            rows.append(measured_row(family, run))
+    return rows
 
 
 def fmt(value, spec: str) -> str:
@@ -156,7 +175,7 @@ def table(rows: list[Row]) -> str:
                    else ("dev acc (dense)", "retention"))
         speed = ("prefill b1", "prefill b8", "decode") if decoder else ("b1 speedup", "b32 speedup")
         header = ("method", "target", "sparsity", "non-zero", *quality, *speed, "MB fp32 / int8 / sparse",
-                  "prune s", "recover s", "note")
+                  "drift: token ρ / head ρ / flipped", "prune s", "recover s", "note")
         out += [f"\n{family}:\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in (r for r in rows if r.family == family):
             f = r.final
@@ -172,8 +191,10 @@ def table(rows: list[Row]) -> str:
                     q = (f"{f.accuracy:.4f} ({f.dense_accuracy:.4f})", f"{f.accuracy / f.dense_accuracy:.1%}")
                     s = (fmt(f.speedup_b1, ".2f") + "x", fmt(f.speedup_b32, ".2f") + "x")
                 mb = " / ".join(fmt(x, ".1f") for x in r.sizes) if r.sizes else "-"
+                drift = (f"{fmt(f.drift_token_spearman, '.2f')} / {fmt(f.drift_head_spearman, '.2f')} / "
+                         f"{fmt(f.drift_flipped, '.0%')}")
                 cells = [r.method, fmt(r.target, "g"), f"{f.sparsity:.3f}", fmt(r.nonzero, ".1%"), *q, *s, mb,
-                         f"{r.prune_s:.0f}", f"{r.recover_s:.0f}", r.note]
+                         drift, f"{r.prune_s:.0f}", f"{r.recover_s:.0f}", r.note]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -205,7 +226,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", action="store_true", help="do not wait for runs of other processes")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here after every row")
+    parser.add_argument("--from-store", action="store_true", help="print the table of the run store's finished "
+                        "runs and train nothing")
     args = parser.parse_args()
+    if args.from_store:
+        print(table(rows_from_store(RunStore())))
+        return
     torch.set_num_threads(args.threads)
     names = [m for m in (args.methods.split(",") if args.methods else methods()) if m not in SKIP]
     store, rows = RunStore(), []

@@ -262,3 +262,22 @@ def test_gradual_runs_on_a_decoder(unit, tiny_decoders, reviews, tmp_path, monke
     else:
         assert sum(p.numel() for p in back.model.parameters()) < sum(
             p.numel() for p in load_model(str(tiny_decoders["llama"])).model.parameters())
+
+
+def test_gradual_with_protected_roles_closes_role_free_heads_first(tiny, reviews, tmp_path):
+    def closed_heads(protected=None) -> torch.Tensor:
+        s = session(tiny, reviews, tmp_path, "gradual", 6, target_sparsity=0.4, unit="heads-ffn", interval=2,
+                    updates=2)
+        s.setup_gates()
+        s.method.protected = protected  # the roles themselves are found by analysis.roles (tested there)
+        while s.step < s.c.gate_steps:
+            s.train_step()
+            s.step += 1
+        return s.current_state().head == 0
+
+    plain = closed_heads()
+    assert plain.any()
+    protected = closed_heads(plain)  # protect exactly the heads the plain run closes
+    assert protected.sum() == plain.sum() and not (protected & plain).any()  # as many closed, none of them
+    with pytest.raises(ValueError, match="heads-ffn"):
+        TrainConfig.build(model=str(tiny), data=str(reviews), method="gradual", protect_roles=True).check()

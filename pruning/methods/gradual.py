@@ -28,10 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.roles.survival import protect_scores
 from core.loaded import LoadedModel
 from pruning.contrastive import ContrastiveOptions, ContrastiveTerms
 from pruning.gate_state import GateState, unit_scores
 from pruning.methods.base import PruningMethod, register
+from pruning.methods.oneshot import role_heads
 from pruning.methods.wanda import layer_linears, refuse_lora
 from pruning.options import option
 from pruning.schedule import CubicSchedule
@@ -71,6 +73,8 @@ class GradualOptions(ContrastiveOptions):
     updates: int = option(0, "n: mask updates after t0 (0: as many as fit before the gate phase ends)", low=0)
     score_examples: int = option(64, "training examples importance / relevance are scored on at each update",
                                  low=1)
+    protect_roles: bool = option(False, "heads-ffn: rank every head with a Voita / Olsson role (found once on the "
+                                 "dense model, at least 20 training texts) above every role-free head")
 
 
 @register
@@ -92,9 +96,12 @@ class Gradual(PruningMethod):
             if o.score != "magnitude":
                 raise ValueError("gradual --unit weights ranks weights by |w| (Zhu & Gupta); --score importance "
                                  "or relevance ranks heads: use it with --unit heads-ffn.")
-        if config.data_spec.is_text and (o.score != "magnitude" or o.contrastive):
-            raise ValueError("importance, relevance and CAP's supervised terms need labelled examples; on "
-                             "language-modelling text use gradual with --score magnitude and no --contrastive.")
+        if o.protect_roles and o.unit != "heads-ffn":
+            raise ValueError("--protect-roles ranks heads: use it with --unit heads-ffn.")
+        if config.data_spec.is_text and (o.score != "magnitude" or o.contrastive or o.protect_roles):
+            raise ValueError("importance, relevance, roles and CAP's supervised terms need labelled examples; on "
+                             "language-modelling text use gradual with --score magnitude, no --contrastive and no "
+                             "--protect-roles.")
 
     def setup(self, student: LoadedModel) -> list[torch.nn.Parameter]:
         o, c = self.options, self.context
@@ -108,6 +115,7 @@ class Gradual(PruningMethod):
                             for name, m in layer_linears(student, layer).items()}
             self.masks = {name: torch.ones_like(m.weight) for name, m in self.linears.items()}
         self.cap = ContrastiveTerms(o, student.is_decoder, c.device) if o.contrastive else None
+        self.protected = role_heads(c, o.score_examples) if o.protect_roles else None
         return []
 
     # ------------------------------------------------------------------ the schedule
@@ -131,7 +139,10 @@ class Gradual(PruningMethod):
     def _structured_state(self, sparsity: float) -> GateState:
         """Heads and FFN units kept at `sparsity`, ranked on the current model; closed ones stay closed."""
         c, old = self.context, self.state
-        heads = self._head_scores().masked_fill(old.head == 0, float("-inf"))
+        heads = self._head_scores()
+        if self.protected is not None:
+            heads = protect_scores(heads, self.protected)
+        heads = heads.masked_fill(old.head == 0, float("-inf"))
         units = unit_scores("intermediate", self.student.adapter, "magnitude", 0, "gradual")
         units = units.masked_fill(old.intermediate == 0, float("-inf"))
         state = closest_state(lambda keep: per_layer_state(c.shape, heads, units, keep), c.sizes, sparsity)

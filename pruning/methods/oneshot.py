@@ -34,6 +34,18 @@ class OneShotOptions:
                                  "role-free heads are closed first")
 
 
+def role_heads(context, examples: int):
+    """(L, H) bool: the dense model's heads with a Voita / Olsson role (`analysis.roles.head_roles`), found on
+    max(`examples`, ROLE_EXAMPLES) seeded training texts."""
+    from analysis.roles import head_roles
+    from analysis.roles.survival import role_mask
+
+    context.progress(0, 1, "finding head roles (protect_roles)")
+    rows = context.train.subset(max(examples, ROLE_EXAMPLES), seed=context.seed)
+    shape = context.shape
+    return role_mask(head_roles(context.base, rows.texts, limit=len(rows)), (shape.layers, shape.heads))
+
+
 class OneShot(PruningMethod):
     """Rank heads by `criterion` (a `pruning.baselines.BASELINES` name), FFN units by magnitude."""
 
@@ -58,16 +70,7 @@ class OneShot(PruningMethod):
 
     def protected_heads(self):
         """(L, H) bool of the heads with a role (protect_roles), else None."""
-        if not self.options.protect_roles:
-            return None
-        from analysis.roles import head_roles
-        from analysis.roles.survival import role_mask
-
-        c = self.context
-        c.progress(0, 1, "finding head roles (protect_roles)")
-        rows = c.train.subset(max(self.options.score_examples, ROLE_EXAMPLES), seed=c.seed)
-        shape = c.shape
-        return role_mask(head_roles(c.base, rows.texts, limit=len(rows)), (shape.layers, shape.heads))
+        return role_heads(self.context, self.options.score_examples) if self.options.protect_roles else None
 
     def target(self, step: int) -> float | None:
         return self.options.target_sparsity
