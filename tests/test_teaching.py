@@ -86,6 +86,26 @@ def test_every_tour_step_renders_a_live_chart_on_the_default_model(with_report):
     assert "kept 36/72 heads" in at.caption[0].value and len(at.session_state["gates"].closed_heads) == 36
 
 
+def test_the_tour_works_on_smollm2(app_home):
+    """Every step on the built-in decoder (its Heads report on 10 dev sentences: the tour takes any size)."""
+    from analysis.heads import build_report, report_dir
+    from core.data import load_data
+    from core.models import load_model
+    from ui.tour import STEPS
+
+    loaded = load_model("smollm2")
+    data = load_data("default", split="dev", label_names=loaded.label_names)
+    build_report(loaded, data, limit=10).save(report_dir(loaded.fingerprint, data.fingerprint(), 10, None))
+    for index, step in enumerate(STEPS):
+        at = at_page("pages/tour.py", tour_step=index, model_spec="smollm2")
+        assert at.header[0].value == step.title
+        assert specs(at) or at.get("html"), step.title
+        if index == 5:
+            at.button(key="tour_measure").click().run()
+            assert not at.exception, at.exception
+            assert any(m.label.startswith("Accuracy") for m in at.metric)
+
+
 def test_presenter_mode_enlarges_charts_and_hides_advanced_controls(app_home, tmp_path):
     data = tmp_path / "mine.csv"
     data.write_text("text,label\n" + "".join(f"a splendid film {i},fresh\nawful mess {i},rotten\n" for i in range(10)))
