@@ -10,12 +10,14 @@ st.set_page_config(page_title="HeadLab", layout="wide")
 warn_if_exposed()  # above every page
 linked = share.restore()  # a shared link's view, once per session: the url_path of its page
 cpu_queue_panel()  # in the sidebar of every page
-tour = st.Page("pages/tour.py", title="Guided tour", url_path="tour")
+# The pages live in views/, not pages/: Streamlit runs a file of a pages/ folder on its own (no navigation,
+# sidebar or layout of this script) when a new server's first request names its URL, e.g. a shared /tour link.
+tour = st.Page("views/tour.py", title="Guided tour", url_path="tour")
 pages = [
-    st.Page("pages/model.py", title="Model", default=True),
-    st.Page("pages/heads.py", title="Heads"),
-    st.Page("pages/gates.py", title="Gates"),
-    st.Page("pages/prune.py", title="Prune"),
+    st.Page("views/model.py", title="Model", default=True),
+    st.Page("views/heads.py", title="Heads"),
+    st.Page("views/gates.py", title="Gates"),
+    st.Page("views/prune.py", title="Prune"),
 ]
 first_visit = not st.session_state.get("tour_seen")
 page = st.navigation([tour, *pages] if first_visit else [*pages, tour])  # the tour leads until it is seen

@@ -80,7 +80,7 @@ def main() -> None:
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     ui.jobs.start_job = lambda *a, **k: None  # the page's own background jobs would compete for the cores
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
-    at.switch_page("pages/gates.py")
+    at.switch_page("views/gates.py")
     start = time.perf_counter()
     at.run()
     assert not at.exception, at.exception

@@ -76,7 +76,7 @@ def page_rerender(model: str, repeats: int) -> None:
     def session() -> AppTest:
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
         at.session_state["model_spec"] = model
-        at.switch_page("pages/heads.py")
+        at.switch_page("views/heads.py")
         return at
 
     at = session()

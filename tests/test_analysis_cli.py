@@ -148,7 +148,7 @@ def test_heads_cli_and_page_on_the_second_real_model(tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.session_state["model_spec"] = "minilm-l3"
     at.session_state["heads_limit"] = 100
-    at.switch_page("pages/heads.py").run()
+    at.switch_page("views/heads.py").run()
     assert not at.exception, at.exception
     assert "Model `minilm-l3`" in at.caption[0].value and len(at.get("plotly_chart")) >= 4
     assert sorted(at.selectbox(key="head_layer").options) == ["0", "1", "2"]

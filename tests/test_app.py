@@ -116,7 +116,7 @@ def test_headless_encoder_is_offered_a_finetune_that_then_loads(fresh_home, tmp_
 def test_heads_page_computes_report_in_background_then_shows_heads(fresh_home):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     at.session_state["heads_limit"] = 100
-    at.switch_page("pages/heads.py").run()
+    at.switch_page("views/heads.py").run()
     assert not at.exception, at.exception
     run_until(at, lambda a: len(a.get("plotly_chart")) >= 4, timeout=300)
     import pandas as pd
@@ -144,7 +144,7 @@ def test_gates_page_presets_sliders_undo_and_live_figures(fresh_home):
     loaded, data = load_model("default"), load_data("default", split="dev")
     build_report(loaded, data, limit=100).save(report_dir(loaded.fingerprint, data.fingerprint(), 100, None))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/gates.py").run()
+    at.switch_page("views/gates.py").run()
     assert not at.exception, at.exception
     dense = metrics(at)
     assert dense["Parameters"] == "22.71 M" and float(dense["Sparsity (CoFi)"].rstrip("%")) < 1  # biases, norms
@@ -199,7 +199,7 @@ def test_gates_page_on_the_second_real_model(fresh_home):
                     attempt=0)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.session_state["model_spec"] = "minilm-l3"
-    at.switch_page("pages/gates.py").run()
+    at.switch_page("views/gates.py").run()
     assert not at.exception, at.exception
     assert "kept 36/36 heads" in at.caption[0].value
     at.slider[1].set_value(0.5).run()  # hidden dims kept
@@ -225,7 +225,7 @@ def test_prune_page_launches_a_run_and_shows_it_live(fresh_home, tmp_path):
     data.write_text("text,label\n" + "".join(f"a great film {i},pos\nan awful film {i},neg\n" for i in range(60)))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.session_state["model_spec"], at.session_state["data_spec"] = str(model), DataSpec(str(data))
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("views/prune.py").run()
     assert not at.exception, at.exception
     assert any("No runs yet" in i.value for i in at.info)
     at.selectbox(key="prune_method").set_value("random").run()  # one-shot baseline: prune, then a short fine-tune
@@ -286,7 +286,7 @@ def test_every_method_has_its_form_on_the_prune_page(fresh_home):
     from pruning.methods import methods
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("views/prune.py").run()
     for name in methods():
         at.selectbox(key="prune_method").set_value(name).run()
         assert not at.exception, (name, at.exception)
@@ -305,7 +305,7 @@ def test_make_it_standard_rounds_the_gates_and_says_what_it_cost(fresh_home):
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.session_state["model_spec"] = "minilm-l3"
-    at.switch_page("pages/gates.py").run()
+    at.switch_page("views/gates.py").run()
     at.session_state["gates"] = ManualGates(closed_heads=frozenset({(0, 1), (2, 5)}), ffn_keep=0.5)
     at.run()
     assert "kept 34/36 heads" in at.caption[0].value

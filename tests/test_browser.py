@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -40,9 +41,9 @@ def home(tmp_path_factory) -> Iterator[Path]:
     stop_background_work(home)
 
 
-@pytest.fixture(scope="module")
-def app_url(home):
-    """`streamlit run app.py` on a free port with a fresh HEADLAB_HOME."""
+@contextlib.contextmanager
+def running_app(home: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free port with HEADLAB_HOME `home`; yields its URL once healthy."""
     port = free_port()
     env = {**os.environ, "HEADLAB_HOME": str(home)}
     proc = subprocess.Popen(
@@ -61,9 +62,18 @@ def app_url(home):
     else:
         proc.kill()
         pytest.fail("streamlit did not become healthy within 60 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def app_url(home):
+    """The app on a fresh HEADLAB_HOME, for the module."""
+    with running_app(home) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

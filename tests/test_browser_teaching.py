@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.test_browser import ARTIFACTS, app_url, home, page  # noqa: F401  (pytest fixtures)
+from tests.test_browser import ARTIFACTS, app_url, home, page, running_app  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -29,3 +29,14 @@ def test_a_shared_link_opens_the_same_gate_state_and_head_in_a_real_browser(app_
     assert "page=gates" in shown and "closed=0%3A6-3%3A1" in shown and "head=1.8" in shown
     (ARTIFACTS / "teaching").mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "teaching" / "shared_link_gates.png"))
+
+
+def test_a_deep_link_to_a_fresh_server_opens_the_page_inside_the_app(home, page):  # noqa: F811
+    """The first request of a new server names a page's own URL: it must run inside app.py's navigation (the
+    sidebar's titles, presenter mode), not alone as a file of a `pages/` folder would."""
+    with running_app(home) as url:
+        page.goto(f"{url}/tour")
+        page.get_by_text("1. A sentence goes in").wait_for(timeout=120_000)
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        sidebar.get_by_text("Presenter mode").wait_for(timeout=30_000)
+        assert sidebar.get_by_text("Guided tour").count() and not sidebar.get_by_text("tour", exact=True).count()

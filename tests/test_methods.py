@@ -93,7 +93,7 @@ def test_a_method_from_this_file_runs_through_the_prune_page_form(tiny_dir, revi
     monkeypatch.setenv(PLUGINS_ENV, "tests.test_methods")  # the background job imports it too
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.session_state["model_spec"], at.session_state["data_spec"] = str(tiny_dir), DataSpec(str(reviews))
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("views/prune.py").run()
     at.selectbox(key="prune_method").set_value("global-magnitude").run()
     assert not at.exception, at.exception
     keep = next(s for s in at.slider if s.label == "Keep")  # the form is built from the method's Options

@@ -61,7 +61,7 @@ def test_every_tour_step_renders_a_live_chart_on_the_default_model(with_report):
 
     assert 6 <= len(STEPS) <= 8
     for index, step in enumerate(STEPS):
-        at = at_page("pages/tour.py", tour_step=index)
+        at = at_page("views/tour.py", tour_step=index)
         assert at.header[0].value == step.title
         assert any(f"Step {index + 1} of {len(STEPS)}" in p.proto.text for p in at.get("progress"))
         drawn = specs(at)
@@ -80,7 +80,7 @@ def test_every_tour_step_renders_a_live_chart_on_the_default_model(with_report):
             assert params < 22.71 and abs(params - (22.71 - closed * 49_248 / 1e6)) < 0.011  # 4 d d_h + 3 d_h each
             assert 0.6 <= float(shown["Accuracy (100 dev)"].rstrip("%")) / 100 <= 1
     # a try-it button takes the student to the page with the state set
-    at = at_page("pages/tour.py", tour_step=6)
+    at = at_page("views/tour.py", tour_step=6)
     at.button(key="tour_half_gates").click().run()
     assert not at.exception, at.exception
     assert "kept 36/72 heads" in at.caption[0].value and len(at.session_state["gates"].closed_heads) == 36
@@ -97,7 +97,7 @@ def test_the_tour_works_on_smollm2(app_home):
     data = load_data("default", split="dev", label_names=loaded.label_names)
     build_report(loaded, data, limit=10).save(report_dir(loaded.fingerprint, data.fingerprint(), 10, None))
     for index, step in enumerate(STEPS):
-        at = at_page("pages/tour.py", tour_step=index, model_spec="smollm2")
+        at = at_page("views/tour.py", tour_step=index, model_spec="smollm2")
         assert at.header[0].value == step.title
         assert specs(at) or at.get("html"), step.title
         if index == 5:
@@ -119,8 +119,8 @@ def test_presenter_mode_enlarges_charts_and_hides_advanced_controls(app_home, tm
     assert not at.exception, at.exception
     assert "Columns (auto-detected when empty)" not in [e.label for e in at.expander]  # advanced: hidden
 
-    normal = at_page("pages/tour.py", tour_step=1)
-    presented = at_page("pages/tour.py", tour_step=1, presenter=True)
+    normal = at_page("views/tour.py", tour_step=1)
+    presented = at_page("views/tour.py", tour_step=1, presenter=True)
     plain, big = specs(normal)[0]["layout"], specs(presented)[0]["layout"]
     assert plain.get("font", {}).get("size") is None and big["font"]["size"] == 20
     assert big["height"] == int(plain["height"] * 1.35)
@@ -146,7 +146,7 @@ def test_a_shared_link_restores_model_page_head_and_gate_state(app_home):
     at.query_params.update(link)
     at.run()  # the link opens the Model page (AppTest drops the session state of a first run that switches pages)
     assert at.radio(key="model_choice").value.startswith("MiniLM-L3")  # the Model page shows the link's model
-    at.switch_page("pages/gates.py").run()
+    at.switch_page("views/gates.py").run()
     assert not at.exception, at.exception
     expected = ManualGates(closed_heads=frozenset({(0, 1), (0, 2), (2, 0)}), ffn_keep=0.5)
     assert at.session_state["gates"] == expected and at.session_state["model_spec"] == "minilm-l3"
@@ -189,7 +189,7 @@ def test_the_report_is_one_self_contained_html_file_with_the_figures_data(app_ho
     data = json.loads(re.search(r'Plotly\.newPlot\(\s*"fig-0",\s*(\[.*?\]),\s*\{', html, re.S).group(1))
     assert data[0]["y"] == [0.125, 0.5, 0.875] and "0.3125" in html and "closed=0%3A2" in html
 
-    at = at_page("pages/gates.py", gates_from_run=__import__("pruning.live", fromlist=["ManualGates"]).ManualGates(
+    at = at_page("views/gates.py", gates_from_run=__import__("pruning.live", fromlist=["ManualGates"]).ManualGates(
         closed_heads=frozenset({(0, 1)})))
     view = at.session_state["report_view"]
     assert list(view.figures) == ["gate_grid_0"] and "Live figures: dense vs pruned" in view.tables

@@ -86,17 +86,17 @@ class Step:
 
 
 def go_to(page: str, **state) -> None:
-    """Set `state` in the session and open `page` (a path under pages/)."""
+    """Set `state` in the session and open `page` (a path under views/)."""
     st.session_state.update(state)
     st.switch_page(page)
 
 
 def heads_page_with(layer: int, head: int, sentence: str) -> None:
-    go_to("pages/heads.py", head_layer=int(layer), head_index=int(head), why_text=sentence)
+    go_to("views/heads.py", head_layer=int(layer), head_index=int(head), why_text=sentence)
 
 
 def gates_page_with(closed: frozenset[tuple[int, int]], what: str) -> None:
-    go_to("pages/gates.py", gates_from_run=replace(ManualGates(), closed_heads=closed), gates_what=what)
+    go_to("views/gates.py", gates_from_run=replace(ManualGates(), closed_heads=closed), gates_what=what)
 
 
 # ----------------------------------------------------------------------------- the steps' charts and tries
@@ -245,7 +245,7 @@ def _half(tour: Tour) -> None:
     if c1.button("Open this half-pruned model in Gates", key="tour_half_gates", width="stretch"):
         gates_page_with(half, f"tour: {len(half)} least relevant heads closed")
     if c2.button("Prepare a CoFi run on the Prune page", key="tour_cofi", width="stretch"):
-        go_to("pages/prune.py", prune_method="cofi")
+        go_to("views/prune.py", prune_method="cofi")
 
 
 STEPS = [

@@ -190,7 +190,7 @@ if steps:
         st.session_state.update(model_spec=config.model, data_spec=config.data_spec,
                                 gates_from_run=ManualGates.from_state(state), gates_what=f"run {run_id} step {step}")
         remember_run_base(st.session_state["gates_from_run"], run_id, step)
-        st.switch_page("pages/gates.py")
+        st.switch_page("views/gates.py")
     if st.toggle("Role survival: heads kept per role vs sparsity", key=f"role_survival_{run_id}",
                  help="Which Voita / Olsson roles the run keeps at each step, from the Heads analysis of the dense "
                       "model on the run's data (Heads or Gates page; the latest one found is used)"):
