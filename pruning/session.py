@@ -197,8 +197,10 @@ class TrainSession:
         """What the forward pass calls: the student's classifier, or its causal LM for language modelling."""
         return self.student.lm if self.examples.language_modelling else self.student.model
 
-    def _optimizer(self, extra: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        own = {id(p) for m in self.method.modules() for p in m.parameters()} if self.phase == "gates" else set()
+    def _optimizer(self, extra: list[torch.nn.Parameter], skip: list[torch.nn.Module] = ()) -> torch.optim.Optimizer:
+        """AdamW over the student's trainable parameters but those of `skip` (a method's own modules living
+        inside the student, e.g. FLOP's gates, which its own optimizers step), plus `extra`."""
+        own = {id(p) for m in skip for p in m.parameters()}
         params = [p for p in self.student.model.parameters() if p.requires_grad and id(p) not in own]
         return torch.optim.AdamW([*params, *extra], lr=self.c.lr, weight_decay=0.0)
 
@@ -214,7 +216,7 @@ class TrainSession:
         extra = self.method.setup(self.student)
         self.hooks = GateHooks(self.student, GateState.dense(self.shape)).attach()  # after LoRA: on its wrappers
         self.ddp = self.dist.wrap(self._trained_module(), self.device)
-        self.optimizer = self._optimizer(extra)
+        self.optimizer = self._optimizer(extra, skip=self.method.modules())
         self.phase = "gates"
 
     def setup_finetune(self, state: GateState, source: LoadedModel | None = None,
