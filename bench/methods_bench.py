@@ -138,15 +138,19 @@ def run_row(store: RunStore, family: str, method: str, target: float | None, set
     if run.final is None or not run.final.export:
         row.status, row.note = status, (run.error or "")[:160]
         return row
-    return measured_row(family, run)
+    return measured_row(family, run, store)
 
 
-def measured_row(family: str, run) -> Row:
-    """The row of a finished run of the store: its final record, the export's non-zero share and sizes."""
+def measured_row(family: str, run, store: RunStore) -> Row:
+    """The row of a finished run of the store: its final record, the export's non-zero share and sizes. Pruning
+    time: the one-shot step (set-up), or a learned method's gate phase (training time at its last gate-phase
+    eval); recovery: the fine-tune's training time."""
     target = TrainConfig.target_of(run.config)
     row = Row(family, run.config["method"], target, run.status, final=run.final, note=(run.error or "")[:160])
     clock = run.final.clock
-    row.prune_s, row.recover_s = clock.get("setup_s", 0.0), clock.get("train_s", 0.0)
+    gates = [r for r in store.records(run.id) if r.phase == "gates"]
+    gate_s = gates[-1].clock.get("train_s", 0.0) if gates else 0.0
+    row.prune_s, row.recover_s = clock.get("setup_s", 0.0) + gate_s, clock.get("train_s", 0.0) - gate_s
     row.nonzero, row.sizes = nonzero_share(run.final.export), disk_sizes(run.final.export)
     return row
 
@@ -158,7 +162,7 @@ def rows_from_store(store: RunStore) -> list[Row]:
     for run in sorted(store.list(), key=lambda r: r.id):
         if run.status == "done" and run.final is not None and run.final.export:
             family = "decoder" if run.final.perplexity is not None else "encoder"
-            rows.append(measured_row(family, run))
+            rows.append(measured_row(family, run, store))
     return rows
 
 
