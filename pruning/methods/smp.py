@@ -9,8 +9,9 @@ learn by Adam at `mask_lr` (paper: 2e-2) with an L1 term `l1` * mean|S|; the kep
 to 1 - target_sparsity on the cubic schedule (`pruning.schedule`; cubic as in the authors' `schedule_threshold`),
 every `interval` steps. Simplified: one kept share for every matrix (SMP-S allocates it per layer by the
 scores' mean sigmoid), and the authors train the scores for 12 epochs from the pre-trained model: at
-HeadLab's budgets of a few hundred steps the scores barely move from 0 and the masks are close to arbitrary. Both phases train only the classification head: the fine-tune after
-the gate phase keeps the backbone frozen and the masks applied. The masks are unstructured: the model
+HeadLab's budgets of a few hundred steps the scores barely move from 0 and the masks are close to
+arbitrary. Both phases train only the classification head: the fine-tune after the gate phase keeps the
+backbone frozen and the masks applied. The masks are unstructured: the model
 keeps its dense shape and its dense CPU speed (the run record states the size in a sparse format).
 Encoders only (a prompted decoder has no classification head of its own to train).
 """
