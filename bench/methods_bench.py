@@ -133,7 +133,11 @@ def run_row(store: RunStore, family: str, method: str, target: float | None, set
         return row
     run_id = store.create(config.to_dict())
     start = time.perf_counter()
-    status = run_job(store, run_id, Printer(f"{family} {method} {target}", start), exclusive=not parallel)
+    try:
+        status = run_job(store, run_id, Printer(f"{family} {method} {target}", start), exclusive=not parallel)
+    except ValueError as exc:  # the method refuses this model (`check_model`): the reason is the row's note
+        row.note = " ".join(str(exc).split())[:160]
+        return row
     run = store.get(run_id)
     if run.final is None or not run.final.export:
         row.status, row.note = status, (run.error or "")[:160]
