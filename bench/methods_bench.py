@@ -149,8 +149,10 @@ def measured_row(family: str, run, store: RunStore) -> Row:
     """The row of a finished run of the store: its final record, the export's non-zero share and sizes. Pruning
     time: the one-shot step (set-up), or a learned method's gate phase (training time at its last gate-phase
     eval); recovery: the fine-tune's training time."""
-    target = TrainConfig.target_of(run.config)
-    row = Row(family, run.config["method"], target, run.status, final=run.final, note=(run.error or "")[:160])
+    config = TrainConfig.from_dict(run.config)
+    option = method_target(config.method)  # target_sparsity, or ZipLM's target_speedup
+    target = config.setting(option) if option else None
+    row = Row(family, config.method, target, run.status, final=run.final, note=(run.error or "")[:160])
     clock = run.final.clock
     gates = [r for r in store.records(run.id) if r.phase == "gates"]
     gate_s = gates[-1].clock.get("train_s", 0.0) if gates else 0.0
