@@ -209,8 +209,10 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def parse_value(text: str) -> int | float | str:
-    """An int, else a float, else the text."""
+def parse_value(text: str) -> bool | int | float | str:
+    """true / false, else an int, else a float, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)
