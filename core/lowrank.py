@@ -57,12 +57,6 @@ def low_rank_names(model: nn.Module) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule `name` (dotted) of `model`."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def rebuild_low_rank(model: nn.Module, ranks: dict[str, int]) -> None:
     """Swap the Linear modules `ranks` names for empty LowRankLinear of those ranks (in place; weights to load).
     ValueError for a name that is no Linear of `model` or a rank that is no positive integer."""
@@ -73,7 +67,7 @@ def rebuild_low_rank(model: nn.Module, ranks: dict[str, int]) -> None:
             old = None
         if not isinstance(old, nn.Linear) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"low_rank names {name!r} (rank {rank!r}): not a Linear of the model with a rank >= 1")
-        set_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank), old.bias is not None))
+        model.set_submodule(name, LowRankLinear(old.in_features, old.out_features, int(rank), old.bias is not None))
 
 
 def low_rank_sparsity(adapter) -> float | None:

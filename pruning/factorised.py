@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.loaded import LoadedModel
-from core.lowrank import LowRankLinear, set_module
+from core.lowrank import LowRankLinear
 from pruning.gates import HardConcreteGates
 
 
@@ -105,7 +105,7 @@ def factorise(model: nn.Module, names: list[str], rank: int | None = None) -> di
     layers = {}
     for name in names:
         layers[name] = FactorisedLinear.from_linear(model.get_submodule(name), rank)
-        set_module(model, name, layers[name])
+        model.set_submodule(name, layers[name])
     return layers
 
 
@@ -122,7 +122,7 @@ def compact(model: nn.Module, layers: dict[str, FactorisedLinear]) -> dict[str, 
     ranks = {}
     for name, layer in layers.items():
         small = layer.compact()
-        set_module(model, name, small)
+        model.set_submodule(name, small)
         ranks[name] = small.rank if isinstance(small, LowRankLinear) else -1
     return ranks
 

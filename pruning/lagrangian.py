@@ -99,3 +99,18 @@ class LagrangianController(nn.Module):
     def values(self) -> tuple[float, float]:
         """(lambda_1, lambda_2) as floats, for logging."""
         return float(self.lambda_1.detach()), float(self.lambda_2.detach())
+
+
+class LagrangianFigures:
+    """What a method trained towards a ramped target by a `LagrangianController` reports (CoFi, FLOP): its
+    target and multipliers. The method holds `schedule` (a `TargetSchedule`) and `controller`."""
+
+    schedule: TargetSchedule
+    controller: LagrangianController
+
+    def target(self, step: int) -> float | None:
+        return self.schedule.at(max(0, step - 1))
+
+    def record(self, step: int) -> dict[str, float | None]:
+        lambda_1, lambda_2 = self.controller.values()
+        return {"lambda_1": lambda_1, "lambda_2": lambda_2}

@@ -80,8 +80,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge(safe_merge=True)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, module.get_base_layer())
+            model.set_submodule(name, module.get_base_layer())
     if hasattr(model, "peft_config"):  # what `inject_adapter_in_model` recorded on the model
         del model.peft_config
     return model

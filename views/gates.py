@@ -244,8 +244,9 @@ if st.button("Make it standard", disabled=gates == ManualGates(), key="make_stan
              help="Round the structure to the nearest one a plain transformers config can describe (every layer "
                   "the same heads and FFN width; a decoder may drop whole layers), so the export loads with "
                   "from_pretrained alone; the figures above then show what it costs"):
-    rounded = round_to_standard(loaded, gates.state(loaded))
-    if rounded == gates.state(loaded):
+    current = gates.state(loaded)
+    rounded = round_to_standard(loaded, current)
+    if rounded == current:
         st.caption("The structure is standard already.")
     else:
         st.session_state["standard_from"] = (pruned.accuracy, pruned.latency_b1_ms, pruned.parameters)

@@ -24,7 +24,7 @@ from core.loaded import LoadedModel
 from pruning.contrastive import ContrastiveOptions, ContrastiveTerms
 from pruning.distill import LayerMatcher
 from pruning.gates import CoFiGates
-from pruning.lagrangian import LagrangianController, TargetSchedule
+from pruning.lagrangian import LagrangianController, LagrangianFigures, TargetSchedule
 from pruning.methods.base import register
 from pruning.methods.gated import GatedMethod
 from pruning.options import option
@@ -46,7 +46,7 @@ class CoFiOptions(ContrastiveOptions):
 
 
 @register
-class CoFi(GatedMethod):
+class CoFi(LagrangianFigures, GatedMethod):
     name = "cofi"
     order = 0
     summary = "CoFi (Xia et al. 2022): gates on sublayers, heads, FFN units and hidden dims, to a target sparsity"
@@ -114,13 +114,6 @@ class CoFi(GatedMethod):
             terms["lagrangian"] = self.controller(expected_sparsity(self.gates, model=self.context.sizes),
                                                   self.schedule.at(step))
         return terms
-
-    def target(self, step: int) -> float | None:
-        return self.schedule.at(max(0, step - 1))
-
-    def record(self, step: int) -> dict[str, float | None]:
-        lambda_1, lambda_2 = self.controller.values()
-        return {"lambda_1": lambda_1, "lambda_2": lambda_2}
 
     def progress_note(self, step: int) -> str:
         return f"target {self.schedule.at(step):.2f}" if self.pruning(step) else ""

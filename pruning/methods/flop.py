@@ -22,7 +22,7 @@ import torch
 
 from core.loaded import LoadedModel
 from pruning.factorised import FactorisedLinear, compact, expected_sparsity, factorise, layer_linears
-from pruning.lagrangian import LagrangianController, TargetSchedule
+from pruning.lagrangian import LagrangianController, LagrangianFigures, TargetSchedule
 from pruning.methods.base import PruningMethod, register
 from pruning.methods.wanda import refuse_lora
 from pruning.options import option
@@ -40,7 +40,7 @@ class FlopOptions:
 
 
 @register
-class Flop(PruningMethod):
+class Flop(LagrangianFigures, PruningMethod):
     name = "flop"
     order = 8
     summary = "FLOP (Wang et al. 2020): SVD-factorised layers, gates on rank-1 components, exported as thin matrices"
@@ -99,13 +99,6 @@ class Flop(PruningMethod):
 
     def expected_sparsity(self, step: int) -> float | None:
         return float(expected_sparsity(self.layers).detach())
-
-    def target(self, step: int) -> float | None:
-        return self.schedule.at(max(0, step - 1))
-
-    def record(self, step: int) -> dict[str, float | None]:
-        lambda_1, lambda_2 = self.controller.values()
-        return {"lambda_1": lambda_1, "lambda_2": lambda_2}
 
     def progress_note(self, step: int) -> str:
         return f"target {self.schedule.at(step):.2f}"
