@@ -6,7 +6,7 @@ units, plus hidden dims at 90%) and one that removes half the heads only, then f
 - torch, batch 32 and batch 1: dense / pruned median latency (measured interleaved with the dense
   model in this process, `core.latency.compare`), the FLOP-proportional speedup (dense / pruned
   encoder FLOPs at the batch's padded length) and measured / FLOP-proportional;
-- ONNX Runtime, batch 1: the same for the two ONNX exports (interleaved too);
+- ONNX Runtime, batch 32 and batch 1: the same for the two ONNX exports (interleaved too);
 - dev accuracy on a fixed subset (no retraining after pruning, so quality drops: this is a speed
   bench, not a quality one).
 
@@ -123,8 +123,9 @@ def main() -> None:
             flop = encoder_flops(loaded.adapter, t).total / encoder_flops(pruned.adapter, t).total
             row[b] = (lat["dense"].median_s, lat["pruned"].median_s, flop)
         session = onnx_session(export_onnx(pruned, tmp / "pruned.onnx"))
-        ort = ort_compare({"dense": dense_onnx, "pruned": session}, batches[1], args.rounds)
-        row["ort"] = (ort["dense"], ort["pruned"], row[1][2])
+        for b, batch in batches.items():
+            ort = ort_compare({"dense": dense_onnx, "pruned": session}, batch, args.rounds)
+            row[f"ort{b}"] = (ort["dense"], ort["pruned"], row[b][2])
         rows.append(row)
 
     print(f"\ndense dev accuracy ({args.n_eval} examples): {dense_acc:.3f}\n")
@@ -137,14 +138,15 @@ def main() -> None:
         c = row["counts"]
         left = (f"{row['name']:<26} {row['sparsity']:>8.3f} {c['head'][0]:>6} {c['intermediate'][0]:>9} "
                 f"{c['hidden'][0]:>6} {row['acc']:>6.3f}")
-        for i, (engine, b, key) in enumerate((("torch", 32, 32), ("torch", 1, 1), ("onnxrt", 1, "ort"))):
+        for i, (engine, b, key) in enumerate((("torch", 32, 32), ("torch", 1, 1), ("onnxrt", 32, "ort32"),
+                                               ("onnxrt", 1, "ort1"))):
             dense_s, pruned_s, flop = row[key]
             measured = dense_s / pruned_s
             print(f"{left if i == 0 else ' ' * len(left)} | {engine:<8} {b:>5} {dense_s * 1e3:>9.2f} "
                   f"{pruned_s * 1e3:>9.2f} {measured:>7.2f}x {flop:>8.2f}x {measured / flop:>6.2f}")
     print("\nmeasured = dense / pruned median latency; FLOP-prop = dense / pruned encoder FLOPs at that padded "
           "length; ratio = measured / FLOP-prop (1.0 = all of the FLOP saving shows up as speed).")
-    print(f"ONNX Runtime dense vs torch dense at batch 1: {rows[0]['ort'][0] * 1e3:.2f} ms vs "
+    print(f"ONNX Runtime dense vs torch dense at batch 1: {rows[0]['ort1'][0] * 1e3:.2f} ms vs "
           f"{rows[0][1][0] * 1e3:.2f} ms (not interleaved with each other); load average at the end "
           f"{os.getloadavg()[0]:.2f}")
 
