@@ -52,12 +52,12 @@ class SparseSize:
 
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameter name -> 0/1 nonzero pattern of every nn.Linear weight of `model` holding a zero: the masks
-    of a masked model read back from its weights (an exported Wanda run; dense weights hold no exact 0)."""
-    masks = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (module.weight == 0).any():
-            masks[f"{prefix}.weight" if prefix else "weight"] = (module.weight.detach() != 0).float()
-    return masks
+    of a masked model read back from its weights (an exported Wanda run; trained weights hold few exact 0s,
+    but a dequantised one, e.g. SmolLM2 from its GGUF, holds ~0.2 %). A tied weight (a decoder's LM head) is
+    named as `named_parameters` names it."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(m.weight)]: (m.weight.detach() != 0).float() for m in model.modules()
+            if isinstance(m, nn.Linear) and id(m.weight) in names and bool((m.weight == 0).any())}
 
 
 def sparse_size(model: nn.Module, masks: dict[str, torch.Tensor]) -> SparseSize:
