@@ -57,7 +57,8 @@ FAMILIES = {
     "decoder": {"model": "smollm2", "data": "lm", "targets": (0.2, 0.35), "speedups": (1.25, 1.5), "batch_size": 4,
                 "max_length": 64, "lora": True, "lora_rank": 8, "lr": 2e-4},
 }
-MASKED = 0.01  # share of exact zeros in the weight matrices above which a model counts as masked
+MASKED = 0.01  # a model whose layer matrices hold at least this share of exact zeros has weight masks (a
+# dequantised model, e.g. SmolLM2 from its GGUF, holds ~0.2 % and has none)
 SKIP = ("dense",)  # the reference every row is timed against, not a row of its own
 
 
@@ -79,9 +80,8 @@ class Row:
     note: str = ""
 
 
-def nonzero_share(folder: str) -> float:
-    """Non-zero entries over all entries of the exported model's layer weight matrices (2-D, not embeddings)."""
-    model = load_model(folder).model
+def nonzero_share(model: torch.nn.Module) -> float:
+    """Non-zero entries over all entries of `model`'s layer weight matrices (2-D, not embeddings or the head)."""
     total = nonzero = 0
     for name, p in model.named_parameters():
         if p.dim() == 2 and "embed" not in name and "classifier" not in name and "score" not in name:
@@ -90,18 +90,15 @@ def nonzero_share(folder: str) -> float:
     return nonzero / total
 
 
-def disk_sizes(folder: str) -> tuple[float, float, float | None]:
-    """MB of the exported model: its fp32 safetensors file, the torch dynamic int8 copy's serialised state
-    (`pruning.int8`), and (with weight masks: exact zeros in at least `MASKED` of the matrices' entries, not the
-    few a dequantised model holds) the sparse format's (CSR masked matrices + the other parameters dense)."""
-    model = load_model(folder).model
+def disk_sizes(folder: str, model: torch.nn.Module, masked: bool) -> tuple[float, float, float | None]:
+    """MB of the model exported to `folder` (`model`, loaded from it): its fp32 safetensors file, the torch
+    dynamic int8 copy's serialised state (`pruning.int8`), and for a `masked` model the sparse format's (CSR
+    masked matrices + the other parameters dense)."""
     fp32 = (Path(folder) / "model.safetensors").stat().st_size / 1e6
     int8 = torch_size_bytes(quantize_torch(model)) / 1e6
-    masks = zero_masks(model)
-    zeros = sum(int((m == 0).sum()) for m in masks.values())
-    if zeros < MASKED * sum(p.numel() for p in model.parameters() if p.dim() == 2):
+    if not masked:
         return fp32, int8, None
-    size = sparse_size(model, masks)
+    size = sparse_size(model, zero_masks(model))
     return fp32, int8, (size.csr_bytes + size.other_bytes) / 1e6
 
 
@@ -159,7 +156,9 @@ def measured_row(family: str, run, store: RunStore) -> Row:
     gates = [r for r in store.records(run.id) if r.phase == "gates"]
     gate_s = gates[-1].clock.get("train_s", 0.0) if gates else 0.0
     row.prune_s, row.recover_s = clock.get("setup_s", 0.0) + gate_s, clock.get("train_s", 0.0) - gate_s
-    row.nonzero, row.sizes = nonzero_share(run.final.export), disk_sizes(run.final.export)
+    model = load_model(run.final.export).model
+    row.nonzero = nonzero_share(model)
+    row.sizes = disk_sizes(run.final.export, model, masked=row.nonzero <= 1 - MASKED)
     return row
 
 
@@ -176,6 +175,10 @@ def rows_from_store(store: RunStore) -> list[Row]:
 
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def times(speedup: float | None) -> str:
+    return "-" if speedup is None else f"{speedup:.2f}x"
 
 
 def table(rows: list[Row]) -> str:
@@ -197,11 +200,10 @@ def table(rows: list[Row]) -> str:
                 if decoder:
                     q = (f"{fmt(f.perplexity, '.2f')} ({fmt(f.dense_perplexity, '.2f')})", fmt(f.accuracy, ".3f"),
                          fmt(r.zero_shot, ".3f"))
-                    s = (fmt(f.speedup_b1, ".2f") + "x", fmt(f.speedup_b32, ".2f") + "x",
-                         fmt(r.decode_speedup, ".2f") + "x")
+                    s = (times(f.speedup_b1), times(f.speedup_b32), times(r.decode_speedup))
                 else:
                     q = (f"{f.accuracy:.4f} ({f.dense_accuracy:.4f})", f"{f.accuracy / f.dense_accuracy:.1%}")
-                    s = (fmt(f.speedup_b1, ".2f") + "x", fmt(f.speedup_b32, ".2f") + "x")
+                    s = (times(f.speedup_b1), times(f.speedup_b32))
                 mb = " / ".join(fmt(x, ".1f") for x in r.sizes) if r.sizes else "-"
                 drift = (f"{fmt(f.drift_token_spearman, '.2f')} / {fmt(f.drift_head_spearman, '.2f')} / "
                          f"{fmt(f.drift_flipped, '.0%')}")

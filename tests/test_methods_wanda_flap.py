@@ -170,6 +170,17 @@ def test_sparse_size_by_hand():
         sparse_size(model, {"missing": mask})
 
 
+def test_zero_masks_name_a_tied_weight_as_named_parameters_does():
+    """A decoder's LM head shares the embedding table: its mask must be named like the one parameter."""
+    model = nn.ModuleDict({"embed": nn.Embedding(6, 4), "head": nn.Linear(4, 6, bias=False)})
+    model["head"].weight = model["embed"].weight
+    with torch.no_grad():
+        model["embed"].weight[0, :2] = 0
+    masks = zero_masks(model)
+    assert list(masks) == ["embed.weight"] and int((masks["embed.weight"] == 0).sum()) == 2
+    assert sparse_size(model, masks).nonzeros == 22
+
+
 # ----------------------------------------------------------------------------- Wanda-sp and FLAP
 
 

@@ -7,13 +7,13 @@ github.com/kongds/SMP): the weights stay frozen; only a score per weight (and th
 over every Linear of every layer (Q, K, V, attention output, FFN in, FFN out); scores start at 0 and
 learn by Adam at `mask_lr` (paper: 2e-2) with an L1 term `l1` * mean|S|; the kept fraction falls from 1
 to 1 - target_sparsity on the cubic schedule (`pruning.schedule`; cubic as in the authors' `schedule_threshold`),
-every `interval` steps. Simplified: one kept share for every matrix (SMP-S allocates it per layer by the
-scores' mean sigmoid), and the authors train the scores for 12 epochs from the pre-trained model: at
-HeadLab's budgets of a few hundred steps the scores barely move from 0 and the masks are close to
-arbitrary. Both phases train only the classification head: the fine-tune after the gate phase keeps the
-backbone frozen and the masks applied. The masks are unstructured: the model
-keeps its dense shape and its dense CPU speed (the run record states the size in a sparse format).
-Encoders only (a prompted decoder has no classification head of its own to train).
+every `interval` steps. Simplified: one kept share for every matrix (SMP-S allocates it per layer by the scores'
+mean sigmoid), and the authors train the scores for 12 epochs from the pre-trained model and classify through the
+MLM head's label words: at HeadLab's budgets of a few hundred steps the model falls to the majority class
+(measured in the README; why, not yet established). Both phases train only the classification head: the fine-tune
+after the gate phase keeps the backbone frozen and the masks applied. The masks are unstructured: the model keeps
+its dense shape and its dense CPU speed (the run record states the size in a sparse format). Encoders only (a
+prompted decoder has no classification head of its own to train).
 """
 
 from __future__ import annotations
