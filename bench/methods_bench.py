@@ -102,11 +102,15 @@ def disk_sizes(folder: str, model: torch.nn.Module, masked: bool) -> tuple[float
     return fp32, int8, (size.csr_bytes + size.other_bytes) / 1e6
 
 
+def zero_shot(loaded, prompts: int) -> float:
+    """Accuracy of the prompted decoder `loaded` on `prompts` Rotten Tomatoes dev snippets (the same for every row)."""
+    return evaluate(loaded.model, loaded.tokenizer, load_default_task().dev.subset(prompts, seed=0)).accuracy
+
+
 def decoder_extras(row: Row, dense, prompts: int) -> None:
     """Zero-shot accuracy and decode speed of the row's exported decoder against the `dense` one."""
     pruned = load_model(row.final.export)
-    dev = load_default_task().dev.subset(prompts, seed=0)
-    row.zero_shot = evaluate(pruned.model, pruned.tokenizer, dev).accuracy
+    row.zero_shot = zero_shot(pruned, prompts)
     texts = list(lee_splits().dev.documents[:8])
     speeds = [decode_speed(m.lm, m.text_tokenizer, texts).tokens_per_s for m in (dense, pruned)]
     row.decode_speedup = speeds[1] / speeds[0]
@@ -250,13 +254,19 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     names = [m for m in (args.methods.split(",") if args.methods else methods()) if m not in SKIP]
-    store, rows = RunStore(), []
+    store, rows, footer = RunStore(), [], []
     for family in ("encoder", "decoder") if args.family == "both" else (args.family,):
         spec = FAMILIES[family]
         targets = [float(t) for t in args.targets.split(",")] if args.targets else spec["targets"]
         settings = {**{k: v for k, v in spec.items() if k != "targets"}, "threads": args.threads,
                     "finetune_steps": args.finetune_steps, "steps": args.steps, **parse_sets(args.set)}
         dense = load_model(spec["model"]) if family == "decoder" else None
+        if dense is not None:
+            labels = load_default_task().dev.subset(args.zero_shot, seed=0).labels
+            share = max(labels.count(k) for k in set(labels)) / len(labels)
+            footer.append(f"dense {spec['model']}: zero-shot acc {zero_shot(dense, args.zero_shot):.3f} on "
+                          f"{args.zero_shot} prompts ({share:.0%} of them one label: {share:.2f} or {1 - share:.2f} "
+                          "is one answer for every prompt)")
         for method in names:
             option = method_target(method)
             levels = {None: [None], "target_speedup": spec["speedups"]}.get(option, targets)
@@ -275,6 +285,7 @@ def main() -> None:
           f"{args.threads} threads; recovery {args.finetune_steps} steps, gates {args.steps} steps (learned methods); "
           f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; ZipLM's targets are speedups "
           f"({speedups})")
+    print("\n".join(footer))
 
 
 if __name__ == "__main__":
