@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from core.data import load_default_task
-from core.finetune import FinetuneConfig, FinetuneResult, Progress, finetune, save_classifier
+from core.finetune import BUILTIN_FINETUNE, FinetuneConfig, FinetuneResult, Progress, finetune, save_classifier
 from core.folders import atomic_folder
 from core.gguf import GGUFConversion, prepare_smollm2
 from core.gguf_cache import convert_cached, is_gguf_spec
@@ -53,7 +53,7 @@ def base_encoder_dir(name: str) -> Path:
     raise ModelError(f"Unknown built-in model '{name}'; choose one of {', '.join(BUILTIN_MODELS)}.")
 
 
-def prepare(name: str, config: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
+def prepare(name: str, config: FinetuneConfig = BUILTIN_FINETUNE, progress: Progress | None = None,
             force: bool = False) -> FinetuneResult | GGUFConversion:
     """Fine-tune built-in model `name` on the default task unless already done; return its record.
     The decoders `smollm2` and `gemma3` are converted from their GGUF packages instead, and a `.gguf` file
