@@ -1,8 +1,11 @@
 """HeadLab side by side with the peers a user would pick instead, measured in one run on this machine.
 
-- Torch-Pruning and TextPruner against HeadLab's one-shot baselines on the default encoder
+- Torch-Pruning and TextPruner against HeadLab's one-shot baselines and structured one-shot methods (flap,
+  llm-pruner, wanda-sp) on the default encoder
   (`bench.peers.encoder`): dev accuracy before and after the same fine-tune, encoder parameters, latency
   at batch 1 and 32 interleaved in this process, seconds to prune; TextPruner's vocabulary pruning.
+- Torch-Pruning's LLM recipe on SmolLM2 against HeadLab's flap / llm-pruner / wanda-sp at the same size of the
+  layers, neither recovered (`bench.peers.decoder`): perplexity, parameters, prefill latency, seconds to prune.
 - LXT's AttnLRP and CP-LRP against HeadLab's on SmolLM2 (`bench.peers.lxt_child`, one process per method).
 - Captum's LayerGradientXActivation against HeadLab's head relevance on the default encoder.
 
@@ -11,8 +14,8 @@ and Spearman are better, lower seconds and errors are better) with the machine, 
 that cannot install or run here gets a row saying why; the rest goes on.
 
 Run (from the repo root): make peers && .venv-peers/bin/python -m bench.peers_bench
-     [--targets 0.5,0.75] [--finetune-rows 2048] [--dev-rows N] [--lxt-sentences 8] [--captum-sentences 500]
-     [--parts pruning,lxt,captum]
+     [--targets 0.5,0.75] [--finetune-rows 2048] [--dev-rows N] [--decoder-ratios 0.1,0.2] [--lxt-sentences 8]
+     [--captum-sentences 500] [--parts pruning,decoder,lxt,captum]
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import time
 
 import torch
 
-from bench.peers import encoder
+from bench.peers import decoder, encoder
 from bench.peers.relevance import captum_rows, lxt_rows
 from bench.peers.table import Row, machine, markdown
 from core.data import TaskSplits, load_default_task
 from core.models import load_model
 
 PEERS = ("torch-pruning", "textpruner", "lxt", "captum")
-PARTS = ("pruning", "lxt", "captum")
+PARTS = ("pruning", "decoder", "lxt", "captum")
 
 
 def installed() -> str:
@@ -48,7 +51,7 @@ def _ms(result: encoder.Result, batch: int) -> float | None:
 
 
 def pruning_rows(results: list[encoder.Result], targets: tuple[float, ...]) -> list[Row]:
-    """Per target: HeadLab's best one-shot baseline against each peer's best result (by tuned accuracy)."""
+    """Per target: HeadLab's best one-shot result (baseline or method) against each peer's best (by tuned accuracy)."""
     rows = []
     for target in targets:
         ours = [r for r in results if r.tool == "HeadLab" and r.target == target and r.model is not None]
@@ -76,6 +79,58 @@ def pruning_rows(results: list[encoder.Result], targets: tuple[float, ...]) -> l
     return rows
 
 
+def vocabulary_rows(ours: encoder.Vocabulary, theirs: encoder.Vocabulary) -> list[Row]:
+    """HeadLab's vocabulary pruning against TextPruner's: rows kept, dev accuracy (no fine-tune), seconds."""
+    if ours.error or theirs.error:
+        errors = "; ".join(f"{tool}: {v.error}" for tool, v in (("HeadLab", ours), ("TextPruner", theirs)) if v.error)
+        return [Row("TextPruner vocabulary pruning", None, None, note=f"could not run: {errors}")]
+    return [
+        Row("TextPruner vocabulary pruning: embedding rows kept", ours.rows_after, theirs.rows_after, digits=5,
+            note=f"of {ours.rows_before}, the train + dev + test texts"),
+        Row("TextPruner vocabulary pruning: dev accuracy, no fine-tune", ours.dev_accuracy, theirs.dev_accuracy),
+        Row("TextPruner vocabulary pruning: seconds", ours.seconds, theirs.seconds, " s", digits=3),
+    ]
+
+
+def decoder_rows(results: list[decoder.Result], ratios: tuple[float, ...]) -> list[Row]:
+    """Per Torch-Pruning ratio: HeadLab's best method (lowest perplexity) at the same layer size against it."""
+    rows = []
+    for ratio in ratios:
+        peer = next((r for r in results if r.tool == "Torch-Pruning" and r.ratio == ratio), None)
+        ours = [r for r in results if r.tool == "HeadLab" and r.ratio == ratio and r.lm is not None]
+        best = min(ours, key=lambda r: r.perplexity, default=None)
+        label = f"Torch-Pruning on SmolLM2, r={ratio:g}"
+        if peer is None or peer.lm is None or best is None:
+            why = (peer.error if peer is not None and peer.error else "") or "; ".join(r.error for r in results
+                                                                                       if r.ratio == ratio and r.error)
+            rows.append(Row(label, None, None, note=f"could not run: {why or 'not run'}"))
+            continue
+        ms = {b: tuple(r.latency[b].median_s * 1e3 if b in r.latency else None for r in (best, peer)) for b in (1, 8)}
+        rows += [
+            Row(f"{label}: dev perplexity (lower is better)", best.perplexity, peer.perplexity, digits=4,
+                note=f"HeadLab {best.method} vs Torch-Pruning magnitude, no recovery; "
+                     + ", ".join(f"{r.method} {r.perplexity:.1f}" for r in ours)),
+            Row(f"{label}: layer parameters (M)", best.layer_params / 1e6, peer.layer_params / 1e6, digits=3,
+                note=f"all parameters {best.all_params / 1e6:.1f} M vs {peer.all_params / 1e6:.1f} M"),
+            Row(f"{label}: prefill batch-1 latency", *ms[1], " ms", digits=3),
+            Row(f"{label}: prefill batch-8 latency", *ms[8], " ms", digits=3),
+            Row(f"{label}: seconds to prune", best.prune_s, peer.prune_s, " s", digits=3),
+        ]
+    return rows
+
+
+def print_decoder(results: list[decoder.Result]) -> None:
+    print(f"{'result':<34} {'layer params':>12} {'all params':>10} {'dev ppl':>8} {'b1 ms':>7} {'b8 ms':>7} "
+          f"{'prune s':>8}")
+    for r in results:
+        if r.lm is None:
+            print(f"{r.name:<34} could not run: {r.error}")
+            continue
+        b1, b8 = (r.latency[b].median_s * 1e3 for b in (1, 8))
+        print(f"{r.name:<34} {r.layer_params / 1e6:>11.2f}M {r.all_params / 1e6:>9.1f}M {r.perplexity:>8.2f} "
+              f"{b1:>7.1f} {b8:>7.1f} {r.prune_s:>8.1f}")
+
+
 def print_results(results: list[encoder.Result]) -> None:
     print(f"{'result':<34} {'enc. params':>11} {'dev pruned':>10} {'dev tuned':>9} {'b1 ms':>7} {'b32 ms':>7} "
           f"{'prune s':>8}")
@@ -93,6 +148,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256, help="training rows every score averages over")
     parser.add_argument("--finetune-rows", type=int, default=2048, help="training rows of the one-epoch fine-tune")
     parser.add_argument("--dev-rows", type=int, default=0, help="dev rows the accuracies are measured on (0: all)")
+    parser.add_argument("--decoder-ratios", default="0.1,0.2", help="Torch-Pruning's width ratios on SmolLM2")
+    parser.add_argument("--decoder-calibration", type=int, default=64, help="Lee train pieces HeadLab calibrates on")
     parser.add_argument("--lxt-sentences", type=int, default=8)
     parser.add_argument("--captum-sentences", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="timed Captum / HeadLab relevance runs")
@@ -117,12 +174,18 @@ def main() -> None:
         results = encoder.run(loaded, splits, targets, budget)
         print_results(results)
         rows += pruning_rows(results, targets)
-        vocab, seconds = encoder.vocabulary_pruning(loaded, splits)
-        print(f"TextPruner VocabularyPruner on the task's texts: {vocab} {seconds}")
-        rows.append(Row("TextPruner vocabulary pruning", None, None,
-                        note=f"HeadLab has no vocabulary pruning; TextPruner: {vocab} {seconds}"))
-        rows.append(Row("Torch-Pruning on SmolLM2 (LLM recipe)", None, None,
-                        note="not run in this bench yet (its examples/LLMs/prune_llm.py recipe is not wired here)"))
+        vocab = encoder.vocabulary_pruning(loaded, splits)
+        for tool, v in vocab.items():
+            print(f"{tool} vocabulary pruning on the task's texts: " + (v.error or (
+                f"{v.rows_before} -> {v.rows_after} rows in {v.seconds:.1f} s, dev {v.dev_accuracy:.4f}")))
+        rows += vocabulary_rows(vocab["HeadLab"], vocab["TextPruner"])
+    if "decoder" in parts:
+        ratios = tuple(float(r) for r in args.decoder_ratios.split(","))
+        print(f"\nwidth pruning of SmolLM2, no recovery; HeadLab calibrates on {args.decoder_calibration} Lee train "
+              f"pieces of {decoder.PIECE} tokens; perplexity on the Lee dev documents")
+        results = decoder.run(load_model("smollm2"), ratios, args.decoder_calibration)
+        print_decoder(results)
+        rows += decoder_rows(results, ratios)
     if "lxt" in parts:
         for method in ("attnlrp", "conservative"):
             rows += lxt_rows(method, args.lxt_sentences)

@@ -4,15 +4,17 @@ Every result prunes attention heads and FFN units of the encoder to the same tar
 layers' weights; the hidden size and the embeddings are kept) and is then fine-tuned by the same code,
 `core.finetune.finetune` (AdamW, linear decay), on the same training rows for the same number of steps:
 
-- HeadLab: `pruning.baselines.baseline_state` (heads by Michel importance, LRP relevance or at random, FFN
-  units by magnitude, the keep fraction bisected to the target) sliced by `pruning.surgery.prune`;
+- HeadLab: its one-shot baselines (`pruning.baselines.baseline_state`: heads by Michel importance, LRP relevance
+  or at random, FFN units by magnitude, the keep fraction bisected to the target) and its structured one-shot
+  methods (`flap`, `llm-pruner`: Taylor importance of coupled groups, `wanda-sp`; each with its defaults and
+  the same calibration rows), sliced by `pruning.surgery.prune`;
 - Torch-Pruning 1.6.1: its Hugging Face BERT recipe (examples/transformers/prune_hf_bert.py: `MetaPruner`,
   global pruning, heads grouped by `num_heads`, `prune_num_heads=True`, `prune_head_dims=False`, one step,
   head and channel ratio = the target) with `MagnitudeImportance(p=2)` or `GroupTaylorImportance` (the loss
   gradients of the same calibration rows HeadLab scores with), the embeddings and the classifier ignored so
   that, like HeadLab's, only heads and FFN units go;
 - TextPruner 1.1.post2: `TransformerPruner` (heads and FFN units by its loss-gradient importance) if it runs;
-  its `VocabularyPruner` (embedding rows of tokens unseen in the task's texts) has no HeadLab counterpart.
+  its `VocabularyPruner` (embedding rows of tokens unseen in the task's texts) against HeadLab's `pruning.vocab`.
 
 Measured per result: encoder parameters (the layers' weights and biases), dev accuracy before and after the
 fine-tune, seconds to prune (scores + selection + slicing), batch-1 and batch-32 latency interleaved in this
@@ -29,15 +31,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.peers.headlab_method import one_shot
 from core.data import TaskSplits, TextDataset
 from core.evaluate import evaluate
 from core.finetune import FinetuneConfig, finetune
 from core.latency import Latency, compare, make_batch
 from core.models import LoadedModel
 from pruning.baselines import baseline_state
+from pruning.session import classification_examples
 from pruning.surgery import prune
+from pruning.vocab import corpus_vocabulary, prune_vocabulary
 
 MAX_LENGTH = 64  # tokens, as the default model was fine-tuned
+BASELINES = ("importance", "relevance", "random")
+METHODS = ("flap", "llm-pruner", "wanda-sp")  # HeadLab's structured one-shot methods that slice heads and FFN units
 
 
 @dataclass
@@ -78,6 +85,11 @@ def headlab(loaded: LoadedModel, method: str, target: float, rows: TextDataset) 
     """HeadLab's one-shot baseline `method` at `target`, sliced."""
     state = baseline_state(method, loaded, rows.texts, rows.labels, target, seed=0)
     return prune(loaded, state).model
+
+
+def headlab_method(loaded: LoadedModel, method: str, target: float, rows: TextDataset) -> torch.nn.Module:
+    """HeadLab's one-shot method `method` at `target`, calibrated on all of `rows`, sliced."""
+    return one_shot(loaded, method, target, rows, classification_examples(loaded, rows, MAX_LENGTH)).model
 
 
 def _calibration_batches(loaded: LoadedModel, rows: TextDataset, batch_size: int = 32) -> list[dict]:
@@ -141,24 +153,48 @@ def text_pruner(loaded: LoadedModel, target: float, rows: TextDataset) -> torch.
     return model.eval()
 
 
-def vocabulary_pruning(loaded: LoadedModel, splits: TaskSplits) -> tuple[str, str]:
-    """TextPruner's VocabularyPruner on the task's texts: (what it did, or the error) and seconds."""
-    try:
+@dataclass
+class Vocabulary:
+    """One tool's vocabulary pruning of the default encoder to the task's texts."""
+
+    rows_before: int = 0
+    rows_after: int = 0
+    seconds: float = 0.0
+    dev_accuracy: float | None = None  # no fine-tune after it
+    error: str = ""
+
+
+def vocabulary_pruning(loaded: LoadedModel, splits: TaskSplits) -> dict[str, Vocabulary]:
+    """HeadLab's `pruning.vocab` (tokens seen at least once, plus the specials) and TextPruner's
+    `VocabularyPruner` on the train, dev and test texts; each tool's error is kept, not raised."""
+    texts = splits.train.texts + splits.dev.texts + splits.test.texts
+
+    def headlab_vocab():
+        pruned = prune_vocabulary(loaded, corpus_vocabulary(loaded.tokenizer, texts))
+        return pruned.model, pruned.tokenizer
+
+    def textpruner_vocab():
         from textpruner import GeneralConfig, VocabularyPruner
 
-        model = copy.deepcopy(loaded.model)
-        before = model.base_model.embeddings.word_embeddings.num_embeddings
-        start = time.perf_counter()
-        texts = splits.train.texts + splits.dev.texts + splits.test.texts
-        VocabularyPruner(model, copy.deepcopy(loaded.tokenizer),
-                         general_config=GeneralConfig(use_device="cpu", output_dir="/tmp/headlab-textpruner")
-                         ).prune(dataiter=texts, save_model=False)
-        seconds = time.perf_counter() - start
-        after = model.base_model.embeddings.word_embeddings.num_embeddings
-        return f"vocabulary {before} -> {after} rows ({after * model.config.hidden_size / 1e6:.1f} M embedding " \
-               f"weights left)", f"{seconds:.1f} s"
-    except Exception as exc:  # noqa: BLE001 - reported, the bench goes on
-        return f"could not run: {type(exc).__name__}: {exc}", ""
+        model, tokenizer = copy.deepcopy(loaded.model), copy.deepcopy(loaded.tokenizer)
+        VocabularyPruner(model, tokenizer, general_config=GeneralConfig(
+            use_device="cpu", output_dir="/tmp/headlab-textpruner")).prune(dataiter=texts, save_model=False)
+        return model, tokenizer
+
+    out = {}
+    for tool, build in (("HeadLab", headlab_vocab), ("TextPruner", textpruner_vocab)):
+        result = Vocabulary(rows_before=loaded.model.base_model.embeddings.word_embeddings.num_embeddings)
+        try:
+            start = time.perf_counter()
+            model, tokenizer = build()
+            result.seconds = time.perf_counter() - start
+            result.rows_after = model.base_model.embeddings.word_embeddings.num_embeddings
+            result.dev_accuracy = evaluate(model, tokenizer, splits.dev, max_length=MAX_LENGTH).accuracy
+        except Exception as exc:  # noqa: BLE001 - reported, the bench goes on
+            result.error = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        out[tool] = result
+    return out
 
 
 def make(result: Result, build: Callable[[], torch.nn.Module], loaded: LoadedModel, splits: TaskSplits,
@@ -190,8 +226,8 @@ def run(loaded: LoadedModel, splits: TaskSplits, targets: tuple[float, ...], bud
                                                   max_length=MAX_LENGTH).accuracy
     results = [dense]
     for target in targets:
-        builds = {("HeadLab", m): (lambda m=m, t=target: headlab(loaded, m, t, rows))
-                  for m in ("importance", "relevance", "random")}
+        builds = {("HeadLab", m): (lambda m=m, t=target: headlab(loaded, m, t, rows)) for m in BASELINES}
+        builds |= {("HeadLab", m): (lambda m=m, t=target: headlab_method(loaded, m, t, rows)) for m in METHODS}
         builds |= {("Torch-Pruning", m): (lambda m=m, t=target: torch_pruning(loaded, m, t, rows))
                    for m in ("magnitude", "taylor")}
         builds[("TextPruner", "transformer")] = lambda t=target: text_pruner(loaded, t, rows)
