@@ -10,7 +10,8 @@ to 1 - target_sparsity on the cubic schedule (`pruning.schedule`; cubic as in th
 every `interval` steps. Simplified: one kept share for every matrix (SMP-S allocates it per layer by the scores'
 mean sigmoid), and the authors train the scores for 12 epochs from the pre-trained model and classify through the
 MLM head's label words: at HeadLab's budgets of a few hundred steps the model falls to the majority class
-(measured in the README; why, not yet established). Both phases train only the classification head: the fine-tune
+(measured in the README: after 120 steps its masks overlap the magnitude mask only as a random mask does and
+score like one). Both phases train only the classification head: the fine-tune
 after the gate phase keeps the backbone frozen and the masks applied. The masks are unstructured: the model keeps
 its dense shape and its dense CPU speed (the run record states the size in a sparse format). Encoders only (a
 prompted decoder has no classification head of its own to train).
