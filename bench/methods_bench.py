@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.train_bench import Printer, for_method
-from core.data import load_default_task
+from core.data import TextDataset, load_default_task
 from core.evaluate import evaluate
 from core.folders import write_text_atomically
 from core.latency import decode_speed
@@ -102,9 +102,14 @@ def disk_sizes(folder: str, model: torch.nn.Module, masked: bool) -> tuple[float
     return fp32, int8, (size.csr_bytes + size.other_bytes) / 1e6
 
 
+def zero_shot_prompts(n: int) -> TextDataset:
+    """The `n` Rotten Tomatoes dev snippets every decoder row is prompted with (the same for every row)."""
+    return load_default_task().dev.subset(n, seed=0)
+
+
 def zero_shot(loaded, prompts: int) -> float:
-    """Accuracy of the prompted decoder `loaded` on `prompts` Rotten Tomatoes dev snippets (the same for every row)."""
-    return evaluate(loaded.model, loaded.tokenizer, load_default_task().dev.subset(prompts, seed=0)).accuracy
+    """Accuracy of the prompted decoder `loaded` on the `zero_shot_prompts(prompts)`."""
+    return evaluate(loaded.model, loaded.tokenizer, zero_shot_prompts(prompts)).accuracy
 
 
 def decoder_extras(row: Row, dense, prompts: int) -> None:
@@ -262,11 +267,11 @@ def main() -> None:
                     "finetune_steps": args.finetune_steps, "steps": args.steps, **parse_sets(args.set)}
         dense = load_model(spec["model"]) if family == "decoder" else None
         if dense is not None:
-            labels = load_default_task().dev.subset(args.zero_shot, seed=0).labels
-            share = max(labels.count(k) for k in set(labels)) / len(labels)
+            prompts = zero_shot_prompts(args.zero_shot)
+            shares = ", ".join(f"{prompts.labels.count(k) / len(prompts):.2f} {name}"
+                               for k, name in enumerate(prompts.label_names))
             footer.append(f"dense {spec['model']}: zero-shot acc {zero_shot(dense, args.zero_shot):.3f} on "
-                          f"{args.zero_shot} prompts ({share:.0%} of them one label: {share:.2f} or {1 - share:.2f} "
-                          "is one answer for every prompt)")
+                          f"{len(prompts)} prompts ({shares}: one of these is one answer for every prompt)")
         for method in names:
             option = method_target(method)
             levels = {None: [None], "target_speedup": spec["speedups"]}.get(option, targets)

@@ -46,7 +46,7 @@ def installed() -> str:
     return ", ".join(f"{name} {version(name)}" for name in PEERS)
 
 
-def _ms(result: encoder.Result, batch: int) -> float | None:
+def _ms(result: encoder.Result | decoder.Result, batch: int) -> float | None:
     return result.latency[batch].median_s * 1e3 if batch in result.latency else None
 
 
@@ -87,7 +87,9 @@ def vocabulary_rows(ours: encoder.Vocabulary, theirs: encoder.Vocabulary) -> lis
     return [
         Row("TextPruner vocabulary pruning: embedding rows kept", ours.rows_after, theirs.rows_after, digits=5,
             note=f"of {ours.rows_before}, the train + dev + test texts"),
-        Row("TextPruner vocabulary pruning: dev accuracy, no fine-tune", ours.dev_accuracy, theirs.dev_accuracy),
+        Row("TextPruner vocabulary pruning: dev accuracy, no fine-tune", ours.dev_accuracy, theirs.dev_accuracy,
+            note="TextPruner's renumbered tokenizer exists only in the files it saves" if theirs.dev_accuracy is None
+            else ""),
         Row("TextPruner vocabulary pruning: seconds", ours.seconds, theirs.seconds, " s", digits=3),
     ]
 
@@ -101,45 +103,27 @@ def decoder_rows(results: list[decoder.Result], ratios: tuple[float, ...]) -> li
         best = min(ours, key=lambda r: r.perplexity, default=None)
         label = f"Torch-Pruning on SmolLM2, r={ratio:g}"
         if peer is None or peer.lm is None or best is None:
-            why = (peer.error if peer is not None and peer.error else "") or "; ".join(r.error for r in results
-                                                                                       if r.ratio == ratio and r.error)
-            rows.append(Row(label, None, None, note=f"could not run: {why or 'not run'}"))
+            why = "; ".join(r.error for r in results if r.ratio == ratio and r.error) or "not run"
+            rows.append(Row(label, None, None, note=f"could not run: {why}"))
             continue
-        ms = {b: tuple(r.latency[b].median_s * 1e3 if b in r.latency else None for r in (best, peer)) for b in (1, 8)}
         rows += [
             Row(f"{label}: dev perplexity (lower is better)", best.perplexity, peer.perplexity, digits=4,
                 note=f"HeadLab {best.method} vs Torch-Pruning magnitude, no recovery; "
                      + ", ".join(f"{r.method} {r.perplexity:.1f}" for r in ours)),
             Row(f"{label}: layer parameters (M)", best.layer_params / 1e6, peer.layer_params / 1e6, digits=3,
                 note=f"all parameters {best.all_params / 1e6:.1f} M vs {peer.all_params / 1e6:.1f} M"),
-            Row(f"{label}: prefill batch-1 latency", *ms[1], " ms", digits=3),
-            Row(f"{label}: prefill batch-8 latency", *ms[8], " ms", digits=3),
+            Row(f"{label}: prefill batch-1 latency", _ms(best, 1), _ms(peer, 1), " ms", digits=3),
+            Row(f"{label}: prefill batch-8 latency", _ms(best, 8), _ms(peer, 8), " ms", digits=3),
             Row(f"{label}: seconds to prune", best.prune_s, peer.prune_s, " s", digits=3),
         ]
     return rows
 
 
-def print_decoder(results: list[decoder.Result]) -> None:
-    print(f"{'result':<34} {'layer params':>12} {'all params':>10} {'dev ppl':>8} {'b1 ms':>7} {'b8 ms':>7} "
-          f"{'prune s':>8}")
+def print_results(results, header: str, cells) -> None:
+    """One line per result: its name and `cells(result)`, or why it could not run."""
+    print(f"{'result':<34} {header}")
     for r in results:
-        if r.lm is None:
-            print(f"{r.name:<34} could not run: {r.error}")
-            continue
-        b1, b8 = (r.latency[b].median_s * 1e3 for b in (1, 8))
-        print(f"{r.name:<34} {r.layer_params / 1e6:>11.2f}M {r.all_params / 1e6:>9.1f}M {r.perplexity:>8.2f} "
-              f"{b1:>7.1f} {b8:>7.1f} {r.prune_s:>8.1f}")
-
-
-def print_results(results: list[encoder.Result]) -> None:
-    print(f"{'result':<34} {'enc. params':>11} {'dev pruned':>10} {'dev tuned':>9} {'b1 ms':>7} {'b32 ms':>7} "
-          f"{'prune s':>8}")
-    for r in results:
-        if r.model is None:
-            print(f"{r.name:<34} could not run: {r.error}")
-            continue
-        print(f"{r.name:<34} {r.encoder_params / 1e6:>10.2f}M {r.acc_pruned:>10.4f} {r.acc_tuned:>9.4f} "
-              f"{_ms(r, 1):>7.2f} {_ms(r, 32):>7.1f} {r.prune_s:>8.1f}")
+        print(f"{r.name:<34} " + (f"could not run: {r.error}" if r.error else cells(r)))
 
 
 def main() -> None:
@@ -172,19 +156,24 @@ def main() -> None:
               f"{budget.finetune_rows} training rows x {budget.epochs} epoch, batch 32, lr 5e-5; scores on "
               f"{budget.calibration} training rows; dev n={len(splits.dev)}")
         results = encoder.run(loaded, splits, targets, budget)
-        print_results(results)
+        print_results(results, f"{'enc. params':>11} {'dev pruned':>10} {'dev tuned':>9} {'b1 ms':>7} {'b32 ms':>7} "
+                      f"{'prune s':>8}", lambda r: f"{r.encoder_params / 1e6:>10.2f}M {r.acc_pruned:>10.4f} "
+                      f"{r.acc_tuned:>9.4f} {_ms(r, 1):>7.2f} {_ms(r, 32):>7.1f} {r.prune_s:>8.1f}")
         rows += pruning_rows(results, targets)
         vocab = encoder.vocabulary_pruning(loaded, splits)
         for tool, v in vocab.items():
+            dev = "-" if v.dev_accuracy is None else f"{v.dev_accuracy:.4f}"
             print(f"{tool} vocabulary pruning on the task's texts: " + (v.error or (
-                f"{v.rows_before} -> {v.rows_after} rows in {v.seconds:.1f} s, dev {v.dev_accuracy:.4f}")))
+                f"{v.rows_before} -> {v.rows_after} rows in {v.seconds:.1f} s, dev {dev}")))
         rows += vocabulary_rows(vocab["HeadLab"], vocab["TextPruner"])
     if "decoder" in parts:
         ratios = tuple(float(r) for r in args.decoder_ratios.split(","))
         print(f"\nwidth pruning of SmolLM2, no recovery; HeadLab calibrates on {args.decoder_calibration} Lee train "
               f"pieces of {decoder.PIECE} tokens; perplexity on the Lee dev documents")
         results = decoder.run(load_model("smollm2"), ratios, args.decoder_calibration)
-        print_decoder(results)
+        print_results(results, f"{'layer params':>12} {'all params':>10} {'dev ppl':>8} {'b1 ms':>7} {'b8 ms':>7} "
+                      f"{'prune s':>8}", lambda r: f"{r.layer_params / 1e6:>11.2f}M {r.all_params / 1e6:>9.1f}M "
+                      f"{r.perplexity:>8.2f} {_ms(r, 1):>7.1f} {_ms(r, 8):>7.1f} {r.prune_s:>8.1f}")
         rows += decoder_rows(results, ratios)
     if "lxt" in parts:
         for method in ("attnlrp", "conservative"):

@@ -40,8 +40,10 @@ def main() -> None:
         masks = {n: (m.weight != 0).float() for n, m in linears(load_model(run.result["export"])).items()}
         kept_share = sum(float(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
         print(f"run {run_id}: SMP keeps {kept_share:.3f} of the masked matrices' weights")
+        dense = load_model(run.config.get("teacher") or run.config["model"])
+        original = {k: v.clone() for k, v in dense.model.state_dict().items()}
         for kind in ("smp", "random", "magnitude"):
-            dense = load_model(run.config.get("teacher") or run.config["model"])
+            dense.model.load_state_dict(original)
             generator, shared, kept = torch.Generator().manual_seed(0), 0.0, 0
             with torch.no_grad():
                 for name, m in linears(dense).items():

@@ -160,7 +160,7 @@ class Vocabulary:
     rows_before: int = 0
     rows_after: int = 0
     seconds: float = 0.0
-    dev_accuracy: float | None = None  # no fine-tune after it
+    dev_accuracy: float | None = None  # no fine-tune after it; None: the tool's tokenizer is only saved to disk
     error: str = ""
 
 
@@ -176,10 +176,10 @@ def vocabulary_pruning(loaded: LoadedModel, splits: TaskSplits) -> dict[str, Voc
     def textpruner_vocab():
         from textpruner import GeneralConfig, VocabularyPruner
 
-        model, tokenizer = copy.deepcopy(loaded.model), copy.deepcopy(loaded.tokenizer)
-        VocabularyPruner(model, tokenizer, general_config=GeneralConfig(
+        model = copy.deepcopy(loaded.model)
+        VocabularyPruner(model, copy.deepcopy(loaded.tokenizer), general_config=GeneralConfig(
             use_device="cpu", output_dir="/tmp/headlab-textpruner")).prune(dataiter=texts, save_model=False)
-        return model, tokenizer
+        return model, None  # its renumbered vocabulary exists only in the files it saves: not evaluated
 
     out = {}
     for tool, build in (("HeadLab", headlab_vocab), ("TextPruner", textpruner_vocab)):
@@ -189,7 +189,8 @@ def vocabulary_pruning(loaded: LoadedModel, splits: TaskSplits) -> dict[str, Voc
             model, tokenizer = build()
             result.seconds = time.perf_counter() - start
             result.rows_after = model.base_model.embeddings.word_embeddings.num_embeddings
-            result.dev_accuracy = evaluate(model, tokenizer, splits.dev, max_length=MAX_LENGTH).accuracy
+            if tokenizer is not None:
+                result.dev_accuracy = evaluate(model, tokenizer, splits.dev, max_length=MAX_LENGTH).accuracy
         except Exception as exc:  # noqa: BLE001 - reported, the bench goes on
             result.error = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
