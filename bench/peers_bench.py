@@ -15,7 +15,7 @@ that cannot install or run here gets a row saying why; the rest goes on.
 
 Run (from the repo root): make peers && .venv-peers/bin/python -m bench.peers_bench
      [--targets 0.5,0.75] [--finetune-rows 2048] [--dev-rows N] [--decoder-ratios 0.1,0.2] [--lxt-sentences 8]
-     [--captum-sentences 500] [--parts pruning,decoder,lxt,captum]
+     [--captum-sentences 500] [--parts pruning,decoder,lxt,captum] [--threads N]
 """
 
 from __future__ import annotations
@@ -138,7 +138,12 @@ def main() -> None:
     parser.add_argument("--captum-sentences", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="timed Captum / HeadLab relevance runs")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's, the core count); 1 when another process shares the "
+                             "cores, so ops do not wait for a busy one")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     targets = tuple(float(t) for t in args.targets.split(","))
     parts = set(args.parts.split(","))
     start = time.perf_counter()

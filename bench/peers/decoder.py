@@ -8,6 +8,12 @@ same size, neither recovered.
   `prune_head_dims=False` so RoPE is untouched), `round_to=4`, the LM head ignored as a root; then the
   script's attribute updates (config sizes, heads, key/value groups). It has no recovery (its readme sends
   fine-tuning to other tools), so no result here is recovered.
+  One departure, or it does not run at all: with transformers 5.23 its dependency graph never finishes (an
+  endless loop in `_fix_dependency_graph_non_recursive`, as in its open issue #527 for Qwen3): the index
+  mapping of the keys' path cycles through RoPE's `rotate_half` (slice, neg, concat) with indices growing by
+  192 each turn. The graph is therefore traced with RoPE as the identity (`_rope_as_identity`). RoPE mixes
+  only dimensions inside one head, and the recipe prunes whole heads and never head dimensions, so the groups
+  are the same; magnitude importance reads weights only, and the pruned model runs with its real RoPE.
 - HeadLab: `flap`, `llm-pruner`, `wanda-sp` (registered method objects, defaults, calibrated on the same Lee
   train pieces) at the sparsity of the layers' weights Torch-Pruning's result reached. HeadLab keeps the hidden
   size, so the embedding table stays whole where Torch-Pruning narrows it.
@@ -19,6 +25,7 @@ dense model in this process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import traceback
@@ -62,6 +69,19 @@ def layer_params(lm: torch.nn.Module) -> int:
     return sum(p.numel() for p in lm.model.layers.parameters())
 
 
+@contextlib.contextmanager
+def _rope_as_identity():
+    """Llama's `apply_rotary_pos_emb` returns q and k unchanged inside the block (see the module docstring)."""
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.apply_rotary_pos_emb
+    modeling_llama.apply_rotary_pos_emb = lambda q, k, cos, sin, *args, **kwargs: (q, k)
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = real
+
+
 def torch_pruning(lm: torch.nn.Module, tokenizer, ratio: float) -> torch.nn.Module:
     """Torch-Pruning's prune_llm.py recipe at width ratio `ratio` on a copy of `lm` (see the docstring)."""
     import torch_pruning as tp
@@ -75,12 +95,13 @@ def torch_pruning(lm: torch.nn.Module, tokenizer, ratio: float) -> torch.nn.Modu
         num_heads[attn.q_proj] = config.num_attention_heads
         num_heads[attn.k_proj] = num_heads[attn.v_proj] = config.num_key_value_heads
     gqa = config.num_attention_heads != config.num_key_value_heads
-    pruner = tp.pruner.BasePruner(
-        model, example_inputs=inputs, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
-        global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=ratio,
-        ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, round_to=4,
-    )
+    with _rope_as_identity():  # the graph is traced here
+        pruner = tp.pruner.BasePruner(
+            model, example_inputs=inputs,
+            importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"), global_pruning=False,
+            output_transform=lambda x: x.logits, pruning_ratio=ratio, ignored_layers=[model.lm_head],
+            num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=4,
+        )
     for group in pruner.step(interactive=True):
         group.prune()
     config.hidden_size = model.lm_head.in_features  # the script's updates, for a Llama with separate q/k/v
