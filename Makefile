@@ -45,8 +45,10 @@ chromium:
 lint: setup
 	$(PY) -m ruff check .
 
+# chromium's apt install runs beside the packages and fine-tunes (it waits on the network, they on the CPU).
 # pytest exits 5 when it collects no test: that is reported, not hidden.
-test: prepare chromium lint
+test:
+	$(MAKE) -j2 prepare chromium lint
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 # The peers of bench.peers_bench (Torch-Pruning, TextPruner, LXT) in their own venv: the product's pins first,

@@ -7,6 +7,10 @@ units, plus hidden dims at 90%) and one that removes half the heads only, then f
   model in this process, `core.latency.compare`), the FLOP-proportional speedup (dense / pruned
   encoder FLOPs at the batch's padded length) and measured / FLOP-proportional;
 - ONNX Runtime, batch 32 and batch 1: the same for the two ONNX exports (interleaved too);
+- at batch 1, the fixed cost per call (a copy with every head and FFN unit removed: embeddings, the layers'
+  LayerNorms and empty projections, pooler, classifier, dispatch) and the speedup
+  that is reachable with it, dense / (floor + (dense - floor) / FLOP-proportional): the FLOP limit counts
+  encoder FLOPs only, so no slicing can beat this figure;
 - dev accuracy on a fixed subset (no retraining after pruning, so quality drops: this is a speed
   bench, not a quality one).
 
@@ -64,6 +68,15 @@ def configurations(loaded) -> dict[str, GateState]:
         state = state.with_ffn_keep(a, ffn_fraction_for(shape, target, heads_frac, hidden_frac))
         out[f"~{target:.0%} sparsity"] = state
     return out
+
+
+def floor_state(loaded) -> GateState:
+    """Every head and FFN unit removed, hidden dims at the ~90% configuration's 75%: what a call costs when
+    the layers do (almost) nothing: embeddings, the layers' LayerNorms and empty projections, pooler,
+    classifier, dispatch."""
+    dense = GateState.dense(loaded)
+    return dense.with_hidden_keep(loaded.adapter, 0.75).replace(mha=torch.zeros_like(dense.mha),
+                                                                 ffn=torch.zeros_like(dense.ffn))
 
 
 def ort_compare(sessions: dict[str, object], batch: dict[str, torch.Tensor], rounds: int,
@@ -128,6 +141,11 @@ def main() -> None:
             row[f"ort{b}"] = (ort["dense"], ort["pruned"], row[b][2])
         rows.append(row)
 
+    floor = prune(loaded, floor_state(loaded))
+    floor_torch = compare({"dense": loaded.model, "floor": floor.model}, batches[1], rounds=args.rounds)
+    floor_ort = ort_compare({"dense": dense_onnx, "floor": onnx_session(export_onnx(floor, tmp / "floor.onnx"))},
+                            batches[1], args.rounds)
+
     print(f"\ndense dev accuracy ({args.n_eval} examples): {dense_acc:.3f}\n")
     head = (f"{'configuration':<26} {'sparsity':>8} {'heads':>6} {'FFN units':>9} {'hidden':>6} {'acc':>6} | "
             f"{'engine':<8} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'measured':>8} {'FLOP-prop':>9} "
@@ -146,6 +164,18 @@ def main() -> None:
                   f"{pruned_s * 1e3:>9.2f} {measured:>7.2f}x {flop:>8.2f}x {measured / flop:>6.2f}")
     print("\nmeasured = dense / pruned median latency; FLOP-prop = dense / pruned encoder FLOPs at that padded "
           "length; ratio = measured / FLOP-prop (1.0 = all of the FLOP saving shows up as speed).")
+    print("\nbatch 1, fixed cost per call (every head and FFN unit removed, hidden 75%: embeddings, the layers' "
+          "LayerNorms and empty projections, pooler, classifier, dispatch) and the speedup reachable with it, "
+          "dense / (floor + (dense - floor) / FLOP-prop):")
+    for engine, floor_times, key in (("torch", {k: v.median_s for k, v in floor_torch.items()}, 1),
+                                     ("onnxrt", floor_ort, "ort1")):
+        dense_s, floor_s = floor_times["dense"], floor_times["floor"]
+        for row in rows:
+            flop = row[key][2]
+            reachable = dense_s / (floor_s + (dense_s - floor_s) / flop)
+            measured = row[key][0] / row[key][1]
+            print(f"  {engine:<8} {row['name']:<26} floor {floor_s * 1e3:.2f} ms of dense {dense_s * 1e3:.2f} ms; "
+                  f"reachable {reachable:.2f}x, measured {measured:.2f}x ({measured / reachable:.2f} of reachable)")
     print(f"ONNX Runtime dense vs torch dense at batch 1: {rows[0]['ort1'][0] * 1e3:.2f} ms vs "
           f"{rows[0][1][0] * 1e3:.2f} ms (not interleaved with each other); load average at the end "
           f"{os.getloadavg()[0]:.2f}")
