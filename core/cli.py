@@ -23,13 +23,11 @@ from tqdm import tqdm
 
 from core.cpu_queue import BACKGROUND, INTERACTIVE, cpu_turn, watch_pauses
 from core.data import DataError, DataSpec, parse_label_map
-from core.jobs import BACKGROUND_ENV, JobReporter
+from core.jobs import BACKGROUND_ENV, BACKGROUND_NICE, JobReporter
 from core.messages import one_line
 from core.models import BUILTIN_MODELS, LoadedModel, ModelError, ModelNotPrepared, load_model
 from core.prepare import prepare, prepare_job
 from core.prompting import PromptSpec
-
-BACKGROUND_NICE = 10  # niceness added to background processes: the app's server goes first
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,7 +120,7 @@ def run_command(args: argparse.Namespace) -> int:
     stays responsive, and counts its pauses (`core.cpu_queue.watch_pauses`).
     """
     if os.environ.get(BACKGROUND_ENV):
-        os.nice(BACKGROUND_NICE)
+        os.nice(max(0, BACKGROUND_NICE - os.nice(0)))  # started by `start_process`: niced already
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         watch_pauses()
     try:

@@ -36,6 +36,7 @@ from core.processes import continue_work, pid_alive, stop_work
 INTERACTIVE, BACKGROUND = 0, 1  # priorities: lower goes first
 KINDS = {INTERACTIVE: "interactive", BACKGROUND: "background"}
 POLL_S = 0.5  # seconds between a waiting process's looks at the queue
+TIMING = "a page timing a model"  # the turn a timing holds (`paused_for_timing`)
 SCHEMA = """CREATE TABLE IF NOT EXISTS turns (
     name TEXT NOT NULL, pid INTEGER PRIMARY KEY, priority INTEGER NOT NULL, enqueued REAL NOT NULL,
     state TEXT NOT NULL, heartbeat REAL NOT NULL, paused_by INTEGER)"""
@@ -176,18 +177,30 @@ def cpu_turn(name: str, priority: int = BACKGROUND, *, progress: Callable[[int, 
 @contextlib.contextmanager
 def paused_for_timing(db: Path | None = None) -> Iterator[int]:
     """Freeze every process holding a CPU turn while the block times a model; yields how many were
-    frozen. They go on when the block ends, even on error."""
+    frozen. They go on when the block ends, even on error.
+
+    The block also holds a turn itself (TIMING, interactive) unless this process has one already, so
+    work that is still starting (a job started a moment ago, importing and loading before it asks for
+    its turn) waits until the timing is done instead of taking the CPU in the middle of it."""
     me = os.getpid()
     with _connect(db) as con:
         _reconcile(con)
-        holders = [t for t in _turns(con) if t.state == "running" and t.pid != me]
+        turns = _turns(con)
+        holders = [t for t in turns if t.state == "running" and t.pid != me]
         for turn in holders:
             _pause(con, turn, me)
+        own = not any(t.pid == me for t in turns)
+        if own:
+            now = time.time()
+            con.execute("INSERT INTO turns VALUES (?, ?, ?, ?, 'running', ?, NULL)",
+                        (TIMING, me, INTERACTIVE, now, now))
     try:
         yield len(holders)
     finally:
         with _connect(db) as con:
             _resume_paused_by(con, me)
+            if own:
+                _forget(con, me)
 
 
 _pauses = 0

@@ -39,6 +39,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, done INTEGER, total INTEGER, message TEXT,
     pid INTEGER, started REAL, heartbeat REAL, error TEXT)"""
 STALE_S = 120.0  # seconds: a running job or run whose process has not reported for this long is dead
+BACKGROUND_NICE = 10  # niceness of background processes: the app's server goes first
 BACKGROUND_ENV = "HEADLAB_BACKGROUND_JOB"  # set for background processes: their log files need no progress bar
 REPO = Path(__file__).resolve().parent.parent  # the working folder of every background process
 START = "=== HeadLab job started"  # begins each start's part of a job's log
@@ -105,8 +106,11 @@ def start_process(command: list[str], log: str | Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         out.write(f"\n{START} {time.strftime('%Y-%m-%d %H:%M:%S')}: {shown}\n".encode())
         out.flush()  # before the child's output
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=REPO, env={**os.environ, BACKGROUND_ENV: "1"})
+        # niced from its first instruction: its imports and model loading, before `run_command` runs, already
+        # take a core (`nice` execs the command, so the pid is the command's)
+        return subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), *command], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO,
+                                env={**os.environ, BACKGROUND_ENV: "1"})
 
 
 def _register(name: str, pid: int, db: Path | None) -> None:

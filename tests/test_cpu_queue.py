@@ -144,6 +144,25 @@ def test_a_page_timing_freezes_the_holder_for_the_block_only(workers):
     training.stop()
 
 
+def test_work_that_asks_for_its_turn_during_a_timing_waits_for_the_timing(workers):
+    """A job started a moment before a page times a model asks for its turn only after it loaded: it must
+    not take the CPU in the middle of the timing."""
+    with cpu_queue.paused_for_timing(workers.db) as frozen:
+        assert frozen == 0
+        late = workers("heads", cpu_queue.INTERACTIVE)
+        end = time.time() + 20
+        while len(cpu_queue.reconcile(workers.db)) < 2:  # until it asks (its Python starts first)
+            assert time.time() < end, "the worker never asked for its turn"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert late.times() == []
+        assert [(t.name, t.state) for t in cpu_queue.reconcile(workers.db)] == [
+            (cpu_queue.TIMING, "running"), ("heads", "waiting")]
+    late.wait_ticking()
+    assert [t.name for t in cpu_queue.reconcile(workers.db)] == ["heads"]
+    late.stop()
+
+
 CLOCKED = textwrap.dedent("""
     import sys, time
     from pathlib import Path
