@@ -223,6 +223,7 @@ def stop_background_work(home: Path, extra_pids: set[int] = frozenset()) -> None
             pids |= {pid for (pid,) in con.execute("SELECT pid FROM jobs WHERE status='running'") if pid}
     if (home / "cpu.sqlite").exists():
         pids |= {turn.pid for turn in reconcile(home / "cpu.sqlite")}
+    pids.discard(os.getpid())  # a timing in this very process holds a turn too (`paused_for_timing`)
     for pid in pids:
         continue_work(pid)
         signal_work(pid, signal.SIGTERM)

@@ -4,11 +4,13 @@ Captum's LayerGradientXActivation on the default encoder (`bench.relevance_bench
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 
 import numpy as np
+import torch
 
 from analysis.relevance import HeadRelevance
 from bench.peers.table import Row, spearman
@@ -28,7 +30,8 @@ def lxt_rows(method: str, n: int) -> list[Row]:
     """Rows for LXT vs HeadLab under `method` on n sentences (or one row saying why LXT did not run)."""
     name = NAMES[method]
     done = subprocess.run([sys.executable, "-m", "bench.peers.lxt_child", "--method", method, "--n", str(n)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,  # the threads the bench's header names
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     if done.returncode != 0:
         return [Row(f"LXT {name} on SmolLM2", None, None, note=f"child failed: {done.stderr.strip()[-300:]}")]
     out = json.loads(done.stdout)
