@@ -41,9 +41,9 @@ from pruning.vocab import corpus_vocabulary, prune_vocabulary
 
 TEXTS = ["a great film, warm and funny", "an awful, boring movie", "meh", "not bad at all, really",
          "the plot drags on and on", "one of the best this year", "i want those two hours back", "fine"]
-# int8's stated accuracy band on the tiny model: |int8 - fp32 logit| <= 3% of the fp32 logits' range, and at least
-# 7 of the 8 predictions equal fp32's
-BAND, AGREE = 0.03, 7 / 8
+# int8's stated accuracy band on the tiny model: |int8 - fp32 logit| <= 3% of the fp32 logits' range (5% for ONNX
+# Runtime's 7-bit weights: twice the rounding step), and at least 7 of the 8 predictions equal fp32's
+BAND, ONNX_BAND, AGREE = 0.03, 0.05, 7 / 8
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def int8_folder(spread, tmp_path_factory):
     return save_pruned(spread, tmp_path_factory.mktemp("int8") / "pruned", int8=True)
 
 
-def _within_band(out: np.ndarray, ref: np.ndarray) -> None:
-    assert np.abs(out - ref).max() <= BAND * (ref.max() - ref.min())
+def _within_band(out: np.ndarray, ref: np.ndarray, band: float = BAND) -> None:
+    assert np.abs(out - ref).max() <= band * (ref.max() - ref.min())
     assert np.mean(out.argmax(1) == ref.argmax(1)) >= AGREE
 
 
@@ -72,8 +72,24 @@ def test_int8_onnx_runs_in_onnxruntime_within_the_band(spread, int8_folder):
     ref = predict(torch_logits(spread.model), spread.tokenizer, TEXTS)
     assert np.abs(fp32 - ref).max() <= 1e-4  # the fp32 export is torch's model
     assert not np.array_equal(int8, fp32)  # quantised: not the same graph
-    _within_band(int8, fp32)
+    _within_band(int8, fp32, ONNX_BAND)
     assert (int8_folder / INT8_ONNX_FILE).stat().st_size < 0.5 * (int8_folder / ONNX_FILE).stat().st_size
+
+
+def test_int8_onnx_weights_fit_7_bits_so_no_cpu_saturates(int8_folder):
+    """Every MatMulInteger weight lies in [-64, 64] with one scale per output column: a u8 x s8 pair then sums
+    to at most 2 * 255 * 64 < 2^15, so CPUs without VNNI (VPMADDUBSW's saturating int16) give VNNI's result."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(int8_folder / INT8_ONNX_FILE).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert matmuls
+    for node in matmuls:
+        w, zero = weights[node.input[1]], weights[node.input[3]]
+        assert w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 64 and w.max() > 32  # 7 bits, and used
+        assert zero.shape == (w.shape[1],) and not zero.any()  # per output channel, symmetric
 
 
 def test_torch_int8_replaces_every_linear_and_stays_in_the_band(spread):
