@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.cpu_queue import accounts_for, reconcile
+from core.cpu_queue import accounts_for, launched, reconcile, still_starting
 from core.messages import quote
 from core.paths import headlab_home
 from core.processes import continue_work, pid_alive, signal_work
@@ -99,7 +99,8 @@ def start_process(command: list[str], log: str | Path) -> subprocess.Popen:
     """The one launcher: run `command` (e.g. `python_command(...)` or a torchrun command) detached from
     the caller, in its own session (so `os.killpg(pid, ...)` reaches all its processes), stdin closed,
     cwd the repository, `BACKGROUND_ENV` set, stdout and stderr appended to `log` after a `START` line
-    naming the command. Returns at once."""
+    naming the command, and recorded in the CPU queue as starting (`core.cpu_queue.launched`). Returns at
+    once."""
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     shown = shlex.join(["python" if command[0] == sys.executable else command[0], *command[1:]])
@@ -108,9 +109,11 @@ def start_process(command: list[str], log: str | Path) -> subprocess.Popen:
         out.flush()  # before the child's output
         # niced from its first instruction: its imports and model loading, before `run_command` runs, already
         # take a core (`nice` execs the command, so the pid is the command's)
-        return subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), *command], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), *command], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO,
                                 env={**os.environ, BACKGROUND_ENV: "1"})
+    launched(proc.pid, log.stem)  # a page's timing freezes it until it asks for its turn
+    return proc
 
 
 def _register(name: str, pid: int, db: Path | None) -> None:
@@ -215,14 +218,14 @@ def cancel_job(name: str, db: Path | None = None) -> bool:
 
 def stop_background_work(home: Path, extra_pids: set[int] = frozenset()) -> None:
     """End every background process started for HEADLAB_HOME `home`: its running app jobs, whatever holds or
-    waits for a CPU turn, and `extra_pids` (e.g. training runs started with --parallel). Paused work is
-    let go on first, so that it acts on the SIGTERM."""
+    waits for a CPU turn or is still starting, and `extra_pids` (e.g. training runs started with --parallel).
+    Paused work is let go on first, so that it acts on the SIGTERM."""
     pids = set(extra_pids)
     if (home / "jobs.sqlite").exists():
         with contextlib.closing(_connect(home / "jobs.sqlite")) as con:
             pids |= {pid for (pid,) in con.execute("SELECT pid FROM jobs WHERE status='running'") if pid}
     if (home / "cpu.sqlite").exists():
-        pids |= {turn.pid for turn in reconcile(home / "cpu.sqlite")}
+        pids |= {turn.pid for turn in reconcile(home / "cpu.sqlite")} | set(still_starting(home / "cpu.sqlite"))
     pids.discard(os.getpid())  # a timing in this very process holds a turn too (`paused_for_timing`)
     for pid in pids:
         continue_work(pid)

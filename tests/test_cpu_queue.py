@@ -163,6 +163,84 @@ def test_work_that_asks_for_its_turn_during_a_timing_waits_for_the_timing(worker
     late.stop()
 
 
+STARTER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from core.cpu_queue import cpu_turn
+    ticks, ask, stop = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    while not ask.exists():  # importing and loading: no turn asked for yet
+        with open(ticks, "a") as f:
+            f.write(f"{time.time()}\\n")
+        time.sleep(0.02)
+    with cpu_turn("heads", poll_s=0.05):
+        while not stop.exists():
+            time.sleep(0.02)
+""")
+
+
+def test_a_timing_freezes_launched_work_that_is_still_starting(workers, tmp_path):
+    """A job launched a moment before a page times a model imports and loads before it asks for its turn:
+    the timing freezes it too, and lets it go on after; once it asks for its turn, its turn speaks for it."""
+    from core.jobs import start_process, stop_background_work
+
+    ticks, ask, stop = tmp_path / "starter.ticks", tmp_path / "ask", tmp_path / "stop"
+    proc = start_process([sys.executable, "-c", STARTER, str(ticks), str(ask), str(stop)], tmp_path / "heads.log")
+    try:
+        assert cpu_queue.still_starting(workers.db) == [proc.pid]
+        end = time.time() + 20
+        while not ticks.exists():
+            assert time.time() < end, "the launched process never ran"
+            time.sleep(0.05)
+        with cpu_queue.paused_for_timing(workers.db) as frozen:
+            assert frozen == 1
+            time.sleep(0.2)
+            assert process_state(proc.pid) == "T" and cpu_queue.accounts_for(proc.pid, workers.db)
+            during = len(ticks.read_text().split())
+            time.sleep(0.4)
+            assert len(ticks.read_text().split()) == during
+        time.sleep(0.3)
+        assert process_state(proc.pid) != "T" and len(ticks.read_text().split()) > during
+        ask.touch()
+        while [t.name for t in cpu_queue.reconcile(workers.db)] != ["heads"]:
+            assert time.time() < end + 20, "the launched process never took its turn"
+            time.sleep(0.05)
+        assert cpu_queue.still_starting(workers.db) == []
+        with cpu_queue.paused_for_timing(workers.db) as frozen:
+            assert frozen == 1 and process_state(proc.pid) == "T"  # now as the holder of a turn
+        stop_background_work(tmp_path)
+        assert proc.wait(timeout=20) == -signal.SIGTERM  # ended, not left frozen
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_launched_work_frozen_by_a_dead_pauser_is_resumed(workers, tmp_path):
+    from core.jobs import start_process
+
+    ticks = tmp_path / "starter.ticks"
+    proc = start_process([sys.executable, "-c", STARTER, str(ticks), str(tmp_path / "ask"), str(tmp_path / "stop")],
+                         tmp_path / "heads.log")
+    pauser = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from core.cpu_queue import paused_for_timing\n"
+                               "with paused_for_timing(Path(sys.argv[1])):\n    time.sleep(60)",
+                               str(workers.db)], cwd=Path(__file__).resolve().parent.parent)
+    try:
+        end = time.time() + 20
+        while process_state(proc.pid) != "T":
+            assert time.time() < end, "the pauser never froze the launched process"
+            time.sleep(0.05)
+        pauser.kill()
+        pauser.wait()
+        assert not cpu_queue.accounts_for(proc.pid, workers.db)  # its pauser is gone
+        cpu_queue.reconcile(workers.db)
+        time.sleep(0.2)
+        assert process_state(proc.pid) not in ("T", None)
+    finally:
+        pauser.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 CLOCKED = textwrap.dedent("""
     import sys, time
     from pathlib import Path
