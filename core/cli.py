@@ -24,6 +24,7 @@ from tqdm import tqdm
 from core.cpu_queue import BACKGROUND, INTERACTIVE, cpu_turn, watch_pauses
 from core.data import DataError, DataSpec, parse_label_map
 from core.jobs import BACKGROUND_ENV, BACKGROUND_NICE, JobReporter
+from core.latency import threads_leaving_a_core
 from core.messages import one_line
 from core.models import BUILTIN_MODELS, LoadedModel, ModelError, ModelNotPrepared, load_model
 from core.prepare import prepare, prepare_job
@@ -121,7 +122,7 @@ def run_command(args: argparse.Namespace) -> int:
     """
     if os.environ.get(BACKGROUND_ENV):
         os.nice(max(0, BACKGROUND_NICE - os.nice(0)))  # started by `start_process`: niced already
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(threads_leaving_a_core())
         watch_pauses()
     try:
         code = args.func(args)

@@ -41,8 +41,8 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS turns (
     name TEXT NOT NULL, pid INTEGER PRIMARY KEY, priority INTEGER NOT NULL, enqueued REAL NOT NULL,
     state TEXT NOT NULL, heartbeat REAL NOT NULL, paused_by INTEGER)"""
 PAUSES = "CREATE TABLE IF NOT EXISTS pauses (pid INTEGER NOT NULL, start REAL NOT NULL, end REAL)"  # wall seconds
-# processes launched (`core.jobs.start_process`) that have not asked for a turn yet: importing, loading
-STARTING = "CREATE TABLE IF NOT EXISTS starting (pid INTEGER PRIMARY KEY, name TEXT NOT NULL, paused_by INTEGER)"
+# processes launched by `core.jobs.start_process`, until they end (`paused_by`: frozen outside a turn by that pid)
+LAUNCHED = "CREATE TABLE IF NOT EXISTS launched (pid INTEGER PRIMARY KEY, name TEXT NOT NULL, paused_by INTEGER)"
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _connect(db: Path | None = None) -> sqlite3.Connection:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(SCHEMA)
     con.execute(PAUSES)
-    con.execute(STARTING)
+    con.execute(LAUNCHED)
     return con
 
 
@@ -82,29 +82,29 @@ def _reconcile(con: sqlite3.Connection) -> None:
             _forget(con, turn.pid)
         elif turn.state == "paused" and not pid_alive(turn.paused_by):
             _resume(con, turn.pid)
-    for pid, paused_by in con.execute("SELECT pid, paused_by FROM starting").fetchall():
+    for pid, paused_by in con.execute("SELECT pid, paused_by FROM launched").fetchall():
         if not pid_alive(pid):
-            con.execute("DELETE FROM starting WHERE pid=?", (pid,))
+            con.execute("DELETE FROM launched WHERE pid=?", (pid,))
         elif paused_by is not None and not pid_alive(paused_by):
-            _resume_starting(con, pid)
+            _resume_launched(con, pid)
 
 
 def launched(pid: int, name: str, db: Path | None = None) -> None:
-    """Record that `pid` was just launched as background work `name`: until it asks for its turn
-    (`cpu_turn`) it imports and loads, and a page's timing (`paused_for_timing`) freezes it too."""
+    """Record that `pid` was just launched as background work `name`. Outside a turn (before `cpu_turn`:
+    importing, loading; after it: writing results, shutting down) a page's timing freezes it too."""
     with _connect(db) as con:
-        con.execute("INSERT OR REPLACE INTO starting VALUES (?, ?, NULL)", (pid, name))
+        con.execute("INSERT OR REPLACE INTO launched VALUES (?, ?, NULL)", (pid, name))
 
 
-def still_starting(db: Path | None = None) -> list[int]:
-    """Pids of launched processes that live and have not asked for their turn yet (`launched`)."""
+def launched_pids(db: Path | None = None) -> list[int]:
+    """Pids of the launched processes that still live (`launched`)."""
     with _connect(db) as con:
         _reconcile(con)
-        return [pid for (pid,) in con.execute("SELECT pid FROM starting")]
+        return [pid for (pid,) in con.execute("SELECT pid FROM launched")]
 
 
-def _resume_starting(con: sqlite3.Connection, pid: int) -> None:
-    con.execute("UPDATE starting SET paused_by=NULL WHERE pid=?", (pid,))
+def _resume_launched(con: sqlite3.Connection, pid: int) -> None:
+    con.execute("UPDATE launched SET paused_by=NULL WHERE pid=?", (pid,))
     continue_work(pid)
 
 
@@ -131,12 +131,12 @@ def reconcile(db: Path | None = None) -> list[Turn]:
 
 def accounts_for(pid: int, db: Path | None = None) -> bool:
     """True if the queue explains why live process `pid` is silent: it waits for its turn (its row's
-    heartbeat is fresh) or the queue froze it on purpose (its pauser lives), in its turn or while starting."""
+    heartbeat is fresh) or the queue froze it on purpose (its pauser lives), in its turn or outside one."""
     with _connect(db) as con:
         row = con.execute("SELECT state, heartbeat, paused_by FROM turns WHERE pid=?", (pid,)).fetchone()
-        starting = con.execute("SELECT paused_by FROM starting WHERE pid=?", (pid,)).fetchone()
+        outside = con.execute("SELECT paused_by FROM launched WHERE pid=?", (pid,)).fetchone()
     if row is None:
-        return starting is not None and pid_alive(starting[0])
+        return outside is not None and pid_alive(outside[0])
     state, heartbeat, paused_by = row
     return pid_alive(paused_by) if state == "paused" else state == "waiting" and time.time() - heartbeat < 10 * POLL_S
 
@@ -185,7 +185,6 @@ def cpu_turn(name: str, priority: int = BACKGROUND, *, progress: Callable[[int, 
         now = time.time()
         con.execute("INSERT OR REPLACE INTO turns VALUES (?, ?, ?, ?, 'waiting', ?, NULL)",
                     (name, me, priority, now, now))
-        con.execute("DELETE FROM starting WHERE pid=?", (me,))  # from now on its turn's row speaks for it
     try:
         while True:
             with _connect(db) as con:
@@ -205,9 +204,10 @@ def cpu_turn(name: str, priority: int = BACKGROUND, *, progress: Callable[[int, 
 
 @contextlib.contextmanager
 def paused_for_timing(db: Path | None = None) -> Iterator[int]:
-    """Freeze every process holding a CPU turn, and every launched one still starting (`launched`: a
-    job started a moment ago, importing and loading before it asks for its turn), while the block times
-    a model; yields how many were frozen. They go on when the block ends, even on error.
+    """Freeze every process holding a CPU turn, and every launched one outside a turn (`launched`: a job
+    started a moment ago, importing and loading before it asks for its turn, or one that just gave its
+    turn back and writes its results and shuts down), while the block times a model; yields how many were
+    frozen. They go on when the block ends, even on error. Processes waiting for a turn only poll.
 
     The block also holds a turn itself (TIMING, interactive) unless this process has one already, so
     work that asks for its turn meanwhile waits until the timing is done."""
@@ -218,21 +218,22 @@ def paused_for_timing(db: Path | None = None) -> Iterator[int]:
         holders = [t for t in turns if t.state == "running" and t.pid != me]
         for turn in holders:
             _pause(con, turn, me)
-        starting = [pid for (pid,) in con.execute("SELECT pid FROM starting WHERE paused_by IS NULL AND pid != ?",
-                                                  (me,)).fetchall() if stop_work(pid)]
-        con.executemany("UPDATE starting SET paused_by=? WHERE pid=?", [(me, pid) for pid in starting])
+        outside = [pid for (pid,) in con.execute(  # launched, holding no turn and not waiting for one
+            "SELECT pid FROM launched WHERE paused_by IS NULL AND pid != ? AND pid NOT IN (SELECT pid FROM turns)",
+            (me,)).fetchall() if stop_work(pid)]
+        con.executemany("UPDATE launched SET paused_by=? WHERE pid=?", [(me, pid) for pid in outside])
         own = not any(t.pid == me for t in turns)
         if own:
             now = time.time()
             con.execute("INSERT INTO turns VALUES (?, ?, ?, ?, 'running', ?, NULL)",
                         (TIMING, me, INTERACTIVE, now, now))
     try:
-        yield len(holders) + len(starting)
+        yield len(holders) + len(outside)
     finally:
         with _connect(db) as con:
             _resume_paused_by(con, me)
-            for (pid,) in con.execute("SELECT pid FROM starting WHERE paused_by=?", (me,)).fetchall():
-                _resume_starting(con, pid)
+            for (pid,) in con.execute("SELECT pid FROM launched WHERE paused_by=?", (me,)).fetchall():
+                _resume_launched(con, pid)
             if own:
                 _forget(con, me)
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.cpu_queue import accounts_for, launched, reconcile, still_starting
+from core.cpu_queue import accounts_for, launched, launched_pids, reconcile
 from core.messages import quote
 from core.paths import headlab_home
 from core.processes import continue_work, pid_alive, signal_work
@@ -99,7 +99,7 @@ def start_process(command: list[str], log: str | Path) -> subprocess.Popen:
     """The one launcher: run `command` (e.g. `python_command(...)` or a torchrun command) detached from
     the caller, in its own session (so `os.killpg(pid, ...)` reaches all its processes), stdin closed,
     cwd the repository, `BACKGROUND_ENV` set, stdout and stderr appended to `log` after a `START` line
-    naming the command, and recorded in the CPU queue as starting (`core.cpu_queue.launched`). Returns at
+    naming the command, and recorded in the CPU queue (`core.cpu_queue.launched`). Returns at
     once."""
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def start_process(command: list[str], log: str | Path) -> subprocess.Popen:
         proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), *command], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO,
                                 env={**os.environ, BACKGROUND_ENV: "1"})
-    launched(proc.pid, log.stem)  # a page's timing freezes it until it asks for its turn
+    launched(proc.pid, log.stem)  # a page's timing freezes it outside its turn too
     return proc
 
 
@@ -218,14 +218,14 @@ def cancel_job(name: str, db: Path | None = None) -> bool:
 
 def stop_background_work(home: Path, extra_pids: set[int] = frozenset()) -> None:
     """End every background process started for HEADLAB_HOME `home`: its running app jobs, whatever holds or
-    waits for a CPU turn or is still starting, and `extra_pids` (e.g. training runs started with --parallel).
+    waits for a CPU turn or was launched and lives, and `extra_pids` (e.g. training runs started with --parallel).
     Paused work is let go on first, so that it acts on the SIGTERM."""
     pids = set(extra_pids)
     if (home / "jobs.sqlite").exists():
         with contextlib.closing(_connect(home / "jobs.sqlite")) as con:
             pids |= {pid for (pid,) in con.execute("SELECT pid FROM jobs WHERE status='running'") if pid}
     if (home / "cpu.sqlite").exists():
-        pids |= {turn.pid for turn in reconcile(home / "cpu.sqlite")} | set(still_starting(home / "cpu.sqlite"))
+        pids |= {turn.pid for turn in reconcile(home / "cpu.sqlite")} | set(launched_pids(home / "cpu.sqlite"))
     pids.discard(os.getpid())  # a timing in this very process holds a turn too (`paused_for_timing`)
     for pid in pids:
         continue_work(pid)

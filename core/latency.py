@@ -17,6 +17,7 @@ sets the padded length of the batch that is timed.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -48,6 +49,16 @@ class Latency:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def threads_leaving_a_core() -> int:
+    """Torch threads for work that shares the machine with the app: one fewer than the cores (at least 1).
+
+    Background processes use it, and so do the timings inside the app's server: its own threads (the
+    event loop, the pages' polls) and the browser keep running while a page times a model, and with every
+    core in torch's pool its workers spin-wait for the core they share. Measured in the server on 2 cores
+    right after the first pages opened: the default's batch 1 took 41-68 ms on 2 threads, 19.9 ms on 1."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -168,31 +168,32 @@ STARTER = textwrap.dedent("""
     from pathlib import Path
     from core.cpu_queue import cpu_turn
     ticks, ask, stop = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    while not ask.exists():  # importing and loading: no turn asked for yet
-        with open(ticks, "a") as f:
-            f.write(f"{time.time()}\\n")
-        time.sleep(0.02)
+
+    def tick_until(path):
+        while not path.exists():
+            with open(ticks, "a") as f:
+                f.write(f"{time.time()}\\n")
+            time.sleep(0.02)
+
+    tick_until(ask)  # importing and loading: no turn asked for yet
     with cpu_turn("heads", poll_s=0.05):
         while not stop.exists():
             time.sleep(0.02)
+    tick_until(Path(str(stop) + ".exit"))  # writing results and shutting down, its turn given back
 """)
 
 
-def test_a_timing_freezes_launched_work_that_is_still_starting(workers, tmp_path):
-    """A job launched a moment before a page times a model imports and loads before it asks for its turn:
-    the timing freezes it too, and lets it go on after; once it asks for its turn, its turn speaks for it."""
+def test_a_timing_freezes_launched_work_outside_its_turn(workers, tmp_path):
+    """A job launched a moment before a page times a model imports and loads before it asks for its turn,
+    and shuts down after it gives the turn back: a timing freezes it then too, and lets it go on after."""
     from core.jobs import start_process, stop_background_work
 
     ticks, ask, stop = tmp_path / "starter.ticks", tmp_path / "ask", tmp_path / "stop"
     proc = start_process([sys.executable, "-c", STARTER, str(ticks), str(ask), str(stop)], tmp_path / "heads.log")
-    try:
-        assert cpu_queue.still_starting(workers.db) == [proc.pid]
-        end = time.time() + 20
-        while not ticks.exists():
-            assert time.time() < end, "the launched process never ran"
-            time.sleep(0.05)
+
+    def frozen_by_a_timing(expected: int) -> None:
         with cpu_queue.paused_for_timing(workers.db) as frozen:
-            assert frozen == 1
+            assert frozen == expected
             time.sleep(0.2)
             assert process_state(proc.pid) == "T" and cpu_queue.accounts_for(proc.pid, workers.db)
             during = len(ticks.read_text().split())
@@ -200,15 +201,27 @@ def test_a_timing_freezes_launched_work_that_is_still_starting(workers, tmp_path
             assert len(ticks.read_text().split()) == during
         time.sleep(0.3)
         assert process_state(proc.pid) != "T" and len(ticks.read_text().split()) > during
-        ask.touch()
-        while [t.name for t in cpu_queue.reconcile(workers.db)] != ["heads"]:
-            assert time.time() < end + 20, "the launched process never took its turn"
+
+    def until(condition, what: str) -> None:
+        end = time.time() + 20
+        while not condition():
+            assert time.time() < end, what
             time.sleep(0.05)
-        assert cpu_queue.still_starting(workers.db) == []
+
+    try:
+        assert cpu_queue.launched_pids(workers.db) == [proc.pid]
+        until(ticks.exists, "the launched process never ran")
+        frozen_by_a_timing(1)  # starting
+        ask.touch()
+        until(lambda: [t.name for t in cpu_queue.reconcile(workers.db)] == ["heads"], "it never took its turn")
         with cpu_queue.paused_for_timing(workers.db) as frozen:
-            assert frozen == 1 and process_state(proc.pid) == "T"  # now as the holder of a turn
+            assert frozen == 1 and process_state(proc.pid) == "T"  # as the holder of a turn, frozen once
+        stop.touch()
+        until(lambda: cpu_queue.reconcile(workers.db) == [], "it never gave its turn back")
+        frozen_by_a_timing(1)  # shutting down
         stop_background_work(tmp_path)
         assert proc.wait(timeout=20) == -signal.SIGTERM  # ended, not left frozen
+        assert cpu_queue.launched_pids(workers.db) == []
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

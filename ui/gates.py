@@ -8,6 +8,7 @@ Each browser tab has its own session: its gate choices, undo stack and history l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,8 +21,10 @@ import streamlit as st
 from analysis.drift import Drift, Explanations, drift, explain
 from analysis.heads import HeadsReport
 from core.adapter import GateShape
+from core.cli import torch_threads
 from core.cpu_queue import paused_for_timing
 from core.data import TextDataset
+from core.latency import threads_leaving_a_core
 from core.models import LoadedModel
 from core.paths import headlab_home
 from core.structure import PruningPlan
@@ -90,11 +93,20 @@ def _load_report(folder: str) -> HeadsReport:
     return HeadsReport.load(Path(folder))
 
 
+@contextlib.contextmanager
+def timing():
+    """The block measures models in the server: background work frozen (`paused_for_timing`), and torch on
+    one core fewer than the machine's (`threads_leaving_a_core`: the server and the browser keep a core,
+    and torch's threads never spin-wait for it), for the dense and every pruned model alike."""
+    with paused_for_timing(), torch_threads(threads_leaving_a_core()):
+        yield
+
+
 @st.cache_data(max_entries=4, show_spinner="Measuring the dense model...", hash_funcs={**_MODEL, **_DATA})
 def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
     """The dense model's accuracy and sizes on `subset`, and its latency timed alone (what the page shows
     while nothing is pruned: the same model is never timed against itself)."""
-    with paused_for_timing():
+    with timing():
         dense = figures(loaded, subset, median_tokens(loaded, subset.texts))
         time_models({"dense": (loaded, dense)}, subset.texts, quick_rounds(loaded))
     return dense
@@ -129,7 +141,7 @@ def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Com
         return Comparison(dense=dense, pruned=dense, sparsity=0.0, seq_len=median_tokens(loaded, subset.texts),
                           seconds=time.perf_counter() - start,
                           note=f"Dense: {PruningPlan.from_state(GateState.dense(shape)).describe(shape)}.")
-    with paused_for_timing():
+    with timing():
         cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense, warm_b32=False)
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
@@ -154,7 +166,7 @@ def int8_figures(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -
     """The pruned copy in fp32 and dynamically int8-quantised (torch: every Linear; `pruning.int8.compare`):
     accuracy, agreement with fp32, latency at batch 1 and the larger batch, size; cached per gate choice (the
     Gates page's int8 toggle). Pruning and quantisation compose: both figures are the pruned model's."""
-    with paused_for_timing():
+    with timing():
         return compare(pruned_model(loaded, gates), subset)
 
 
