@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from core.adapter import GateShape
+from core.cli import torch_threads
 from core.data import TextDataset
 from core.evaluate import Progress, evaluate
 from core.latency import compare, make_batch
@@ -116,12 +117,13 @@ def figures(loaded: LoadedModel, data: TextDataset, seq_len: int, progress: Prog
 
 def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, dense_figures: Figures | None = None,
                    rounds: dict[int, tuple[int, int]] | None = None, *, warm_b32: bool = True,
-                   progress: Progress | None = None) -> Comparison:
+                   timing_threads: int = 0, progress: Progress | None = None) -> Comparison:
     """The one measuring path of HeadLab: an already sliced `pruned` model against `dense` on `data`.
 
     Accuracy of both on all of `data` (the dense model's from `dense_figures` when given: it does not
     change), sizes and encoder FLOPs at the data's median length, latency at each batch size of `rounds`
-    = {batch size: (rounds, repeats per round)} timed interleaved in this process (`time_models`).
+    = {batch size: (rounds, repeats per round)} timed interleaved in this process (`time_models`, on
+    `timing_threads` torch threads; 0: the process's setting; evaluation always on the process's).
     Used by the Gates page (`ui.gates.measure`, on the pruned copy it also exports), `pruning evaluate`
     (its full-dev job, through `compare_state`), `pruning apply` and every eval step of a training run
     (`pruning.record.measure_step`).
@@ -136,7 +138,8 @@ def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, d
     small = figures(pruned, data, seq_len, progress)
     if progress:
         progress(0, 1, f"timing batch {' and '.join(map(str, rounds))}")
-    time_models({"dense": (dense, base), "pruned": (pruned, small)}, data.texts, rounds, warm_large=warm_b32)
+    time_models({"dense": (dense, base), "pruned": (pruned, small)}, data.texts, rounds, warm_large=warm_b32,
+                threads=timing_threads)
     low_rank = low_rank_sparsity(pruned.adapter)  # FLOP's thin matrices: the weights they hold
     sparsity = exact_sparsity(state, model=SizeModel.of(pruned)) if low_rank is None else low_rank
     return Comparison(dense=base, pruned=small, sparsity=sparsity,
@@ -159,18 +162,19 @@ def compare_state(loaded: LoadedModel, state: GateState, data: TextDataset, *, d
 
 
 def time_models(models: dict[str, tuple[LoadedModel, Figures]], texts: list[str],
-                rounds: dict[int, tuple[int, int]], *, warm_large: bool = True) -> None:
+                rounds: dict[int, tuple[int, int]], *, warm_large: bool = True, threads: int = 0) -> None:
     """Time the models of `models` = {name: (model, its figures)} interleaved (`core.latency.compare`) on a
     batch of typical `texts` (`core.latency.make_batch`, the first model's tokenizer; the smallest vocabulary's
     when a model's was pruned (`cluster`): its ids are valid in every model, and timing does not depend on
     which tokens they are) at each batch size of `rounds` = {batch size: (rounds, repeats per round)}; writes
     the medians (ms) into each model's figures as latency_b<batch size>_ms. `warm_large`: warm up before the
-    larger batches too."""
+    larger batches too. `threads`: torch threads for the timing (0: leave the process's setting)."""
     first = min((loaded for loaded, _ in models.values()), key=lambda loaded: len(loaded.text_tokenizer))
     for batch_size, (n_rounds, repeats) in rounds.items():
         batch = make_batch(first.tokenizer, texts, batch_size, first.max_length)
-        timed = compare({name: loaded.model for name, (loaded, _) in models.items()}, batch, rounds=n_rounds,
-                        repeats_per_round=repeats, warmup=batch_size == 1 or warm_large)
+        with torch_threads(threads):
+            timed = compare({name: loaded.model for name, (loaded, _) in models.items()}, batch, rounds=n_rounds,
+                            repeats_per_round=repeats, warmup=batch_size == 1 or warm_large)
         for name, (_, figs) in models.items():
             setattr(figs, f"latency_b{batch_size}_ms", timed[name].median_s * 1000)
 

@@ -8,7 +8,6 @@ Each browser tab has its own session: its gate choices, undo stack and history l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -93,22 +92,21 @@ def _load_report(folder: str) -> HeadsReport:
     return HeadsReport.load(Path(folder))
 
 
-@contextlib.contextmanager
-def timing():
-    """The block measures models in the server: background work frozen (`paused_for_timing`), and torch on
-    one core fewer than the machine's (`threads_leaving_a_core`: the server and the browser keep a core,
-    and torch's threads never spin-wait for it), for the dense and every pruned model alike."""
-    with paused_for_timing(), torch_threads(threads_leaving_a_core()):
-        yield
+TOGGLE_ROUNDS = {1: (3, 3), 32: (1, 1)}  # an encoder's timing after a toggle: one batch-32 call each (~0.6 s)
+
+
+def toggle_rounds(loaded: LoadedModel) -> dict[int, tuple[int, int]]:
+    """(rounds, repeats) per batch size of the timing after a toggle; the full-dev job refines it."""
+    return quick_rounds(loaded) if loaded.is_decoder else TOGGLE_ROUNDS
 
 
 @st.cache_data(max_entries=4, show_spinner="Measuring the dense model...", hash_funcs={**_MODEL, **_DATA})
 def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
     """The dense model's accuracy and sizes on `subset`, and its latency timed alone (what the page shows
     while nothing is pruned: the same model is never timed against itself)."""
-    with timing():
+    with paused_for_timing():
         dense = figures(loaded, subset, median_tokens(loaded, subset.texts))
-        time_models({"dense": (loaded, dense)}, subset.texts, quick_rounds(loaded))
+        time_models({"dense": (loaded, dense)}, subset.texts, quick_rounds(loaded), threads=threads_leaving_a_core())
     return dense
 
 
@@ -141,8 +139,9 @@ def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Com
         return Comparison(dense=dense, pruned=dense, sparsity=0.0, seq_len=median_tokens(loaded, subset.texts),
                           seconds=time.perf_counter() - start,
                           note=f"Dense: {PruningPlan.from_state(GateState.dense(shape)).describe(shape)}.")
-    with timing():
-        cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense, warm_b32=False)
+    with paused_for_timing():
+        cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense, toggle_rounds(loaded), warm_b32=False,
+                             timing_threads=threads_leaving_a_core())
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
 
@@ -155,9 +154,11 @@ def dense_explanations(loaded: LoadedModel, subset: TextDataset) -> Explanations
 @st.cache_data(max_entries=64, show_spinner="Comparing explanations...", hash_funcs={**_MODEL, **_DATA})
 def explanation_drift(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Drift:
     """The pruned copy's explanation drift from the dense model (`analysis.drift`) on the texts of
-    `dense_explanations`, cached per gate choice."""
-    return drift(loaded, pruned_model(loaded, gates), subset.texts[:DRIFT_EXAMPLES],
-                 reference=dense_explanations(loaded, subset))
+    `dense_explanations`, cached per gate choice. Part of the toggle's interactive work: background work
+    stays frozen for it too (`paused_for_timing`)."""
+    reference = dense_explanations(loaded, subset)
+    with paused_for_timing():
+        return drift(loaded, pruned_model(loaded, gates), subset.texts[:DRIFT_EXAMPLES], reference=reference)
 
 
 @st.cache_data(max_entries=16, show_spinner="Quantising the pruned copy to int8 and measuring it...",
@@ -166,7 +167,7 @@ def int8_figures(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -
     """The pruned copy in fp32 and dynamically int8-quantised (torch: every Linear; `pruning.int8.compare`):
     accuracy, agreement with fp32, latency at batch 1 and the larger batch, size; cached per gate choice (the
     Gates page's int8 toggle). Pruning and quantisation compose: both figures are the pruned model's."""
-    with timing():
+    with paused_for_timing(), torch_threads(threads_leaving_a_core()):
         return compare(pruned_model(loaded, gates), subset)
 
 
