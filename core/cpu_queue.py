@@ -9,7 +9,8 @@ refinement, the Model page's evaluation) before `BACKGROUND` work (training runs
 first come first served within a kind. Interactive work that finds a background job holding the CPU
 does not wait for it: it pauses that job (SIGSTOP of its process group), works, and lets it go on
 (SIGCONT) when done. A page timing a model (`paused_for_timing`) pauses whatever holds the CPU for the
-few seconds it times.
+few seconds it times, and every process the launcher recorded (`launched`) that is outside a turn:
+still importing and loading, or writing its results and shutting down after its turn.
 
 Pauses are recorded here (the row's `state` is "paused" and `paused_by` names the pauser's pid), so
 `core.jobs.dead_reason` reads a frozen process, which cannot heartbeat, as alive (`accounts_for`), and
