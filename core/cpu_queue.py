@@ -43,7 +43,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS turns (
     state TEXT NOT NULL, heartbeat REAL NOT NULL, paused_by INTEGER)"""
 PAUSES = "CREATE TABLE IF NOT EXISTS pauses (pid INTEGER NOT NULL, start REAL NOT NULL, end REAL)"  # wall seconds
 # processes launched by `core.jobs.start_process`, until they end (`paused_by`: frozen outside a turn by that pid)
-LAUNCHED = "CREATE TABLE IF NOT EXISTS launched (pid INTEGER PRIMARY KEY, name TEXT NOT NULL, paused_by INTEGER)"
+LAUNCHED = "CREATE TABLE IF NOT EXISTS launched (pid INTEGER PRIMARY KEY, paused_by INTEGER)"
 
 
 @dataclass
@@ -90,11 +90,11 @@ def _reconcile(con: sqlite3.Connection) -> None:
             _resume_launched(con, pid)
 
 
-def launched(pid: int, name: str, db: Path | None = None) -> None:
-    """Record that `pid` was just launched as background work `name`. Outside a turn (before `cpu_turn`:
+def launched(pid: int, db: Path | None = None) -> None:
+    """Record that `pid` was just launched as background work. Outside a turn (before `cpu_turn`:
     importing, loading; after it: writing results, shutting down) a page's timing freezes it too."""
     with _connect(db) as con:
-        con.execute("INSERT OR REPLACE INTO launched VALUES (?, ?, NULL)", (pid, name))
+        con.execute("INSERT OR REPLACE INTO launched VALUES (?, NULL)", (pid,))
 
 
 def launched_pids(db: Path | None = None) -> list[int]:

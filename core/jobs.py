@@ -112,7 +112,7 @@ def start_process(command: list[str], log: str | Path) -> subprocess.Popen:
         proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), *command], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO,
                                 env={**os.environ, BACKGROUND_ENV: "1"})
-    launched(proc.pid, log.stem)  # a page's timing freezes it outside its turn too
+    launched(proc.pid)  # a page's timing freezes it outside its turn too
     return proc
 
 
