@@ -4,7 +4,8 @@
 changed) is evaluated on a dataset, timed interleaved with the dense model at batch 1 and 32 (so
 machine drift hits both alike), and its parameters, encoder FLOPs and CoFi sparsity are counted.
 The Gates page calls it after every change on a small seeded subset with the pruned copy it keeps
-for export (~1-2 s on 2 cores for the default model); `compare_state` (prune, then measure) serves
+for export, timing that copy alone against the dense latencies it took when it opened (~1-2 s on 2
+cores for the default model); `compare_state` (prune, then measure) serves
 `pruning evaluate` (the Gates page's full-dev job) and `pruning apply`; training eval steps call it
 through `pruning.record.measure_step`.
 
@@ -117,13 +118,15 @@ def figures(loaded: LoadedModel, data: TextDataset, seq_len: int, progress: Prog
 
 def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, dense_figures: Figures | None = None,
                    rounds: dict[int, tuple[int, int]] | None = None, *, warm_b32: bool = True,
-                   timing_threads: int = 0, progress: Progress | None = None) -> Comparison:
+                   timing_threads: int = 0, time_dense: bool = True, progress: Progress | None = None) -> Comparison:
     """The one measuring path of HeadLab: an already sliced `pruned` model against `dense` on `data`.
 
     Accuracy of both on all of `data` (the dense model's from `dense_figures` when given: it does not
     change), sizes and encoder FLOPs at the data's median length, latency at each batch size of `rounds`
     = {batch size: (rounds, repeats per round)} timed interleaved in this process (`time_models`, on
     `timing_threads` torch threads; 0: the process's setting; evaluation always on the process's).
+    `time_dense=False` times the pruned model alone and keeps the latencies of `dense_figures` (timed
+    earlier on the same batch and threads): half the timing, for a quick look that a full one refines.
     Used by the Gates page (`ui.gates.measure`, on the pruned copy it also exports), `pruning evaluate`
     (its full-dev job, through `compare_state`), `pruning apply` and every eval step of a training run
     (`pruning.record.measure_step`).
@@ -134,12 +137,15 @@ def measure_pruned(dense: LoadedModel, pruned: LoadedModel, data: TextDataset, d
     seq_len = median_tokens(dense, data.texts)
     base = dense_figures if dense_figures is not None else figures(dense, data, seq_len, progress)
     rounds = rounds or quick_rounds(dense)
-    base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None, "latency_b8_ms": None})
+    if time_dense:
+        base = Figures(**{**asdict(base), "latency_b1_ms": None, "latency_b32_ms": None, "latency_b8_ms": None})
+    elif dense_figures is None or any(getattr(base, f"latency_b{b}_ms") is None for b in rounds):
+        raise ValueError("time_dense=False needs dense_figures timed at every batch size of `rounds`.")
     small = figures(pruned, data, seq_len, progress)
     if progress:
         progress(0, 1, f"timing batch {' and '.join(map(str, rounds))}")
-    time_models({"dense": (dense, base), "pruned": (pruned, small)}, data.texts, rounds, warm_large=warm_b32,
-                threads=timing_threads)
+    timed = {"dense": (dense, base), "pruned": (pruned, small)} if time_dense else {"pruned": (pruned, small)}
+    time_models(timed, data.texts, rounds, warm_large=warm_b32, threads=timing_threads)
     low_rank = low_rank_sparsity(pruned.adapter)  # FLOP's thin matrices: the weights they hold
     sparsity = exact_sparsity(state, model=SizeModel.of(pruned)) if low_rank is None else low_rank
     return Comparison(dense=base, pruned=small, sparsity=sparsity,

@@ -11,8 +11,10 @@ from core.data import load_data, read_table
 from core.evaluate import evaluate
 from core.latency import typical_texts
 from core.models import load_model
+from core.summary import median_tokens
 from pruning.hooks import gated
-from pruning.live import ManualGates, compare_state, heads_without_role, least_relevant_heads
+from pruning.live import ManualGates, compare_state, figures, heads_without_role, least_relevant_heads, measure_pruned
+from pruning.surgery import prune
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,23 @@ def test_measuring_never_changes_the_dense_model(tiny, reviews_csv):
     after = tiny.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.model.modules())
+
+
+def test_a_quick_look_times_the_pruned_copy_alone_against_the_given_dense_latencies(tiny, reviews_csv):
+    """`time_dense=False` (the Gates page after a toggle): the dense model is never called, its latencies are
+    the ones passed in, and the pruned copy is timed at every batch size of `rounds`."""
+    data = read_table(reviews_csv, label_names=tiny.label_names)
+    dense = figures(tiny, data, median_tokens(tiny, data.texts))
+    with pytest.raises(ValueError, match="time_dense=False needs dense_figures timed"):
+        measure_pruned(tiny, prune(tiny, ManualGates().state(tiny)), data, dense, time_dense=False)
+    dense.latency_b1_ms, dense.latency_b32_ms = 12.5, 99.0
+    pruned = prune(tiny, ManualGates(closed_heads=frozenset({(0, 1)}), ffn_keep=0.5).state(tiny))
+    calls = []
+    hook = tiny.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        result = measure_pruned(tiny, pruned, data, dense, {1: (2, 2), 32: (1, 1)}, time_dense=False)
+    finally:
+        hook.remove()
+    assert calls == [] and (result.dense.latency_b1_ms, result.dense.latency_b32_ms) == (12.5, 99.0)
+    assert result.pruned.latency_b1_ms > 0 and result.pruned.latency_b32_ms > 0
+    assert result.speedup(1) == pytest.approx(12.5 / result.pruned.latency_b1_ms)

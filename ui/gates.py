@@ -92,7 +92,7 @@ def _load_report(folder: str) -> HeadsReport:
     return HeadsReport.load(Path(folder))
 
 
-TOGGLE_ROUNDS = {1: (3, 3), 32: (1, 1)}  # an encoder's timing after a toggle: one batch-32 call each (~0.6 s)
+TOGGLE_ROUNDS = {1: (3, 3), 32: (1, 1)}  # an encoder's pruned copy after a toggle: one batch-32 call (~0.3 s)
 
 
 def toggle_rounds(loaded: LoadedModel) -> dict[int, tuple[int, int]]:
@@ -128,7 +128,10 @@ def pruned_model(loaded: LoadedModel, gates: ManualGates) -> LoadedModel:
 @st.cache_data(max_entries=64, show_spinner="Pruning a copy and measuring it...", hash_funcs={**_MODEL, **_DATA})
 def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Comparison:
     """Dense vs pruned on `subset` (`pruning.live.measure_pruned`, cached per gate choice: undo and
-    repeats are instant). Both models just ran, so batch 32 is not warmed up; `seconds` includes pruning.
+    repeats are instant). Only the pruned copy is timed: the dense latencies are `dense_figures`' (the same
+    batches and threads, also timed with background work frozen), which halves a toggle's timing; the
+    full-dev job times both interleaved. The copy just ran, so batch 32 is not warmed up; `seconds`
+    includes pruning.
     Background work holding the CPU is frozen meanwhile (`paused_for_timing`): a toggle is interactive
     work, and the two models' timings must not share the cores with it. With nothing pruned the dense
     figures are shown as they are (1.00x)."""
@@ -141,7 +144,7 @@ def measure(loaded: LoadedModel, gates: ManualGates, subset: TextDataset) -> Com
                           note=f"Dense: {PruningPlan.from_state(GateState.dense(shape)).describe(shape)}.")
     with paused_for_timing():
         cmp = measure_pruned(loaded, pruned_model(loaded, gates), subset, dense, toggle_rounds(loaded), warm_b32=False,
-                             timing_threads=threads_leaving_a_core())
+                             timing_threads=threads_leaving_a_core(), time_dense=False)
     return dataclasses.replace(cmp, seconds=time.perf_counter() - start)
 
 
