@@ -4,7 +4,8 @@ machine and while a training run trains.
 Drives the Gates page with Streamlit's AppTest on the default model: opens it (dense figures are
 measured once and cached, as in the app), then closes heads one at a time through the page's own
 state (`ManualGates` in the session) and times each rerun: physical pruning of a copy, accuracy on the
-100-sentence subset, batch 1 and 32 latency interleaved with the dense model, and rendering. The
+100-sentence subset, the copy's batch 1 and 32 latency (the dense model's was timed on opening), the
+explanation drift, and rendering. The
 page's own background jobs (full-dev refinement, Heads analysis) are not started while timing.
 
 `--with-run` then starts a real CoFi training run in the background (`pruning.launch`, as the Prune
