@@ -102,8 +102,9 @@ def toggle_rounds(loaded: LoadedModel) -> dict[int, tuple[int, int]]:
 
 @st.cache_data(max_entries=4, show_spinner="Measuring the dense model...", hash_funcs={**_MODEL, **_DATA})
 def dense_figures(loaded: LoadedModel, subset: TextDataset) -> Figures:
-    """The dense model's accuracy and sizes on `subset`, and its latency timed alone (what the page shows
-    while nothing is pruned: the same model is never timed against itself)."""
+    """The dense model's accuracy and sizes on `subset`, and its latency timed alone: what the page shows
+    while nothing is pruned (the same model is never timed against itself), and the dense side of every
+    toggle's quick look (`measure`)."""
     with paused_for_timing():
         dense = figures(loaded, subset, median_tokens(loaded, subset.texts))
         time_models({"dense": (loaded, dense)}, subset.texts, quick_rounds(loaded), threads=threads_leaving_a_core())
