@@ -32,6 +32,13 @@ LENGTH_SAMPLE = 2000  # texts, evenly spaced over the data (not its first rows),
 PREFILL_TOKENS = 64  # tokens per row of a timed prefill and of the prompt a decode timing continues
 PREFILL_BATCHES = (1, 8)  # batch sizes of the decoder prefill timings
 DECODE_TOKENS = 32  # new tokens per decode timing (the first, from the prefill, not timed)
+# Untimed calls at batch 1 after the timer switches models (`compare(settle=...)`): a small model's weights,
+# evicted from the CPU caches by the dense model's calls, take ~10 calls to be back. Measured on 2 cores
+# (one thread, the default at ~90% sparsity, 26 tokens): ONNX Runtime 0.95, 0.66, 0.62, 0.58 ... 0.45 ms
+# at the 1st, 2nd, 3rd, 4th ... 10th call after 5 dense ones, 0.44 ms from then on; torch 2.25 -> 1.55 ms
+# by the 9th. At batch 32 the first call is already within 2% of the rest (each call reads the weights 32x).
+# A decoder's weights (hundreds of MB) never fit in the caches: `pruning.live.time_models` does not settle them.
+SETTLE_CALLS = 10
 
 
 @dataclass
@@ -163,10 +170,12 @@ def measure(model, tokenizer, texts: list[str], batch_sizes: tuple[int, ...] = (
 
 
 def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], *, rounds: int = 5,
-            repeats_per_round: int = 5, warmup: bool = True) -> dict[str, Latency]:
+            repeats_per_round: int = 5, warmup: bool = True, settle: int = 0) -> dict[str, Latency]:
     """Interleave models A B A B ... on the same batch so machine drift hits all of them alike.
 
-    `warmup=False` skips the untimed first call of each model (for models that just ran).
+    `warmup=False` skips the untimed first call of each model (for models that just ran). `settle`:
+    untimed calls of a model before each of its rounds when there is more than one model (see
+    `SETTLE_CALLS`), so every timed call is one of a model that runs on its own.
     """
     times: dict[str, list[float]] = {name: [] for name in models}
     devices = {name: _device(m) for name, m in models.items()}
@@ -178,6 +187,8 @@ def compare(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], 
                 m(**batches[name])
         for _ in range(rounds):
             for name, m in models.items():
+                for _ in range(settle if len(models) > 1 else 0):
+                    m(**batches[name])
                 for _ in range(repeats_per_round):
                     times[name].append(_timed(lambda m=m, name=name: m(**batches[name]), devices[name]))
     return {name: _summarise(t, batch, models[name]) for name, t in times.items()}

@@ -90,7 +90,7 @@ def write_int8(folder: Path, int8: bool) -> None:
         quantize_onnx(folder / ONNX_FILE, folder / INT8_ONNX_FILE)
 
 
-class _Logits(nn.Module):
+class LogitsModule(nn.Module):
     """(input_ids, attention_mask) (B, T) int64 -> logits (B, classes): the graph ONNX sees."""
 
     def __init__(self, model: nn.Module):
@@ -120,7 +120,7 @@ def export_onnx(loaded, path: str | Path, *, opset: int = 17) -> Path:
     batch = loaded.tokenizer(_SAMPLE[:2], padding=True, return_tensors="pt")
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch"}}
-    module = _Logits(loaded.model).eval()
+    module = LogitsModule(loaded.model).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarning on the mask helper; deprecation of the legacy exporter
         torch.onnx.export(module, (batch["input_ids"], batch["attention_mask"]), str(path),

@@ -94,6 +94,13 @@ def test_compare_interleaves_models(tiny_dir):
     out = compare(models, batch, rounds=2, repeats_per_round=3)
     assert calls == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2  # one untimed warm-up call each, then the rounds
     assert {k: v.repeats for k, v in out.items()} == {"a": 6, "b": 6}
+    calls.clear()
+    out = compare(models, batch, rounds=2, repeats_per_round=3, settle=2)
+    assert calls == ["a", "b"] + (["a"] * 5 + ["b"] * 5) * 2  # 2 untimed settling calls before each round's 3
+    assert {k: v.repeats for k, v in out.items()} == {"a": 6, "b": 6}
+    calls.clear()
+    out = compare({"a": models["a"]}, batch, rounds=2, repeats_per_round=3, settle=2)
+    assert calls == ["a"] * 7 and out["a"].repeats == 6  # one model never switches: nothing to settle
 
 
 def test_encoder_flops_hand_computed(tiny_dir):
