@@ -48,7 +48,7 @@ lint: setup
 # chromium's apt install runs beside the packages and fine-tunes (it waits on the network, they on the CPU).
 # pytest exits 5 when it collects no test: that is reported, not hidden. Two workers (pytest-xdist), whole files
 # per worker so module fixtures (a running app, a browser) stay shared: the in-process tests run on one torch
-# thread each, so one worker would leave a core idle (measured on a fresh clone: 735 tests in 16.6-16.8 min on 2 cores; ~38 min on one).
+# thread each, so one worker would leave a core idle (measured on a fresh clone: 735-736 tests in 10.3-16.8 min on 2 cores, by the day; ~38 min on one).
 test:
 	$(MAKE) -j2 prepare chromium lint
 	$(PY) -m pytest -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
