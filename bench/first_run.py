@@ -15,25 +15,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from bench.first_visit import CHROMIUM, CHROMIUM_ARGS
+from bench.first_visit import CHROMIUM, CHROMIUM_ARGS, free_port, healthy
 from core.jobs import stop_background_work
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout_s: float, what: str) -> None:
@@ -42,13 +34,6 @@ def wait_until(check, timeout_s: float, what: str) -> None:
         if time.perf_counter() > deadline:
             raise SystemExit(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.5)
-
-
-def healthy(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok"
-    except OSError:
-        return False
 
 
 def main() -> None:

@@ -37,23 +37,33 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
-def start_app(home: Path) -> tuple[subprocess.Popen, str]:
-    """`streamlit run app.py` on a free port with HEADLAB_HOME `home`; returns once it is healthy."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    """Whether the Streamlit server at `url` answers its health check."""
+    try:
+        return urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok"
+    except OSError:
+        return False
+
+
+def start_app(home: Path) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app.py` on a free port with HEADLAB_HOME `home`; returns once it is healthy."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
                              "--server.port", str(port), "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env={**os.environ, "HEADLAB_HOME": str(home)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return proc, url
-        except OSError:
-            time.sleep(0.3)
+    while not healthy(url):
+        time.sleep(0.3)
+    return proc, url
 
 
 def open_page(page: Page, title: str, ready: str, timeout_s: float) -> float:

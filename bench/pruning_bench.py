@@ -43,7 +43,7 @@ import torch
 
 from core.data import load_data
 from core.evaluate import evaluate
-from core.latency import SETTLE_CALLS, compare, make_batch
+from core.latency import SETTLE_CALLS, compare, make_batch, settle_calls
 from core.models import load_model
 from core.size import encoder_flops
 from pruning.export import LogitsModule, export_onnx, onnx_session
@@ -146,7 +146,6 @@ def main() -> None:
     print(f"batch 32: first 32 dev texts padded to {batches[32]['input_ids'].shape[1]} tokens; batch 1: a "
           f"median-length text of {batches[1]['input_ids'].shape[1]} tokens; {args.rounds} rounds x 5 calls each")
 
-    settle = {32: 0, 1: SETTLE_CALLS}
     eval_data = dev.subset(args.n_eval, seed=0) if args.n_eval else None
     dense_acc = evaluate(loaded.model, loaded.tokenizer, eval_data).accuracy if eval_data else float("nan")
     rows = []
@@ -160,17 +159,17 @@ def main() -> None:
         models = {"dense": loaded.model, "pruned": pruned.model}
         for b, batch in batches.items():
             t = batch["input_ids"].shape[1]
-            lat = compare(models, batch, rounds=args.rounds, settle=settle[b])
+            lat = compare(models, batch, rounds=args.rounds, settle=settle_calls(b))
             flop = encoder_flops(loaded.adapter, t).total / encoder_flops(pruned.adapter, t).total
             row[b] = (lat["dense"].median_s, lat["pruned"].median_s, flop)
         start = time.perf_counter()
         traced = {"dense": dense_traced, "pruned": Traced(pruned.model, batches[1])}
         row["trace_s"] = time.perf_counter() - start
-        jit = compare(traced, batches[1], rounds=args.rounds, settle=settle[1])
+        jit = compare(traced, batches[1], rounds=args.rounds, settle=SETTLE_CALLS)
         row["jit1"] = (jit["dense"].median_s, jit["pruned"].median_s, row[1][2])
         sessions = {"dense": dense_onnx, "pruned": onnx_session(export_onnx(pruned, tmp / "pruned.onnx"))}
         for b, batch in batches.items():
-            ort = ort_compare(sessions, batch, args.rounds, settle=settle[b])
+            ort = ort_compare(sessions, batch, args.rounds, settle=settle_calls(b))
             row[f"ort{b}"] = (ort["dense"], ort["pruned"], row[b][2])
         cold = compare(models, batches[1], rounds=args.rounds)
         cold_ort = ort_compare(sessions, batches[1], args.rounds)

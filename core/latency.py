@@ -41,6 +41,11 @@ DECODE_TOKENS = 32  # new tokens per decode timing (the first, from the prefill,
 SETTLE_CALLS = 10
 
 
+def settle_calls(batch_size: int) -> int:
+    """`compare(settle=...)` for a batch of `batch_size` rows: `SETTLE_CALLS` at batch 1, else 0."""
+    return SETTLE_CALLS if batch_size == 1 else 0
+
+
 @dataclass
 class Latency:
     """Forward-pass time of one batch: median and spread over `repeats`, in seconds."""

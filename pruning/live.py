@@ -28,7 +28,7 @@ from core.adapter import GateShape
 from core.cli import torch_threads
 from core.data import TextDataset
 from core.evaluate import Progress, evaluate
-from core.latency import SETTLE_CALLS, compare, make_batch
+from core.latency import compare, make_batch, settle_calls
 from core.loaded import LoadedModel
 from core.lowrank import low_rank_sparsity
 from core.size import encoder_flops
@@ -175,15 +175,15 @@ def time_models(models: dict[str, tuple[LoadedModel, Figures]], texts: list[str]
     which tokens they are) at each batch size of `rounds` = {batch size: (rounds, repeats per round)}; writes
     the medians (ms) into each model's figures as latency_b<batch size>_ms. `warm_large`: warm up before the
     larger batches too. `threads`: torch threads for the timing (0: leave the process's setting). An encoder's
-    batch-1 rounds start with `SETTLE_CALLS` untimed calls each (a decoder's weights, hundreds of MB, never
-    stay in the caches, so nothing settles)."""
+    batch-1 rounds start with untimed calls (`core.latency.settle_calls`); a decoder's weights, hundreds of MB, never
+    stay in the caches, so nothing settles."""
     first = min((loaded for loaded, _ in models.values()), key=lambda loaded: len(loaded.text_tokenizer))
     for batch_size, (n_rounds, repeats) in rounds.items():
         batch = make_batch(first.tokenizer, texts, batch_size, first.max_length)
         with torch_threads(threads):
             timed = compare({name: loaded.model for name, (loaded, _) in models.items()}, batch, rounds=n_rounds,
                             repeats_per_round=repeats, warmup=batch_size == 1 or warm_large,
-                            settle=SETTLE_CALLS if batch_size == 1 and not first.is_decoder else 0)
+                            settle=0 if first.is_decoder else settle_calls(batch_size))
         for name, (_, figs) in models.items():
             setattr(figs, f"latency_b{batch_size}_ms", timed[name].median_s * 1000)
 

@@ -35,7 +35,7 @@ from bench.peers.headlab_method import one_shot
 from core.data import TaskSplits, TextDataset
 from core.evaluate import evaluate
 from core.finetune import FinetuneConfig, finetune
-from core.latency import SETTLE_CALLS, Latency, compare, make_batch
+from core.latency import Latency, compare, make_batch, settle_calls
 from core.models import LoadedModel
 from pruning.baselines import baseline_state
 from pruning.session import classification_examples
@@ -240,6 +240,6 @@ def run(loaded: LoadedModel, splits: TaskSplits, targets: tuple[float, ...], bud
     timed = {r.name: r.model for r in results if r.model is not None}
     for batch_size in (1, 32):
         batch = make_batch(loaded.tokenizer, splits.dev.texts, batch_size, MAX_LENGTH)
-        for name, latency in compare(timed, batch, settle=SETTLE_CALLS if batch_size == 1 else 0).items():
+        for name, latency in compare(timed, batch, settle=settle_calls(batch_size)).items():
             next(r for r in results if r.name == name).latency[batch_size] = latency
     return results
